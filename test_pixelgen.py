@@ -1,0 +1,713 @@
+"""Offline CPU tests of pixelgen.py, dino.py and fid.py: random weights, no downloads, minutes in all.
+
+Equality with the official code (github Zehong-Ma/PixelGen, facebookresearch/dinov2, pytorch-fid, torch-fidelity) was
+checked beside this repository (see the README); these tests pin closed forms, hand-computed values, and the facts
+that make that equality hold."""
+import copy
+import functools
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import pixelgen as pg
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_jit(**kw):  # every code path of the real model at toy width
+    args = dict(input_size=32, patch_size=16, hidden_size=64, depth=4, num_heads=4, bottleneck_dim=16,
+                in_context_len=3, in_context_start=1, num_classes=10)
+    args.update(kw)
+    return pg.JiT(**args)
+
+
+def randomize(model, std=0.05, seed=0):  # wake up the zero-initialised layers so outputs are non-trivial
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n != "pos_embed":
+                p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model (issue: checkpoint compatibility)
+
+# Official PixelGen-XL/16 and -L/16 state dicts, in order: the non-block keys, then per-block keys for each block.
+BLOCK_KEYS = [("norm1.weight", ("D",)), ("attn.q_norm.weight", ("hd",)), ("attn.k_norm.weight", ("hd",)),
+              ("attn.qkv.weight", ("3D", "D")), ("attn.qkv.bias", ("3D",)), ("attn.proj.weight", ("D", "D")),
+              ("attn.proj.bias", ("D",)), ("norm2.weight", ("D",)), ("mlp.w12.weight", ("2F", "D")),
+              ("mlp.w12.bias", ("2F",)), ("mlp.w3.weight", ("D", "F")), ("mlp.w3.bias", ("D",)),
+              ("adaLN_modulation.1.weight", ("6D", "D")), ("adaLN_modulation.1.bias", ("6D",))]
+OFFICIAL = {
+    "PixelGen-XL/16": dict(D=1152, depth=28, hd=72, F=3072, n=406, params=676_994_112, embed=[
+        ("x_embedder.proj1.weight", (1152, 3, 16, 16)), ("x_embedder.proj1.bias", (1152,))]),
+    "PixelGen-L/16": dict(D=1024, depth=24, hd=64, F=2730, n=351, params=459_139_808, embed=[
+        ("x_embedder.proj1.weight", (128, 3, 16, 16)), ("x_embedder.proj2.weight", (1024, 128, 1, 1)),
+        ("x_embedder.proj2.bias", (1024,))]),
+}
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL))
+def test_state_dict_matches_official_layout(name):
+    o = OFFICIAL[name]
+    D, dims = o["D"], dict(D=o["D"], hd=o["hd"], F=o["F"], **{"3D": 3 * o["D"], "6D": 6 * o["D"], "2F": 2 * o["F"]})
+    expected = ([("pos_embed", (1, 256, D)), ("in_context_posemb", (1, 32, D)), ("t_embedder.mlp.0.weight", (D, 256)),
+                 ("t_embedder.mlp.0.bias", (D,)), ("t_embedder.mlp.2.weight", (D, D)), ("t_embedder.mlp.2.bias", (D,)),
+                 ("y_embedder.embedding_table.weight", (1001, D))] + o["embed"]
+                + [(f"blocks.{i}.{k}", tuple(dims[s] for s in shape)) for i in range(o["depth"]) for k, shape in BLOCK_KEYS]
+                + [("final_layer.norm_final.weight", (D,)), ("final_layer.linear.weight", (768, D)),
+                   ("final_layer.linear.bias", (768,)), ("final_layer.adaLN_modulation.1.weight", (2 * D, D)),
+                   ("final_layer.adaLN_modulation.1.bias", (2 * D,))])
+    with torch.device("meta"):
+        model = pg.JiT(**pg.MODELS[name])
+    got = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    assert len(got) == o["n"] and got == expected
+    assert sum(p.numel() for p in model.parameters()) == o["params"]  # 676M / 459M as the paper reports
+
+
+def test_presets_and_official_keywords():
+    for name, kw in pg.MODELS.items():
+        assert set(kw) <= {"input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
+                           "attn_drop", "proj_drop", "num_classes", "bottleneck_dim", "use_bottleneck",
+                           "in_context_len", "in_context_start"}, name
+    assert pg.MODELS["PixelGen-L/16"] == pg.MODELS["JiT-L/16"]
+    xl = pg.MODELS["PixelGen-XL/16"]
+    assert xl["use_bottleneck"] is False and xl["proj_drop"] == 0.1 and xl["depth"] == 28
+    with torch.device("meta"):  # dropout only in the middle half of the blocks
+        m = pg.JiT(**xl)
+    on = [i for i, b in enumerate(m.blocks) if b.attn.proj_drop.p > 0]
+    assert on == list(range(7, 21))
+
+
+def test_zero_init_gives_zero_prediction():
+    m = tiny_jit()
+    x_hat, h = m(torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 10]), return_layer=2)
+    assert torch.equal(x_hat, torch.zeros_like(x_hat)) and h.shape == (2, 4, 64)
+
+
+def test_sincos_pos_embed_closed_form():
+    D, g = 16, 4
+    pe = pg.sincos_pos_embed(D, g)
+    omega = 1.0 / 10000 ** (np.arange(4) / 4)
+    for r, c in [(0, 0), (1, 3), (3, 2)]:
+        row = pe[r * g + c].numpy()
+        want = np.concatenate([np.sin(c * omega), np.cos(c * omega), np.sin(r * omega), np.cos(r * omega)])
+        np.testing.assert_allclose(row, want, atol=1e-6)
+
+
+def test_rope_is_relative_and_in_context_is_identity():
+    hd, g, L = 8, 3, 2
+    cos, sin = pg.rope_2d(g, hd, L)
+    assert torch.equal(cos[:L], torch.ones(L, hd)) and torch.equal(sin[:L], torch.zeros(L, hd))
+    # hand-computed: token (row 1, col 2), first pair rotates by row * f0 with f0 = 1, the first pair of the second
+    # half by col * f0
+    i = L + 1 * g + 2
+    assert math.isclose(cos[i, 0].item(), math.cos(1.0), abs_tol=1e-6) and math.isclose(sin[i, 4].item(), math.sin(2.0), abs_tol=1e-6)
+    assert math.isclose(cos[i, 2].item(), math.cos(1.0 * 10000 ** -0.5), abs_tol=1e-6)
+    q, k = torch.randn(hd), torch.randn(hd)
+    dot = lambda a, b: (pg.apply_rope(q, cos[a], sin[a]) * pg.apply_rope(k, cos[b], sin[b])).sum()
+    # same relative offset (+1 row, +1 col) gives the same score: RoPE encodes relative positions
+    assert torch.allclose(dot(L + 0, L + 4), dot(L + 4, L + 8), atol=1e-5)
+
+
+def test_return_layer_feature_is_tokens_entering_block():
+    m = randomize(tiny_jit(depth=4, in_context_start=1))
+    x, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([3, 4])
+    seen = []
+    for b in m.blocks:
+        b.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    ref = m(x, t, y)
+    for k in range(4):  # the image tokens entering block k; at k = in_context_start, before the class tokens join
+        x_hat, h = m(x, t, y, return_layer=k)
+        assert torch.equal(x_hat, ref) and torch.equal(h, seen[k][:, -4:]) and h.shape == (2, 4, 64)
+    assert seen[1].shape[1] == 4 + 3  # block 1 runs with the in-context tokens
+
+
+def test_forward_depends_on_class_and_time():
+    m = randomize(tiny_jit(use_bottleneck=False))
+    x = torch.randn(1, 3, 32, 32)
+    a = m(x, torch.tensor([0.5]), torch.tensor([1]))
+    assert not torch.allclose(a, m(x, torch.tensor([0.5]), torch.tensor([2])))
+    assert not torch.allclose(a, m(x, torch.tensor([0.6]), torch.tensor([1])))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flow math and samplers
+
+def test_time_grid_hand_computed():
+    torch.testing.assert_close(pg.time_grid(4, 1.0), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
+    # t = s / (s + 2 (1 - s)): 0, 1/7, 1/3, 3/5, 1
+    torch.testing.assert_close(pg.time_grid(4, 2.0), torch.tensor([0.0, 1 / 7, 1 / 3, 0.6, 1.0]))
+    assert len(pg.time_grid(50, 2.0)) == 51 and pg.time_grid(50, 2.0)[-2] < 1
+
+
+def test_flow_math():
+    x, eps, t = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4), torch.tensor([0.0, 0.5, 0.99])
+    xt = pg.x_t(x, eps, t)
+    torch.testing.assert_close(xt[1], 0.5 * x[1] + 0.5 * eps[1])
+    v = pg.x_to_v(x, xt, t, 0.05)
+    torch.testing.assert_close(v[:2], (x - eps)[:2])                  # v = x - eps away from t = 1
+    torch.testing.assert_close(v[2], (x[2] - xt[2]) / 0.05)            # 1 - t clamped at t_eps
+    g = torch.Generator().manual_seed(0)
+    t = pg.sample_t(200_000, -0.8, 0.8, generator=g)
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean() + 0.8) < 0.01 and abs(logit.std() - 0.8) < 0.01
+    assert 0.50 < (t >= 0.3).float().mean() < 0.54  # SPEC: about 52% of samples pass the gate
+
+
+class Oracle(nn.Module):
+    """A perfect x-predictor for a one-image dataset per class: x_hat = target[y]; counts network rows."""
+
+    def __init__(self, targets):
+        super().__init__()
+        self.targets, self.num_classes, self.rows = targets, targets.shape[0] - 1, 0
+
+    def forward(self, x, t, y):
+        self.rows += x.shape[0]
+        return self.targets[y]
+
+
+@pytest.mark.parametrize("sampler", ["heun", "euler"])
+@pytest.mark.parametrize("shift", [1.0, 2.0])
+def test_perfect_predictor_lands_on_the_image(sampler, shift):
+    targets = torch.rand(4, 3, 8, 8) * 2 - 1
+    noise, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 2, 1])
+    out = pg.sample(Oracle(targets), noise, y, steps=10, sampler=sampler, time_shift=shift)
+    torch.testing.assert_close(out, targets[y], atol=1e-5, rtol=0)
+
+
+def test_cfg_in_v_space_hand_written():
+    targets = torch.rand(3, 3, 4, 4) * 2 - 1  # class 0, class 1, null (2)
+    noise, y, w = torch.randn(2, 3, 4, 4), torch.tensor([0, 1]), 3.0
+    ts = pg.time_grid(2, 1.0)  # 0, 0.5, 1
+    x = noise.clone()
+    for i in range(2):  # Euler by hand; guidance only while 0.1 < t <= 0.9, i.e. at t = 0.5 only
+        t = ts[i]
+        v_c, v_u = (targets[y] - x) / (1 - t), (targets[2] - x) / (1 - t)
+        v = v_u + w * (v_c - v_u) if 0.1 < t <= 0.9 else v_c
+        x = x + v * (ts[i + 1] - t)
+    m = Oracle(targets)
+    out = pg.sample(m, noise, y, steps=2, sampler="euler", cfg_scale=w, cfg_interval=(0.1, 0.9), time_shift=1.0)
+    torch.testing.assert_close(out, x)
+    assert m.rows == 2 + 4  # t = 0: conditional only; t = 0.5: both branches
+
+
+def test_unguided_heun_runs_half_the_official_rows():
+    m, N, B = Oracle(torch.zeros(2, 3, 4, 4)), 50, 3
+    pg.sample(m, torch.randn(B, 3, 4, 4), torch.zeros(B, dtype=torch.long), steps=N, sampler="heun", cfg_scale=1.0)
+    official_rows = 2 * B * (2 * N - 1)  # the official sampler always doubles the batch; NFE = 2N - 1
+    assert m.rows == B * (2 * N - 1) == official_rows // 2
+    m.rows = 0  # guided: both branches only inside (0.1, 0.9]
+    pg.sample(m, torch.randn(B, 3, 4, 4), torch.zeros(B, dtype=torch.long), steps=N, cfg_scale=2.25, time_shift=2.0)
+    ts = pg.time_grid(N, 2.0)
+    guided = sum(1 for i in range(N) if 0.1 < ts[i] <= 0.9)
+    assert m.rows == B * (2 * N - 1) + B * (2 * guided - (1 if 0.1 < ts[N - 1] <= 0.9 else 0))
+
+
+def test_to_uint8_rounding():
+    x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0, 1.5]).view(1, 1, 1, 6).expand(1, 3, 1, 6)
+    assert pg.to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 128, 191, 255, 255]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Objective (paper Eq. 6-9)
+
+@functools.lru_cache(maxsize=None)
+def frozen_nets():
+    import dino
+    import lpips
+    torch.manual_seed(0)
+    d = dino.DINOv2(embed_dim=768, depth=2, num_heads=12)  # real width (REPA targets are 768-d), 2 blocks for speed
+    with torch.no_grad():
+        for n, p in d.named_parameters():
+            if "gamma" in n:
+                p.normal_(0, 0.3)
+    return d, lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+
+
+class Recorder(nn.Module):  # wraps a frozen net and records the batch shapes it sees
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, []
+
+    def forward(self, *a):
+        self.calls.append(tuple(a[0].shape))
+        return self.net(*a)
+
+    def patch_tokens(self, x, p):
+        self.calls.append(tuple(x.shape))
+        return self.net.patch_tokens(x, p)
+
+
+def make_loss(**kw):
+    d, lp = frozen_nets()
+    args = dict(repa_layer=2, label_dropout=0.0, num_classes=10)
+    args.update(kw)
+    return pg.PixelGenLoss(64, Recorder(d), Recorder(lp), **args)
+
+
+def batch(B=4, S=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(B, 3, S, S, generator=g) * 2 - 1, torch.randint(0, 10, (B,), generator=g),
+            torch.randn(B, 3, S, S, generator=g))
+
+
+def test_loss_terms_against_direct_computation():
+    model, loss_fn = randomize(tiny_jit()), make_loss()
+    x, y, eps = batch()
+    t = torch.tensor([0.1, 0.5, 0.29, 0.9])
+    out = loss_fn(model, x, y, t=t, noise=eps)
+    d, lp = frozen_nets()
+    xt = t.view(-1, 1, 1, 1) * x + (1 - t.view(-1, 1, 1, 1)) * eps
+    x_hat, h = model(xt, t, y, return_layer=2)
+    v_hat, v = (x_hat - xt) / (1 - t.view(-1, 1, 1, 1)), (x - xt) / (1 - t.view(-1, 1, 1, 1))
+    fm = ((v_hat - v) ** 2).mean()
+    z = d.patch_tokens(x, 16)
+    repa = (1 - F.cosine_similarity(loss_fn.proj(h), z, dim=-1)).mean()
+    gated = [1, 3]
+    lpips_v = torch.stack([lp(x_hat[i:i + 1], x[i:i + 1]).squeeze() for i in gated]).mean()
+    pdino = torch.stack([(1 - F.cosine_similarity(d.patch_tokens(x_hat[i:i + 1], 16), z[i:i + 1], dim=-1)).mean()
+                         for i in gated]).mean()
+    for k, want in [("fm", fm), ("repa", repa), ("lpips", lpips_v), ("pdino", pdino),
+                    ("loss", fm + 0.1 * lpips_v + 0.01 * pdino + 0.5 * repa)]:
+        torch.testing.assert_close(out[k].detach(), want.detach(), rtol=1e-5, atol=1e-6, msg=k)
+    assert out["gate"] == 0.5 and lpips_v > 0 and pdino > 0
+
+
+@pytest.mark.parametrize("ts,n_gated", [([0.1, 0.2, 0.29, 0.0], 0), ([0.3, 0.5, 0.99, 0.31], 4), ([0.1, 0.3, 0.2, 0.7], 2)])
+def test_gate_edge_cases_run_nets_on_gated_samples_only(ts, n_gated):
+    model, loss_fn = randomize(tiny_jit()), make_loss()
+    x, y, eps = batch()
+    out = loss_fn(model, x, y, t=torch.tensor(ts), noise=eps)
+    out["loss"].backward()
+    assert out["gate"] == n_gated / 4 and torch.isfinite(out["loss"])
+    assert loss_fn.lpips.calls == ([(n_gated, 3, 32, 32)] if n_gated else [])
+    assert loss_fn.dino.calls == [(4, 3, 32, 32)] + ([(n_gated, 3, 32, 32)] if n_gated else [])  # target + gated
+    if not n_gated:
+        assert out["lpips"] == 0 and out["pdino"] == 0
+
+
+def test_subset_equals_full_batch_masking_loss_and_gradients():
+    x, y, eps = batch(6)
+    t = torch.tensor([0.1, 0.5, 0.29, 0.9, 0.31, 0.05])
+    d, lp = frozen_nets()
+    m1 = randomize(tiny_jit())
+    m2 = copy.deepcopy(m1)
+    loss_fn = make_loss()
+    out = loss_fn(m1, x, y, t=t, noise=eps)
+    out["loss"].backward()
+    # the official way: both nets on the whole batch, per-sample values masked, sum / count
+    proj = loss_fn.proj
+    xt = pg.x_t(x, eps, t)
+    x_hat, h = m2(xt, t, y, return_layer=2)
+    mask = (t >= 0.3).float()
+    z = d.patch_tokens(x, 16)
+    fm = (pg.x_to_v(x_hat, xt, t) - pg.x_to_v(x, xt, t)).pow(2).mean()
+    lp_all = (lp(x_hat, x).view(6) * mask).sum() / mask.sum()
+    pd_all = ((1 - F.cosine_similarity(d.patch_tokens(x_hat, 16), z, dim=-1)).mean(1) * mask).sum() / mask.sum()
+    loss = fm + 0.1 * lp_all + 0.01 * pd_all + 0.5 * (1 - F.cosine_similarity(proj(h), z, dim=-1)).mean()
+    loss.backward()
+    torch.testing.assert_close(out["loss"].detach(), loss.detach(), rtol=1e-6, atol=1e-6)
+    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_gradients_reach_model_through_perceptual_nets_only_trainables_get_grads():
+    model = randomize(tiny_jit())
+    x, y, eps = batch()
+    t = torch.tensor([0.5, 0.6, 0.7, 0.8])
+    for w in [dict(lpips_weight=1.0, pdino_weight=0.0), dict(lpips_weight=0.0, pdino_weight=1.0)]:
+        model.zero_grad()
+        loss_fn = make_loss(repa_weight=0.0, **w)
+        out = loss_fn(model, x, y, t=t, noise=eps)
+        (out["loss"] - out["fm"]).backward()  # only the perceptual term
+        assert model.final_layer.linear.weight.grad.abs().sum() > 0, w
+    d, lp = frozen_nets()
+    assert all(p.grad is None and not p.requires_grad for p in list(d.parameters()) + list(lp.parameters()))
+    loss_fn = make_loss()
+    loss_fn(model, x, y, t=t, noise=eps)["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loss_fn.proj.parameters())  # REPA trains
+    assert set(loss_fn.state_dict()) == {"percept_weight"} | {f"proj.{i}.{k}" for i in (0, 2, 4) for k in ("weight", "bias")}
+
+
+def test_label_dropout_rate_and_null_class():
+    seen = []
+
+    class Spy(nn.Module):  # records the labels the denoiser receives
+        patch_size = 16
+
+        def forward(self, x, t, y, return_layer=None):
+            seen.append(y.clone())
+            return x * 0, x.new_zeros(x.shape[0], 4, 64)
+
+    class ZeroDino:
+        def patch_tokens(self, im, p):
+            return im.new_zeros(im.shape[0], 4, 768)
+
+    _, lp = frozen_nets()
+    loss_fn = pg.PixelGenLoss(64, Recorder(nn.Identity()), lp, label_dropout=0.25, num_classes=10, repa_layer=0)
+    loss_fn.__dict__["dino"] = ZeroDino()
+    x, y = torch.zeros(4000, 3, 32, 32), torch.randint(0, 10, (4000,))
+    torch.manual_seed(0)
+    loss_fn(Spy(), x, y, t=torch.zeros(4000))
+    frac = (seen[-1] == 10).float().mean().item()
+    assert 0.23 < frac < 0.27 and torch.equal(seen[-1][seen[-1] != 10], y[seen[-1] != 10])
+    loss_fn.eval()  # no label dropout outside training
+    loss_fn(Spy(), x, y, t=torch.zeros(4000))
+    assert torch.equal(seen[-1], y)
+
+
+def test_lpips_resize_rule_when_patch_is_not_16():
+    model, loss_fn = randomize(tiny_jit(patch_size=8, in_context_start=1)), make_loss()
+    x, y, eps = batch(2, 32)
+    out = loss_fn(model, x, y, t=torch.tensor([0.5, 0.9]), noise=eps)
+    assert loss_fn.lpips.calls == [(2, 3, 64, 64)]  # H * 16 // patch
+    assert out["repa"] > 0 and torch.isfinite(out["loss"])  # DINO tokens (32/8)^2 = 16 align with the model's
+
+
+def test_released_pdino_behaviour_on_request():
+    model = randomize(tiny_jit())
+    x, y, eps = batch()
+    d, _ = frozen_nets()
+    for ts in ([0.1, 0.5, 0.2, 0.9], [0.1, 0.1, 0.1, 0.1]):
+        t = torch.tensor(ts)
+        out = make_loss(gate_pdino=False)(model, x, y, t=t, noise=eps)
+        x_hat = model(pg.x_t(x, eps, t), t, y)
+        ungated = (1 - F.cosine_similarity(d.patch_tokens(x_hat, 16), d.patch_tokens(x, 16), dim=-1)).mean()
+        want = ungated if max(ts) >= 0.3 else torch.tensor(1.0)  # released code: constant 1 when nothing is gated
+        torch.testing.assert_close(out["pdino"], want.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_adaptive_perceptual_weight():
+    model = randomize(tiny_jit())
+    x, y, eps = batch()
+    t = torch.tensor([0.5, 0.6, 0.2, 0.8])
+    loss_fn = make_loss(adaptive_from=100)
+    loss_fn(model, x, y, t=t, noise=eps, step=50)  # before the start: unchanged
+    assert loss_fn.percept_weight == 1.0
+    out = loss_fn(model, x, y, t=t, noise=eps, step=150)
+    W = model.final_layer.linear.weight
+    g_fm = torch.autograd.grad(_fm(model, x, y, t, eps), W)[0].norm()
+    perc = 0.1 * out["lpips"] + 0.01 * out["pdino"]
+    assert perc > 0
+    g_p = torch.autograd.grad(_perc(model, x, y, t, eps), W)[0].norm()
+    want = 0.8 * 1.0 + 0.2 * torch.clamp(g_fm / (g_p + 1e-4), 0, 100)
+    torch.testing.assert_close(loss_fn.percept_weight, want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out["loss"], out["fm"] + want * perc + 0.5 * out["repa"], rtol=1e-4, atol=1e-6)
+    before = loss_fn.percept_weight.clone()
+    loss_fn(model, x, y, t=t, noise=eps, step=151)  # only every 50 steps
+    assert torch.equal(loss_fn.percept_weight, before)
+
+
+def _fm(model, x, y, t, eps):
+    xt = pg.x_t(x, eps, t)
+    return (pg.x_to_v(model(xt, t, y), xt, t) - pg.x_to_v(x, xt, t)).pow(2).mean()
+
+
+def _perc(model, x, y, t, eps):
+    d, lp = frozen_nets()
+    xt = pg.x_t(x, eps, t)
+    x_hat = model(xt, t, y)  # as the loss computes it, without labels dropped
+    g = (t >= 0.3).nonzero()[:, 0]
+    lp_v = lp(x_hat[g], x[g]).mean()
+    pd = (1 - F.cosine_similarity(d.patch_tokens(x_hat[g], 16), d.patch_tokens(x[g], 16), dim=-1)).mean()
+    return 0.1 * lp_v + 0.01 * pd
+
+
+def test_loss_finite_and_trains_a_tiny_model():
+    torch.manual_seed(0)
+    model, loss_fn = tiny_jit(), make_loss()
+    opt = torch.optim.AdamW(list(model.parameters()) + list(loss_fn.proj.parameters()), lr=1e-3)
+    x, y, _ = batch(4)
+    losses = []
+    for _ in range(5):
+        out = loss_fn(model, x, y)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["fm"].item())
+        assert all(torch.isfinite(v).all() for v in out.values())
+    assert losses[-1] < losses[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training program: resume, NaN, atomic checkpoints, DDP
+
+def small_cfg(out_dir, **kw):
+    base = {**pg.dataclasses.asdict(pg.Config()), **pg.RECIPES["demo"]}
+    base.update(out_dir=str(out_dir), image_size=32, batch_size=4, perceptual_init="random", log_every=1,
+                ckpt_every=2, sample_every=0, max_steps=4, cfg_interval=(0.1, 0.9))
+    base.update(kw)
+    return pg.Config(**base)
+
+
+def flat(d):  # nested state dicts -> list of leaves, in a fixed order
+    if isinstance(d, dict):
+        return [x for k in sorted(d, key=str) for x in flat(d[k])]
+    if isinstance(d, (list, tuple)):
+        return [x for v in d for x in flat(v)]
+    return [d]
+
+
+def same(a, b):
+    fa, fb = flat(a), flat(b)
+    return len(fa) == len(fb) and all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(fa, fb))
+
+
+def test_resume_is_exact(tmp_path):
+    pg.train(small_cfg(tmp_path / "straight", max_steps=4))
+    pg.train(small_cfg(tmp_path / "resumed", max_steps=2))
+    pg.train(small_cfg(tmp_path / "resumed", max_steps=4))
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("straight", "resumed"))
+    assert a["step"] == b["step"] == 4 and set(a) >= {"model", "ema", "loss", "opt", "step", "config"}
+    for k in ("model", "ema", "loss", "opt"):
+        assert same(a[k], b[k]), k
+    assert not same(a["model"], a["ema"])
+    log = (tmp_path / "resumed" / "log.txt").read_text()
+    assert "resumed from" in log and "config:" in log and "fm" in log and "img/s" in log
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    pg.train(small_cfg(tmp_path, max_steps=2))
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    forward = pg.PixelGenLoss.forward
+
+    def poisoned(self, *a, **k):
+        out = forward(self, *a, **k)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(pg.PixelGenLoss, "forward", poisoned)
+    with pytest.raises(SystemExit, match="non-finite loss at step 3"):
+        pg.train(small_cfg(tmp_path, max_steps=4))
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    pg.save_atomic({"step": 1, "w": torch.ones(3)}, path)
+
+    def dies_mid_write(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # the job is killed while writing
+
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        pg.save_atomic({"step": 2, "w": torch.zeros(3)}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out_dir, mode):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if mode == "train":  # weights after every step
+        sums = []
+        pg.train(small_cfg(out_dir, max_steps=3, batch_size=4, ckpt_every=3),
+                 hook=lambda step, model, ema: sums.append(torch.cat([p.detach().flatten() for p in model.parameters()])))
+        torch.save(torch.stack(sums), os.path.join(out_dir, f"rank{rank}.pt"))
+    else:  # one backward through DDP on this rank's half of a fixed batch
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+        model, loss_fn, x, y, t, eps = _grad_setup()
+        net = nn.parallel.DistributedDataParallel(pg.TrainStep(model, loss_fn))
+        half = slice(rank * 4, rank * 4 + 4)
+        net(x[half], y[half], 0, t=t[half], noise=eps[half])["loss"].backward()
+        torch.save([p.grad for p in model.parameters() if p.requires_grad], os.path.join(out_dir, f"grad{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def _grad_setup():
+    torch.manual_seed(0)
+    model = randomize(tiny_jit())
+    d, lp = frozen_nets()
+    loss_fn = pg.PixelGenLoss(64, d, lp, repa_layer=2, label_dropout=0.0, num_classes=10)
+    x, y, eps = batch(8)
+    t = torch.tensor([0.1, 0.5, 0.7, 0.2, 0.9, 0.05, 0.15, 0.4])  # two gated samples on each rank
+    return model, loss_fn, x, y, t, eps
+
+
+@pytest.mark.parametrize("mode", ["train", "grad"])
+def test_ddp_two_cpu_processes(tmp_path, mode):
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), mode), nprocs=2)
+    if mode == "train":
+        r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+        assert r0.shape[0] == 3 and torch.equal(r0, r1)  # identical weights on both ranks after each step
+        assert not torch.equal(r0[0], r0[1])
+    else:
+        model, loss_fn, x, y, t, eps = _grad_setup()
+        loss_fn(model, x, y, t=t, noise=eps)["loss"].backward()
+        single = [p.grad for p in model.parameters() if p.requires_grad]
+        for g0, g1, g in zip(torch.load(tmp_path / "grad0.pt"), torch.load(tmp_path / "grad1.pt"), single):
+            torch.testing.assert_close(g0, g1)
+            torch.testing.assert_close(g0, g, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data and bad input
+
+def test_image_folder_layouts_and_odd_images(tmp_path):
+    root = tmp_path / "imagenet"
+    (root / "n01").mkdir(parents=True)
+    (root / "n02" / "sub").mkdir(parents=True)
+    rgb = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(root / "n01" / "a.JPEG")
+    Image.fromarray(rgb[..., 0]).save(root / "n01" / "gray.png")                       # L
+    Image.fromarray(rgb).convert("P").save(root / "n02" / "palette.png")               # P
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(root / "n02" / "rgba.png")     # RGBA
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(root / "n02" / "sub" / "deep.png")  # 16-bit
+    Image.fromarray(rgb[:5, :7]).save(root / "n02" / "tiny.bmp")                       # smaller than the target
+    (root / "n02" / "notes.txt").write_text("not an image")
+    data = pg.ImageFolderData(str(root), 16)
+    assert data.num_classes == 2 and len(data) == 6 and [y for _, y in data.samples] == [0, 0, 1, 1, 1, 1]
+    for i in range(len(data)):
+        img, y = data[i]
+        assert img.shape == (3, 16, 16) and img.dtype == torch.uint8
+    deep = data[[p for p, _ in data.samples].index(str(root / "n02" / "sub" / "deep.png"))][0]
+    assert 0 < deep.float().mean() < 255  # 16-bit scaled, not clipped to white
+    flat_dir = root / "n01"
+    assert pg.ImageFolderData(str(flat_dir), 16).num_classes == 1
+
+
+def test_adm_center_crop():
+    a = np.zeros((100, 300, 3), np.uint8)
+    a[:, 100:200] = 255  # the center third is white
+    out = pg.center_crop(Image.fromarray(a), 32)  # 300x100 -> halve (BOX) -> 150x50 -> bicubic 96x32 -> crop
+    assert out.shape == (32, 32, 3) and out[:, 4:28].min() == 255
+    out = pg.center_crop(Image.fromarray(a[:10, :20]), 32)  # upsampling a small image
+    assert out.shape == (32, 32, 3)
+
+
+def test_bad_data_folders(tmp_path):
+    with pytest.raises(SystemExit, match="not a folder"):
+        pg.ImageFolderData(str(tmp_path / "missing"), 16)
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="no images"):
+        pg.ImageFolderData(str(tmp_path / "empty"), 16)
+
+
+def test_unreadable_image_is_skipped_and_counted(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
+    data = pg.ImageFolderData(str(tmp_path), 8)
+    with pytest.warns(UserWarning, match="broken.png"):
+        items = [data[i] for i in range(len(data))]
+    x, y, bad = pg.collate(items)
+    assert x.shape == (2, 3, 8, 8) and bad == 1
+
+
+def test_cli_flags_and_errors(capsys):
+    cfg, mode = pg.parse_args(["--train"])
+    assert mode == "train" and cfg.recipe == "demo" and cfg.model == "PixelGen-T/16"
+    cfg, _ = pg.parse_args(["--train", "--data_path", "/data/train"])
+    assert (cfg.recipe, cfg.model, cfg.batch_size, cfg.lr, cfg.epochs, cfg.ema, cfg.sampler, cfg.time_shift) == \
+        ("xl-80ep", "PixelGen-XL/16", 256, 1e-4, 80, 0.9999, "heun", 2.0)
+    cfg, _ = pg.parse_args(["--train", "--data_path", "d", "--recipe", "xl-160ep"])
+    assert cfg.epochs == 160 and cfg.cfg_scale == 2.25 and cfg.adaptive_from == 400_000
+    cfg, _ = pg.parse_args(["--train", "--data_path", "d", "--recipe", "l-200k", "--lr", "2e-4", "--cfg_interval", "0", "1"])
+    assert cfg.model == "PixelGen-L/16" and cfg.max_steps == 200_000 and cfg.sampler == "euler" and cfg.lr == 2e-4
+    assert cfg.cfg_interval == (0.0, 1.0)
+    for bad in (["--train", "--model", "PixelGen-XXL/16"], ["--train", "--sample_steps", "0"], ["--train", "--batch_size", "-2"],
+                ["--train", "--sample"], ["--train", "--lr", "0"], ["--train", "--no-such-flag"]):
+        with pytest.raises(SystemExit):
+            pg.parse_args(bad)
+
+
+def test_batch_must_split_over_ranks(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit):
+        pg.parse_args(["--train", "--batch_size", "8"])
+    assert "not divisible by the world size 3" in capsys.readouterr().err
+    assert pg.parse_args(["--train", "--batch_size", "9"])[0].batch_size == 9
+
+
+def test_missing_pretrained_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth.*download.pytorch.org.*hub/checkpoints"):
+        pg.make_lpips(True, download=False)
+    cfg = pg.Config(data_path="/some/imagenet", perceptual_init="pretrained")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(SystemExit, match="dinov2_vitb14_pretrain.pth"):
+        pg.perceptual_nets(cfg, "cpu")
+    msgs = []  # the demo (no data path) goes on with random nets and says so
+    d, lp = pg.perceptual_nets(pg.Config(perceptual_init="pretrained"), "cpu", log=msgs.append)
+    assert "RANDOMLY INITIALISED" in msgs[0] and not any(p.requires_grad for p in d.parameters())
+
+
+def test_lpips_loads_torchvision_vgg_file(tmp_path):
+    import torchvision
+    vgg = torchvision.models.vgg16()
+    torch.save(vgg.state_dict(), tmp_path / "vgg.pth")
+    lp = pg.make_lpips(True, str(tmp_path / "vgg.pth"))
+    torch.testing.assert_close(getattr(lp.net.slice3, '10').weight, vgg.features[10].weight)  # conv3_1 lands in slice3
+    torch.testing.assert_close(getattr(lp.net.slice5, '28').weight, vgg.features[28].weight)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints for sampling, and the sampling program
+
+def test_load_our_and_official_checkpoints(tmp_path):
+    m = randomize(pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10))
+    ema = randomize(pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10), seed=1)
+    torch.save(dict(model=m.state_dict(), ema=ema.state_dict(), config={"seed": 1}), tmp_path / "ours.pt")
+    got, conf = pg.load_denoiser(str(tmp_path / "ours.pt"))
+    assert same(got.state_dict(), ema.state_dict()) and conf == {"seed": 1}
+    assert same(pg.load_denoiser(str(tmp_path / "ours.pt"), use_ema=False)[0].state_dict(), m.state_dict())
+    lightning = {"state_dict": {**{"denoiser." + k: v for k, v in m.state_dict().items()},
+                                **{"ema_denoiser." + k: v for k, v in ema.state_dict().items()},
+                                "diffusion_trainer.proj.0.0.weight": torch.zeros(2, 2)}, "global_step": 7}
+    torch.save(lightning, tmp_path / "official.ckpt")
+    got, conf = pg.load_denoiser(str(tmp_path / "official.ckpt"))
+    assert same(got.state_dict(), ema.state_dict()) and conf is None and got.grid * got.patch_size == 32
+    bad = dict(lightning["state_dict"])
+    bad["ema_denoiser.final_layer.linear.weight"] = torch.zeros(5, 192)
+    del bad["ema_denoiser.blocks.0.norm1.weight"]
+    torch.save({"state_dict": bad}, tmp_path / "bad.ckpt")
+    with pytest.raises(SystemExit, match=r"fit no preset(.|\n)*PixelGen-T/16: 2 differences.*blocks.0.norm1.weight"):
+        pg.load_denoiser(str(tmp_path / "bad.ckpt"))
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        pg.load_denoiser(str(tmp_path / "corrupt.pt"))
+    import argparse  # Lightning files often pickle an argparse.Namespace of hyper-parameters
+    torch.save({"state_dict": {}, "hyper_parameters": argparse.Namespace(lr=1)}, tmp_path / "pickled.ckpt")
+    with pytest.raises(SystemExit, match="--unsafe_load"):
+        pg.load_denoiser(str(tmp_path / "pickled.ckpt"))
+
+
+def test_sample_program_writes_npz_and_grid(tmp_path):
+    m = randomize(pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10))
+    torch.save(dict(model=m.state_dict(), ema=m.state_dict(), config={"sample_steps": 3, "cfg_scale": 1.5}), tmp_path / "ckpt.pt")
+    cfg, mode = pg.parse_args(["--sample", "--out_dir", str(tmp_path), "--num_samples", "12", "--batch_size", "5", "--save_pngs"])
+    assert mode == "sample" and cfg.sample_steps == 3 and cfg.cfg_scale == 1.5  # settings from the checkpoint
+    pg.sample_main(cfg)
+    with np.load(tmp_path / "samples.npz") as f:
+        imgs, labels = f["arr_0"], f["arr_1"]
+    assert imgs.shape == (12, 32, 32, 3) and imgs.dtype == np.uint8 and labels.tolist() == [i % 10 for i in range(12)]
+    assert (tmp_path / "grid.png").exists() and len(os.listdir(tmp_path / "images")) == 12
+    # image i depends only on (seed, i): another batch split (as with more processes) gives the same images, up to
+    # the float rounding of batched matmuls (at most 1 of 255)
+    pg.sample_main(pg.dataclasses.replace(cfg, batch_size=12, save_pngs=False))
+    with np.load(tmp_path / "samples.npz") as f:
+        assert np.abs(f["arr_0"].astype(int) - imgs).max() <= 1
+    noise = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(cfg.seed * 10**9 + 7))
+    with torch.no_grad():
+        one = pg.sample(m.eval(), noise[None], torch.tensor([7]), 3, cfg.sampler, 1.5, cfg.cfg_interval, cfg.time_shift)
+    assert np.abs(pg.to_uint8(one)[0].numpy().astype(int) - imgs[7]).max() <= 1

@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: every field is a CLI flag (--name); a recipe (below) overrides a few defaults; explicit flags win.
@@ -97,7 +98,7 @@ class Config:
     ckpt_every: int = 5000            # steps between checkpoints
     log_every: int = 100              # steps between log lines (the only host-device syncs)
     sample_every: int = 10000         # steps between sample grids (0 = never)
-    bench_steps: int = 10             # --bench: timed steps after warm-up
+    bench_steps: int = 5              # --bench: timed steps after warm-up
 
 
 # One flag selects a paper run; each entry states only what differs from the Config defaults.
@@ -106,9 +107,9 @@ RECIPES = {
     "xl-160ep": dict(epochs=160, cfg_scale=2.25, adaptive_from=400_000),  # Table 2: FID 1.83, CFG 2.25 on (0.1, 0.9]
     "l-200k": dict(model="PixelGen-L/16", max_steps=200_000, sampler="euler", time_shift=1.0),  # Table 3 ablations
     # Laptop demo: a 3M-parameter model on 64 px toy shapes; faster EMA and lr because it trains for minutes.
-    "demo": dict(model="PixelGen-T/16", image_size=64, num_classes=10, batch_size=32, lr=1e-3, ema=0.99,
-                 max_steps=600, repa_layer=2, num_workers=0, sample_steps=25, time_shift=1.0, cfg_scale=2.0,
-                 ckpt_every=200, log_every=25, sample_every=200, out_dir="runs/demo", num_samples=40),
+    "demo": dict(model="PixelGen-T/16", image_size=64, num_classes=10, batch_size=16, lr=1e-3, ema=0.99,
+                 max_steps=500, repa_layer=2, num_workers=0, sample_steps=25, time_shift=1.0, cfg_scale=2.0,
+                 ckpt_every=250, log_every=25, sample_every=250, out_dir="runs/demo", num_samples=40),
 }
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,20 +141,18 @@ class RMSNorm(nn.Module):
 
 
 def rope_2d(grid, head_dim, n_prefix, theta=10000.0):
-    """cos, sin of 2-D RoPE, (n_prefix + grid^2, head_dim): the first half of each head rotates by the row index,
-    the second half by the column index, in interleaved pairs (x0, x1) -> (-x1, x0). Prefix (in-context) tokens get
-    the identity rotation (cos 1, sin 0)."""
-    d = head_dim // 2
-    freqs = 1.0 / theta ** (torch.arange(0, d, 2)[: d // 2].float() / d)      # (d/2,)
-    f = torch.outer(torch.arange(grid).float(), freqs).repeat_interleave(2, -1)  # (grid, d), pairs share a freq
-    f = torch.cat([f[:, None, :].expand(grid, grid, d), f[None, :, :].expand(grid, grid, d)], -1).flatten(0, 1)
-    cos, sin = torch.cat([torch.ones(n_prefix, head_dim), f.cos()]), torch.cat([torch.zeros(n_prefix, head_dim), f.sin()])
-    return cos, sin
+    """2-D RoPE angles as (cos, sin), (n_prefix + grid^2, head_dim / 2), one angle per pair (x_2j, x_2j+1) of a head:
+    the first half of the pairs turns by the row index, the second half by the column index, at frequencies
+    theta^(-4k/head_dim). Prefix (in-context) tokens get angle 0, the identity."""
+    d = head_dim // 2                                                      # pairs per head
+    freqs = 1.0 / theta ** (torch.arange(0, d, 2)[: d // 2].float() / d)  # (d/2,)
+    f = torch.outer(torch.arange(grid).float(), freqs)                     # (grid, d/2)
+    ang = torch.cat([f[:, None].expand(grid, grid, d // 2), f[None].expand(grid, grid, d // 2)], -1).flatten(0, 1)
+    return torch.cat([torch.ones(n_prefix, d), ang.cos()]), torch.cat([torch.zeros(n_prefix, d), ang.sin()])
 
 
-def apply_rope(x, cos, sin):  # x (B, heads, N, head_dim)
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    return x * cos + torch.stack([-x2, x1], -1).flatten(-2) * sin
+def apply_rope(x, rope):  # x (B, heads, N, head_dim); rope (N, head_dim/2) complex: (x0 + i x1) e^(i angle)
+    return torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * rope).flatten(-2)
 
 
 class Attention(nn.Module):
@@ -163,10 +162,10 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = RMSNorm(dim // num_heads), RMSNorm(dim // num_heads)  # qk-norm per head
         self.qkv, self.proj, self.proj_drop = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Dropout(proj_drop)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, rope):
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, D/h)
-        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        q, k = apply_rope(self.q_norm(q), rope), apply_rope(self.k_norm(k), rope)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, D)))  # (B, N, D)
 
@@ -193,9 +192,9 @@ class Block(nn.Module):  # pre-norm transformer block with adaLN-Zero conditioni
         self.norm2, self.mlp = RMSNorm(dim), SwiGLU(dim, int(dim * mlp_ratio), proj_drop)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, c, cos, sin):  # x (B, N, D), c (B, D)
+    def forward(self, x, c, rope):  # x (B, N, D), c (B, D)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, -1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
         return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
@@ -301,14 +300,14 @@ class JiT(nn.Module):
         y_emb = self.y_embedder(y)
         c = self.t_embedder(t) + y_emb                                 # (B, D)
         x = self.x_embedder(x_t) + self.pos_embed                      # (B, N, D)
+        rope, rope_ic = torch.complex(self.rope_cos, self.rope_sin), torch.complex(self.rope_ic_cos, self.rope_ic_sin)
         h = None
         for i, block in enumerate(self.blocks):
             if i == return_layer:
                 h = x[:, self.in_context_len:] if i > self.in_context_start else x
-            if self.in_context_len > 0 and i == self.in_context_start:  # prepend 32 class tokens
+            if self.in_context_len > 0 and i == self.in_context_start:  # prepend the class tokens
                 x = torch.cat([y_emb[:, None] + self.in_context_posemb, x], 1)  # (B, L + N, D)
-            with_ic = self.in_context_len > 0 and i >= self.in_context_start
-            x = block(x, c, *((self.rope_ic_cos, self.rope_ic_sin) if with_ic else (self.rope_cos, self.rope_sin)))
+            x = block(x, c, rope_ic if self.in_context_len > 0 and i >= self.in_context_start else rope)
         x = self.final_layer(x[:, self.in_context_len:], c)             # (B, N, p*p*3)
         p, g = self.patch_size, self.grid
         x_hat = x.view(-1, g, g, p, p, self.in_channels).permute(0, 5, 1, 3, 2, 4).reshape(-1, self.in_channels, g * p, g * p)
@@ -562,7 +561,7 @@ class ToyShapes(torch.utils.data.Dataset):
         dy, dx = yy - cy, xx - cx
         m = [dx**2 + dy**2 < r**2, np.maximum(abs(dx), abs(dy)) < r * 0.8, (dy < r * 0.7) & (abs(dx) < (dy + r) * 0.6),
              abs(np.sqrt(dx**2 + dy**2) - r * 0.8) < r * 0.25, (np.minimum(abs(dx), abs(dy)) < r * 0.25) & (np.maximum(abs(dx), abs(dy)) < r),
-             np.sin(yy * s / 3) > 0, np.sin(xx * s / 3) > 0, abs(dx) + abs(dy) < r, ((xx * 6).astype(int) + (yy * 6).astype(int)) % 2 == 0,
+             np.sin(yy * 8 * np.pi) > 0, np.sin(xx * 8 * np.pi) > 0, abs(dx) + abs(dy) < r, ((xx * 6).astype(int) + (yy * 6).astype(int)) % 2 == 0,
              np.minimum((dx - r / 2)**2 + dy**2, (dx + r / 2)**2 + dy**2) < (r / 2.5)**2][y]
         bg = g.uniform(0, 90, size=3)
         fg = np.clip(np.array(colors[y]) + g.normal(0, 15, size=3), 0, 255)
@@ -646,13 +645,13 @@ def train(cfg, hook=None):
 
     def log(msg):
         if master:
-            print(msg, flush=True)
+            tqdm.write(msg)  # prints above the progress bar
             logf.write(msg + "\n")
             logf.flush()
 
     log(f"config: {dataclasses.asdict(cfg)}")
     cuda = device.type == "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA (cuDNN convolutions use TF32 by default)
     data = ImageFolderData(cfg.data_path, cfg.image_size, cfg.flip) if cfg.data_path else ToyShapes(cfg.image_size)
     if data.num_classes > cfg.num_classes:
         raise SystemExit(f"error: the data has {data.num_classes} classes but --num_classes is {cfg.num_classes}")
@@ -672,12 +671,13 @@ def train(cfg, hook=None):
         f"{len(data)} images, {data.num_classes} classes, world size {world}, device {device}")
     step, path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume and os.path.isfile(path):
-        ck = torch.load(path, map_location=device, weights_only=True)
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        loss_fn.load_state_dict(ck["loss"])
-        opt.load_state_dict(ck["opt"])
-        step = ck["step"]
+        try:  # a checkpoint from another config or a damaged file: say so, touch nothing
+            ck = torch.load(path, map_location=device, weights_only=True)
+            for obj, k in ((model, "model"), (ema, "ema"), (loss_fn, "loss"), (opt, "opt")):
+                obj.load_state_dict(ck[k])
+            step = ck["step"]
+        except Exception as e:
+            raise SystemExit(f"error: cannot resume from {path}: {str(e)[:400]}\nUse another --out_dir or --no-resume.")
         log(f"resumed from {path} at step {step}")
     if cfg.compile:
         model.compile()
@@ -693,8 +693,7 @@ def train(cfg, hook=None):
         raise SystemExit(f"error: {len(data)} images are fewer than one global batch of {cfg.batch_size}")
     max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     log(f"{max_steps} steps, {steps_per_epoch} per epoch, global batch {cfg.batch_size} ({local_bs} per rank)")
-    sums, bad_images, t0, t_log = None, 0, time.time(), step
-    from tqdm import tqdm
+    sums, gate_sum, bad_images, t0, t_log = None, 0.0, 0, time.time(), step
     bar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
     model.train()
     loss_fn.train()
@@ -715,22 +714,23 @@ def train(cfg, hook=None):
             update_ema(ema, model, cfg.ema)
             step += 1
             bad_images += bad
-            vals = torch.stack([out[k].float().to(device) for k in ("loss", "fm", "lpips", "pdino", "repa", "gate")])
+            vals = torch.stack([out[k].float() for k in ("loss", "fm", "lpips", "pdino", "repa")])  # on the device
             sums = vals if sums is None else sums + vals
+            gate_sum += out["gate"].item()  # a host tensor: no sync
             bar.update(1)
             if hook:
                 hook(step, model, ema)
             if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == max_steps:
                 if ddp:
                     dist.all_reduce(sums)
-                avg = (sums / (world * (step - t_log))).tolist()  # the one host sync
+                avg = (sums / (world * (step - t_log))).tolist() + [gate_sum / (step - t_log)]  # the one host sync
                 if not all(math.isfinite(v) for v in avg):
                     raise SystemExit(f"error: non-finite loss at step {step} ({avg}); last good checkpoint kept: {path}")
                 dt, ips = time.time() - t0, cfg.batch_size * (step - t_log) / (time.time() - t0)
                 log(f"step {step}/{max_steps} loss {avg[0]:.4f} fm {avg[1]:.4f} lpips {avg[2]:.4f} pdino {avg[3]:.4f} "
                     f"repa {avg[4]:.4f} gate {avg[5]:.2f} w_ad {loss_fn.percept_weight.item():.3f} lr {cfg.lr:g} "
                     f"img/s {ips:.1f} eta {(max_steps - step) * dt / (step - t_log) / 60:.1f} min bad_images {bad_images}")
-                sums, t0, t_log = None, time.time(), step
+                sums, gate_sum, t0, t_log = None, 0.0, time.time(), step
             if master and (step % cfg.ckpt_every == 0 or step == max_steps):
                 save_atomic(dict(model=model.state_dict(), ema=ema.state_dict(), loss=loss_fn.state_dict(),
                                  opt=opt.state_dict(), step=step, config=dataclasses.asdict(cfg),
@@ -802,7 +802,6 @@ def sample_main(cfg):
     size, K, bs = model.grid * model.patch_size, model.num_classes, max(1, cfg.batch_size // world)
     mine = list(range(rank, cfg.num_samples, world))  # image i: class i % K, noise seeded by (seed, i)
     out = []
-    from tqdm import tqdm
     for j in tqdm(range(0, len(mine), bs), disable=rank != 0, desc="sampling"):
         idx = mine[j: j + bs]
         noise = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(cfg.seed * 10**9 + i))
@@ -841,7 +840,7 @@ def bench(cfg):
     cuda, B, S = device.type == "cuda", cfg.batch_size, cfg.image_size
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.manual_seed(cfg.seed)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA (cuDNN convolutions use TF32 by default)
     model = JiT(**MODELS[cfg.model], input_size=S, num_classes=cfg.num_classes).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     dino, lp = perceptual_nets(dataclasses.replace(cfg, perceptual_init="random"), device, log=lambda m: None)
@@ -912,12 +911,13 @@ def bench(cfg):
           f"{mem:.1f} GiB; sampling ({cfg.sampler} {cfg.sample_steps}, cfg {cfg.cfg_scale}) {B / ms_sample * 1e3:.2f} img/s")
     if cuda:  # analytic FLOPs: matmuls x 2 (fwd) x 3 (fwd+bwd); perceptual nets fwd on all + fwd/bwd(input) on gated
         N, D, L = model.grid ** 2, model.pos_embed.shape[-1], len(model.blocks)
-        lin = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embedding" not in n and "blocks" in n)
-        T = N + model.in_context_len
-        f_den = 3 * (2 * lin * T + L * 4 * T * T * D) * B
+        # per-token weights (qkv, proj, SwiGLU) and attention; adaLN acts on one vector per image, so it is left out
+        lin = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "blocks" in n and "adaLN" not in n)
+        T, gated = N + model.in_context_len, g.float().mean().item()
+        f_den = 3 * (2 * lin * T + L * 4 * T * T * D) * B  # forward + backward (input and weight gradients)
         Nd, dp = (14 * S // model.patch_size // 14) ** 2 + 1, sum(p.numel() for p in dino.parameters() if p.dim() == 2)
-        f_dino = (1 + 3 * g.float().mean().item()) * B * (2 * dp * Nd + 12 * 4 * Nd * Nd * 768)
-        f_vgg = 3 * g.float().mean().item() * B * 2 * 15.5e9 * (S * 16 // model.patch_size / 224) ** 2
+        f_dino = (1 + 2 * gated) * B * (2 * dp * Nd + 12 * 4 * Nd * Nd * 768)  # targets; gated fwd + input-grad bwd
+        f_vgg = 3 * gated * B * 2 * 15.35e9 * (S * 16 // model.patch_size / 224) ** 2  # VGG16 convs: 15.35 GMAC at 224
         a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
         peak = 2 * 8192**3 / timeit(lambda: a @ a, n=20) * 1e3
         flops = (f_den + f_dino + f_vgg) / ms["step"] * 1e3

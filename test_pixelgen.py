@@ -12,11 +12,14 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import dino
+import fid
 import pixelgen as pg
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -106,17 +109,22 @@ def test_sincos_pos_embed_closed_form():
 
 def test_rope_is_relative_and_in_context_is_identity():
     hd, g, L = 8, 3, 2
-    cos, sin = pg.rope_2d(g, hd, L)
-    assert torch.equal(cos[:L], torch.ones(L, hd)) and torch.equal(sin[:L], torch.zeros(L, hd))
-    # hand-computed: token (row 1, col 2), first pair rotates by row * f0 with f0 = 1, the first pair of the second
-    # half by col * f0
+    cos, sin = pg.rope_2d(g, hd, L)  # (L + 9, 4): one angle per pair
+    assert torch.equal(cos[:L], torch.ones(L, 4)) and torch.equal(sin[:L], torch.zeros(L, 4))
+    # hand-computed: token (row 1, col 2); pairs 0, 1 turn by row * (1, 1e4^-0.5), pairs 2, 3 by col * (1, 1e4^-0.5)
     i = L + 1 * g + 2
-    assert math.isclose(cos[i, 0].item(), math.cos(1.0), abs_tol=1e-6) and math.isclose(sin[i, 4].item(), math.sin(2.0), abs_tol=1e-6)
-    assert math.isclose(cos[i, 2].item(), math.cos(1.0 * 10000 ** -0.5), abs_tol=1e-6)
+    want = torch.tensor([1.0, 10000 ** -0.5, 2.0, 2 * 10000 ** -0.5])
+    torch.testing.assert_close(torch.atan2(sin[i], cos[i]), want)
+    rope = torch.complex(cos, sin)
+    x = torch.randn(hd)
+    rx = pg.apply_rope(x[None, None, None], rope[i][None])[0, 0, 0]
+    c, s_ = math.cos(1.0), math.sin(1.0)  # first pair by hand: (x0 c - x1 s, x0 s + x1 c)
+    torch.testing.assert_close(rx[:2], torch.stack([x[0] * c - x[1] * s_, x[0] * s_ + x[1] * c]))
     q, k = torch.randn(hd), torch.randn(hd)
-    dot = lambda a, b: (pg.apply_rope(q, cos[a], sin[a]) * pg.apply_rope(k, cos[b], sin[b])).sum()
-    # same relative offset (+1 row, +1 col) gives the same score: RoPE encodes relative positions
-    assert torch.allclose(dot(L + 0, L + 4), dot(L + 4, L + 8), atol=1e-5)
+    dot = lambda a, b: (pg.apply_rope(q[None, None, None], rope[a][None]) * pg.apply_rope(k[None, None, None], rope[b][None])).sum()
+    # the same relative offset (+1 row, +1 col) gives the same score: RoPE encodes relative positions
+    torch.testing.assert_close(dot(L + 0, L + 4), dot(L + 4, L + 8))
+    torch.testing.assert_close(dot(0, 1), (q * k).sum())  # in-context tokens are not rotated
 
 
 def test_return_layer_feature_is_tokens_entering_block():
@@ -428,10 +436,10 @@ def test_loss_finite_and_trains_a_tiny_model():
     torch.manual_seed(0)
     model, loss_fn = tiny_jit(), make_loss()
     opt = torch.optim.AdamW(list(model.parameters()) + list(loss_fn.proj.parameters()), lr=1e-3)
-    x, y, _ = batch(4)
+    x, y, eps = batch(4)
     losses = []
-    for _ in range(5):
-        out = loss_fn(model, x, y)
+    for _ in range(5):  # one fixed batch, t and noise: the loss must fall
+        out = loss_fn(model, x, y, t=torch.tensor([0.2, 0.4, 0.6, 0.8]), noise=eps)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
@@ -536,9 +544,9 @@ def _ddp_worker(rank, world, port, out_dir, mode):
 
 
 def _grad_setup():
-    torch.manual_seed(0)
-    model = randomize(tiny_jit())
     d, lp = frozen_nets()
+    torch.manual_seed(0)  # after frozen_nets(), which is cached in one process and not in the other
+    model = randomize(tiny_jit())
     loss_fn = pg.PixelGenLoss(64, d, lp, repa_layer=2, label_dropout=0.0, num_classes=10)
     x, y, eps = batch(8)
     t = torch.tensor([0.1, 0.5, 0.7, 0.2, 0.9, 0.05, 0.15, 0.4])  # two gated samples on each rank
@@ -711,3 +719,534 @@ def test_sample_program_writes_npz_and_grid(tmp_path):
     with torch.no_grad():
         one = pg.sample(m.eval(), noise[None], torch.tensor([7]), 3, cfg.sampler, 1.5, cfg.cfg_interval, cfg.time_shift)
     assert np.abs(pg.to_uint8(one)[0].numpy().astype(int) - imgs[7]).max() <= 1
+
+
+def test_resume_from_incompatible_checkpoint_is_a_clear_error(tmp_path):
+    pg.train(small_cfg(tmp_path, max_steps=2))
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit, match="cannot resume from .*ckpt.pt(.|\n)*--no-resume"):
+        pg.train(small_cfg(tmp_path, max_steps=4, model="PixelGen-S/16", repa_layer=4))
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dino.py: DINOv2 ViT-B/14 (bitwise equal to facebookresearch/dinov2 in float32 on CPU, checked beside the repo)
+
+# Official dinov2_vitb14_pretrain.pth: 175 tensors = 3 tokens/embeddings + patch conv (2) + 12 blocks x 14 + final norm (2)
+DINO_BLOCK_SUFFIXES = [  # (suffix, shape), in state-dict order
+    ('norm1.weight', (768,)), ('norm1.bias', (768,)),
+    ('attn.qkv.weight', (2304, 768)), ('attn.qkv.bias', (2304,)),
+    ('attn.proj.weight', (768, 768)), ('attn.proj.bias', (768,)),
+    ('ls1.gamma', (768,)), ('norm2.weight', (768,)), ('norm2.bias', (768,)),
+    ('mlp.fc1.weight', (3072, 768)), ('mlp.fc1.bias', (3072,)),
+    ('mlp.fc2.weight', (768, 3072)), ('mlp.fc2.bias', (768,)), ('ls2.gamma', (768,))]
+DINO_EXPECTED = (
+    [('cls_token', (1, 1, 768)), ('pos_embed', (1, 1370, 768)), ('mask_token', (1, 768)),
+     ('patch_embed.proj.weight', (768, 3, 14, 14)), ('patch_embed.proj.bias', (768,))]
+    + [(f'blocks.{i}.{s}', shape) for i in range(12) for s, shape in DINO_BLOCK_SUFFIXES]
+    + [('norm.weight', (768,)), ('norm.bias', (768,))])
+
+
+@functools.lru_cache(maxsize=None)
+def _dino_model():
+    """One shared random-weight ViT-B/14 (frozen, so tests cannot change it)."""
+    torch.manual_seed(0)
+    return dino.DINOv2()
+
+
+@functools.lru_cache(maxsize=None)
+def _dino_tiny():
+    """Same architecture and code paths, narrow (64 wide, 12 blocks): for the semantics tests, fast on CPU."""
+    torch.manual_seed(0)
+    return dino.DINOv2(embed_dim=64, depth=12, num_heads=4)
+
+
+def test_dino_state_dict_keys_and_shapes():
+    sd = _dino_model().state_dict()
+    assert len(DINO_EXPECTED) == len(sd) == 175
+    assert [(k, tuple(v.shape)) for k, v in sd.items()] == DINO_EXPECTED
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    assert sum(v.numel() for v in sd.values()) == 86_580_480
+
+
+def test_dino_frozen_and_always_eval():
+    model = _dino_model()
+    assert not any(p.requires_grad for p in model.parameters())
+    model.train()                                    # e.g. a parent module's .train(): must stay in eval
+    assert not any(m.training for m in model.modules())
+
+
+def test_dino_strict_roundtrip_and_hub_cache(tmp_path, monkeypatch):
+    hub = tmp_path / 'hub'
+    (hub / 'checkpoints').mkdir(parents=True)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(hub))
+    torch.manual_seed(1)
+    sd = {k: torch.randn(shape) for k, shape in DINO_EXPECTED}
+    path = hub / 'checkpoints' / dino.WEIGHTS_FILE
+    torch.save(sd, path)
+    for model in (dino.load_dinov2(str(path)), dino.load_dinov2(download=False)):  # explicit path, hub cache
+        loaded = model.state_dict()
+        assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
+        assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def test_dino_missing_weights_message(tmp_path, monkeypatch):
+    hub = tmp_path / 'hub'
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(hub))
+
+    def offline(url, dst, *args, **kwargs):
+        raise OSError('network is unreachable')
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
+    for download in (False, True):                  # download disabled, and a failed download
+        with pytest.raises(FileNotFoundError) as e:
+            dino.load_dinov2(download=download)
+        msg = str(e.value)
+        assert dino.WEIGHTS_FILE in msg and dino.WEIGHTS_URL in msg
+        assert str(hub / 'checkpoints') in msg and 'path' in msg
+    assert dino.WEIGHTS_URL == 'https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth'
+    with pytest.raises(FileNotFoundError, match='nowhere.pth'):
+        dino.load_dinov2(str(tmp_path / 'nowhere.pth'))
+
+
+def test_dino_corrupt_or_wrong_file(tmp_path):
+    bad = tmp_path / 'corrupt.pth'
+    bad.write_bytes(b'\x00not a checkpoint' * 10)
+    with pytest.raises(RuntimeError, match='corrupt.pth'):
+        dino.load_dinov2(str(bad))
+    wrong = tmp_path / 'wrong.pth'
+    torch.save({'cls_token': torch.zeros(1, 1, 768)}, wrong)
+    with pytest.raises(RuntimeError, match='wrong.pth'):
+        dino.load_dinov2(str(wrong))
+
+
+def test_dino_token_shapes():
+    model = _dino_model()
+    with torch.no_grad():
+        for (H, W), (h, w) in {(224, 224): (16, 16), (224, 308): (16, 22), (518, 518): (37, 37)}.items():
+            out = model.forward_features(torch.randn(1, 3, H, W))
+            assert out['x_norm_clstoken'].shape == (1, 768)
+            assert out['x_norm_patchtokens'].shape == (1, h * w, 768)
+            assert out['x_prenorm'].shape == (1, 1 + h * w, 768)
+
+
+def test_dino_intermediate_layers_semantics():
+    model = _dino_tiny()
+    x = torch.randn(2, 3, 28, 42)                   # 2x3 patch grid: fast
+    with torch.no_grad():
+        ff = model.forward_features(x)
+        last, = model.get_intermediate_layers(x, n=[11])
+        assert torch.equal(last, ff['x_norm_patchtokens'])
+        assert torch.equal(model.get_intermediate_layers(x)[0], last)           # default n=1: last block
+        raw, = model.get_intermediate_layers(x, n=1, norm=False)
+        assert torch.equal(raw, ff['x_prenorm'][:, 1:])
+        # int n = the last n blocks, list = 0-based indices, outputs in block order whatever the list order
+        two = model.get_intermediate_layers(x, n=2)
+        pair = model.get_intermediate_layers(x, n=[10, 11])
+        assert len(two) == 2 and all(torch.equal(a, b) for a, b in zip(two, pair))
+        first_last = model.get_intermediate_layers(x, n=[11, 0])
+        all12 = model.get_intermediate_layers(x, n=12)
+        assert torch.equal(first_last[0], all12[0]) and torch.equal(first_last[1], all12[11])
+        assert not torch.equal(all12[0], all12[11])
+        # class token and reshape
+        (tok, cls), = model.get_intermediate_layers(x, n=1, return_class_token=True)
+        assert torch.equal(cls, ff['x_norm_clstoken']) and torch.equal(tok, last)
+        fmap, = model.get_intermediate_layers(x, n=1, reshape=True)
+        assert fmap.shape == (2, 64, 2, 3)
+        assert torch.equal(fmap[:, :, 1, 2], last[:, 1 * 3 + 2])                 # row-major patch order
+        fmap, = model.get_intermediate_layers(torch.randn(1, 3, 224, 308), n=1, reshape=True)
+        assert fmap.shape == (1, 64, 16, 22)                                    # (B, D, H/14, W/14)
+        with pytest.raises(AssertionError):
+            model.get_intermediate_layers(x, n=[12])
+
+
+def test_dino_pos_embed_interpolation():
+    model = _dino_tiny()
+    assert model.interpolate_pos_embed(37, 37) is model.pos_embed             # 518x518: the stored tensor
+    pos = model.pos_embed.detach()
+    D = pos.shape[-1]
+    grid = pos[:, 1:].reshape(1, 37, 37, D).permute(0, 3, 1, 2)
+    for h, w in [(16, 16), (16, 22), (37, 38), (4, 3)]:
+        got = model.interpolate_pos_embed(h, w)
+        ref = F.interpolate(grid, scale_factor=((h + 0.1) / 37, (w + 0.1) / 37), mode='bicubic', antialias=False)
+        assert got.shape == (1, 1 + h * w, D) and got.dtype == torch.float32
+        assert torch.equal(got[:, 0], pos[:, 0])                             # CLS slot untouched
+        assert torch.equal(got[:, 1:], ref.permute(0, 2, 3, 1).reshape(1, h * w, D))
+    by_size = F.interpolate(grid, size=(16, 22), mode='bicubic')             # NOT what the official code does
+    assert not torch.allclose(model.interpolate_pos_embed(16, 22)[:, 1:].reshape(1, 16, 22, D),
+                              by_size.permute(0, 2, 3, 1), atol=1e-4)
+
+
+def test_dino_size_must_be_multiple_of_14():
+    model = _dino_tiny()
+    for H, W in [(225, 224), (224, 230)]:
+        with pytest.raises(AssertionError, match='multiple of the patch size 14'):
+            model.forward_features(torch.randn(1, 3, H, W))
+
+
+def test_dino_patch_tokens():
+    model = _dino_model()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert model.patch_tokens(torch.rand(1, 3, 256, 256) * 2 - 1).shape == (1, 256, 768)
+        assert model.patch_tokens(torch.rand(1, 3, 64, 128) * 2 - 1, patch_size=32).shape == (1, 8, 768)
+        # the recipe spelled out: [0,1], ImageNet mean/std, bicubic to 14/16 of the size, last block + norm
+        mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+        y = F.interpolate(((x + 1) / 2 - mean[:, None, None]) / std[:, None, None], size=(56, 56), mode='bicubic')
+        ref = model.forward_features(y)['x_norm_patchtokens']
+    x.requires_grad_(True)
+    feats = model.patch_tokens(x)
+    assert feats.shape == (2, 16, 768) and torch.allclose(feats, ref, atol=1e-6)
+    assert torch.equal(model(x), feats)                                      # forward = patch_tokens
+    (1 - F.cosine_similarity(feats, ref.flip(0), dim=-1)).mean().backward()  # P-DINO-like loss, other target
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_dino_bf16_autocast():
+    model = _dino_tiny()
+    x = torch.rand(1, 3, 32, 48) * 2 - 1            # -> 28x42 DINO input, 2x3 tokens
+    with torch.no_grad():
+        ref = model.patch_tokens(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = model.patch_tokens(x)
+    assert low.shape == ref.shape and torch.isfinite(low).all()
+    assert F.cosine_similarity(low.float(), ref, dim=-1).min() > 0.999
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fid.py: FID Inception, features, FID / IS / precision / recall, I/O, CLI
+
+_MODEL = []
+
+
+def _random_inception():
+    """The FID Inception with random weights whose BN statistics are calibrated on a batch, so features are O(1)."""
+    if not _MODEL:
+        torch.manual_seed(0)
+        model = fid.InceptionV3().eval().requires_grad_(False)
+        torch.nn.init.normal_(model.fc.weight, std=0.05)
+
+        def set_stats(bn, inputs):  # BN input statistics become its running statistics (one forward, in order)
+            bn.running_mean.copy_(inputs[0].mean((0, 2, 3)))
+            bn.running_var.copy_(inputs[0].var((0, 2, 3)))
+
+        hooks = []
+        for m in model.modules():
+            if isinstance(m, fid.BatchNorm):
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.3, 0.5)
+                hooks.append(m.register_forward_pre_hook(set_stats))
+        with torch.no_grad():
+            model(fid.preprocess_images(_images(2, 299, 299, seed=1), "adm"))
+        for h in hooks:
+            h.remove()
+        _MODEL.append(model)
+    return _MODEL[0]
+
+
+def _images(n, h, w, seed=0):
+    """Smooth random uint8 images (n, 3, h, w) with some noise on top."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.interpolate(torch.rand(n, 3, max(2, h // 8), max(2, w // 8), generator=g), size=(h, w), mode="bilinear")
+    return ((x + 0.2 * torch.rand(n, 3, h, w, generator=g)).clamp(0, 1) * 255).to(torch.uint8)
+
+
+def _save_weights(path):
+    torch.save(dict(_random_inception().state_dict()), path)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Network
+
+
+def test_fid_state_dict_keys_and_shapes():
+    sd = fid.InceptionV3().state_dict()
+    assert len(sd) == 472 and sum(v.numel() for v in sd.values()) == 23885392
+    assert not any("num_batches_tracked" in k or "AuxLogits" in k for k in sd)
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    expected = {
+        "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
+        "Conv2d_1a_3x3.bn.running_var": (32,),
+        "Conv2d_4a_3x3.conv.weight": (192, 80, 3, 3),
+        "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
+        "Mixed_6a.branch3x3.conv.weight": (384, 288, 3, 3),
+        "Mixed_6b.branch7x7_2.conv.weight": (128, 128, 1, 7),
+        "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7),
+        "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3),
+        "Mixed_7b.branch_pool.conv.weight": (192, 1280, 1, 1),
+        "Mixed_7c.branch3x3dbl_1.conv.weight": (448, 2048, 1, 1),
+        "Mixed_7c.branch_pool.bn.running_var": (192,),
+        "fc.weight": (1008, 2048),
+        "fc.bias": (1008,),
+    }
+    for k, shape in expected.items():
+        assert tuple(sd[k].shape) == shape, k
+    assert list(sd)[0] == "Conv2d_1a_3x3.conv.weight" and list(sd)[-1] == "fc.bias"
+
+
+def test_fid_strict_load_without_num_batches_tracked(tmp_path):
+    sd = {k: torch.randn_like(v) for k, v in fid.InceptionV3().state_dict().items()}  # plain dict: no _metadata
+    torch.save(sd, tmp_path / "w.pth")
+    model = fid.load_inception(str(tmp_path / "w.pth"), device="cpu")
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert torch.equal(model.Mixed_7c.branch_pool.bn.running_var, sd["Mixed_7c.branch_pool.bn.running_var"])
+    del sd["fc.bias"]
+    torch.save(sd, tmp_path / "w2.pth")
+    with pytest.raises(RuntimeError, match="fc.bias"):
+        fid.load_inception(str(tmp_path / "w2.pth"), device="cpu")
+
+
+def test_fid_feature_shapes_and_layouts():
+    model = _random_inception()
+    x = _images(2, 37, 53, seed=2)  # odd, non-square
+    ref, logits = fid.get_features(model, x, return_logits=True)
+    assert ref.shape == (2, 2048) and ref.dtype == np.float64 and np.isfinite(ref).all()
+    assert 0.01 < np.abs(ref).max() < 100  # calibrated, not exploding
+    assert logits.shape == (2, 1008)
+    np.testing.assert_allclose(logits, ref @ model.fc.weight.double().numpy().T, rtol=1e-12)
+    nhwc = x.permute(0, 2, 3, 1)
+    for variant, rows in ((nhwc.numpy(), [0, 1]), (nhwc[1:].contiguous(), [1]), (x[:1].numpy(), [0])):
+        np.testing.assert_allclose(fid.get_features(model, variant, batch_size=1), ref[rows], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="uint8"):
+        fid.get_features(model, x.float())
+    with pytest.raises(ValueError, match="preprocess"):
+        fid.get_features(model, x, preprocess="tf2")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+def _tf1_resize_numpy(img, out_h, out_w):
+    """Hand-written TF1 resize_bilinear(align_corners=False, half_pixel_centers=False) of one (H, W) image."""
+    h, w = img.shape
+    res = np.zeros((out_h, out_w))
+    for i in range(out_h):
+        y = np.float32(i) * np.float32(h / out_h)
+        y0 = int(np.floor(y))
+        y1, fy = min(y0 + 1, h - 1), float(y) - y0
+        for j in range(out_w):
+            x = np.float32(j) * np.float32(w / out_w)
+            x0 = int(np.floor(x))
+            x1, fx = min(x0 + 1, w - 1), float(x) - x0
+            top = img[y0, x0] + (img[y0, x1] - img[y0, x0]) * fx
+            bottom = img[y1, x0] + (img[y1, x1] - img[y1, x0]) * fx
+            res[i, j] = top + (bottom - top) * fy
+    return res
+
+
+def test_fid_adm_resize_matches_tf1_bilinear():
+    # 2x2 -> 4x4 by hand: sample positions 0, .5, 1, 1.5 on both axes; the last row / column is repeated.
+    x = torch.tensor([[0.0, 10.0], [20.0, 30.0]])[None, None]
+    expected = [[0, 5, 10, 10], [10, 15, 20, 20], [20, 25, 30, 30], [20, 25, 30, 30]]
+    assert fid.resize_tf1_bilinear(x, 4)[0, 0].tolist() == expected
+    assert not torch.equal(F.interpolate(x, size=(4, 4), mode="bilinear", align_corners=False), torch.tensor(expected))
+    # Random small images, up and down, against the loop above.
+    img = np.random.default_rng(0).uniform(0, 255, size=(7, 11))
+    for size in (3, 13, 29):
+        ours = fid.resize_tf1_bilinear(torch.tensor(img, dtype=torch.float32)[None, None], size)[0, 0].numpy()
+        np.testing.assert_allclose(ours, _tf1_resize_numpy(img, size, size), rtol=0, atol=1e-3)
+    # Constant images stay constant; at 299 the resize is the identity; then (x - 128) / 128.
+    const = torch.full((1, 3, 37, 53), 77, dtype=torch.uint8)
+    assert torch.equal(fid.preprocess_images(const, "adm"), torch.full((1, 3, 299, 299), (77 - 128) / 128))
+    x299 = _images(1, 299, 299)
+    assert torch.equal(fid.preprocess_images(x299, "adm"), (x299.float() - 128) / 128)
+
+
+def test_fid_pytorch_fid_preprocessing():
+    x = _images(2, 45, 61)
+    expected = 2 * F.interpolate(x.float() / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1
+    assert torch.equal(fid.preprocess_images(x, "pytorch-fid"), expected)
+    assert not torch.allclose(fid.preprocess_images(x, "adm"), expected, atol=1e-2)  # the two modes differ
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _random_cov(d, n, seed):
+    rng = np.random.default_rng(seed)
+    feats = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) * 0.3 + 1.0
+    return fid.feature_statistics(feats)
+
+
+def test_fid_frechet_distance_closed_forms():
+    mu1, s1 = _random_cov(64, 500, 0)
+    mu2 = mu1 + np.random.default_rng(1).standard_normal(64)
+    assert fid.frechet_distance(mu1, s1, mu2, s1) == pytest.approx(np.sum((mu1 - mu2) ** 2), rel=1e-8)
+    d, c = 100, 2.5
+    assert fid.frechet_distance(np.zeros(d), np.eye(d), np.zeros(d), c * np.eye(d)) == pytest.approx(
+        d * (1 - math.sqrt(c)) ** 2, rel=1e-12)
+    mu, s = _random_cov(512, 2000, 2)
+    assert abs(fid.frechet_distance(mu, s, mu, s)) < 1e-6
+    with pytest.raises(ValueError, match="do not match"):
+        fid.frechet_distance(mu1, s1, mu, s)
+
+
+def test_fid_frechet_distance_against_sqrtm():
+    for (n1, n2), seed in [((500, 400), 3), ((40, 300), 4)]:  # full rank, and a singular sigma1 (40 samples, 64-d)
+        mu1, s1 = _random_cov(64, n1, seed)
+        mu2, s2 = _random_cov(64, n2, seed + 10)
+        covmean = scipy.linalg.sqrtm(s1 @ s2).real
+        direct = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+        assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(direct, rel=1e-7)
+
+
+def test_fid_feature_statistics():
+    feats = np.random.default_rng(0).standard_normal((50, 6)).astype(np.float32)
+    mu, sigma = fid.feature_statistics(feats)
+    assert mu.dtype == sigma.dtype == np.float64 and sigma.shape == (6, 6)
+    np.testing.assert_allclose(sigma, np.cov(feats.astype(np.float64), rowvar=False), rtol=1e-12)
+
+
+def test_fid_inception_score():
+    onehot = 50 * np.eye(10)
+    assert fid.inception_score(np.tile(onehot[3], (40, 1))) == pytest.approx(1.0, abs=1e-9)
+    assert fid.inception_score(np.tile(onehot, (4, 1))) == pytest.approx(10.0, rel=1e-9)
+    # Against a direct numpy computation with ADM's split_size = 5000: splits of 5000, 5000, 2000.
+    logits = np.random.default_rng(0).standard_normal((12000, 10)) * 3
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    scores = []
+    for i in range(0, 12000, 5000):
+        part = p[i:i + 5000]
+        scores.append(np.exp(np.mean(np.sum(part * (np.log(part) - np.log(part.mean(0, keepdims=True))), 1))))
+    assert fid.inception_score(logits) == pytest.approx(np.mean(scores), rel=1e-10)
+    assert fid.inception_score(logits[:100]) == pytest.approx(fid.inception_score(logits[:100], split_size=100))
+
+
+def _precision_recall_numpy(ref, sam, k=3):
+    def d2(a, b):
+        return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+
+    r_ref = np.sort(d2(ref, ref), axis=1)[:, k]  # index 0 is the point itself
+    r_sam = np.sort(d2(sam, sam), axis=1)[:, k]
+    precision = np.mean((d2(sam, ref) <= r_ref[None]).any(1))
+    recall = np.mean((d2(ref, sam) <= r_sam[None]).any(1))
+    return precision, recall
+
+
+def test_fid_precision_recall():
+    rng = np.random.default_rng(0)
+    # Integer features: squared distances are exact in float32 and float64, ties included.
+    ref = rng.integers(-20, 21, size=(60, 5)).astype(np.float64)
+    sam = rng.integers(-10, 31, size=(47, 5)).astype(np.float64)
+    expected = _precision_recall_numpy(ref, sam)
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1
+    assert fid.precision_recall(ref, sam, device="cpu") == pytest.approx(expected, abs=1e-12)
+    assert fid.precision_recall(ref, sam, batch_size=7, device="cpu") == pytest.approx(expected, abs=1e-12)
+    assert fid.precision_recall(ref, ref, batch_size=9, device="cpu") == (1.0, 1.0)
+    assert fid.precision_recall(ref, sam + 1000, device="cpu") == (0.0, 0.0)
+    radii = fid.manifold_radii(torch.tensor(ref, dtype=torch.float32), k=3, batch_size=11)
+    np.testing.assert_array_equal(radii.numpy(), np.sort(((ref[:, None] - ref[None]) ** 2).sum(-1), 1)[:, 3])
+    with pytest.raises(ValueError, match="more than k"):
+        fid.precision_recall(ref[:3], sam, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs and errors
+
+
+def _write_folder(folder, sizes, seed=0):
+    """RGB PNGs of the given (h, w) sizes, plus a grayscale, an RGBA and a JPEG one in a subfolder."""
+    rng = np.random.default_rng(seed)
+    (folder / "sub").mkdir(parents=True)
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    h, w = sizes[0]
+    Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), "L").save(folder / "sub" / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA").save(folder / "sub" / "rgba.png")
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / "sub" / "photo.JPG")
+
+
+def test_fid_folder_and_npz_reading(tmp_path):
+    _write_folder(tmp_path / "imgs", [(20, 24), (20, 24), (31, 17)])
+    src = fid.Source(str(tmp_path / "imgs"))
+    assert len(src) == 6 and src.stats is None
+    batches = list(src.batches(batch_size=2))
+    # sorted paths: img0, img1, img2 (other size: own batch), then sub/gray, sub/photo.JPG, sub/rgba
+    assert [b.shape for b in batches] == [(2, 20, 24, 3), (1, 31, 17, 3), (2, 20, 24, 3), (1, 20, 24, 3)]
+    assert all(b.dtype == np.uint8 for b in batches)
+    gray = np.asarray(Image.open(tmp_path / "imgs" / "sub" / "gray.png"))
+    np.testing.assert_array_equal(batches[2][0], np.repeat(gray[..., None], 3, axis=2))
+    rgba = np.asarray(Image.open(tmp_path / "imgs" / "sub" / "rgba.png"))
+    np.testing.assert_array_equal(batches[3][0], rgba[..., :3])
+
+    arr = np.random.default_rng(0).integers(0, 256, (5, 16, 12, 3), dtype=np.uint8)
+    for save in (np.savez, np.savez_compressed):
+        save(tmp_path / "batch.npz", arr_0=arr)
+        src = fid.Source(str(tmp_path / "batch.npz"))
+        parts = list(src.batches(batch_size=2))
+        assert len(src) == 5 and [len(b) for b in parts] == [2, 2, 1]
+        np.testing.assert_array_equal(np.concatenate(parts), arr)
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(4, np.float32), sigma=np.eye(4))
+    src = fid.Source(str(tmp_path / "stats.npz"))
+    assert len(src) == 0 and src.stats[0].dtype == np.float64 and src.stats[1].shape == (4, 4)
+
+
+def test_fid_error_messages(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        fid.Source(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        fid.Source(str(tmp_path / "nowhere"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        list(fid.Source(str(tmp_path / "bad")).batches())
+    np.savez(tmp_path / "other.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="arr_0"):
+        fid.Source(str(tmp_path / "other.npz"))
+    np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        fid.Source(str(tmp_path / "float.npz"))
+    # Weights: missing with download disabled, missing explicit path, corrupt file.
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError) as e:
+        fid.load_inception(download=False)
+    for part in (fid.FID_WEIGHTS_FILE, fid.FID_WEIGHTS_URL, str(tmp_path / "hub" / "checkpoints")):
+        assert part in str(e.value)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        fid.load_inception(str(tmp_path / "missing.pth"))
+    (tmp_path / "corrupt.pth").write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="corrupt.pth"):
+        fid.load_inception(str(tmp_path / "corrupt.pth"))
+    # The CLI turns them into one-line exits.
+    with pytest.raises(SystemExit, match="nowhere"):
+        fid.main([str(tmp_path / "nowhere"), str(tmp_path / "other.npz")])
+    with pytest.raises(SystemExit, match="missing.pth"):
+        fid.main([str(tmp_path / "bad"), str(tmp_path / "bad"), "--weights", str(tmp_path / "missing.pth")])
+
+
+def test_fid_cli_end_to_end(tmp_path, capsys):
+    weights = _save_weights(tmp_path / "inception.pth")
+    rng = np.random.default_rng(0)
+    sam = rng.integers(0, 256, (4, 24, 24, 3), dtype=np.uint8)
+    ref = np.concatenate([sam[:2], rng.integers(0, 256, (2, 24, 24, 3), dtype=np.uint8)])
+    (tmp_path / "samples").mkdir()
+    for i, img in enumerate(sam):
+        Image.fromarray(img).save(tmp_path / "samples" / f"{i}.png")
+    np.savez(tmp_path / "ref.npz", arr_0=ref)
+    model = _random_inception()
+    feats, logits = fid.get_features(model, np.concatenate([sam, ref]), return_logits=True)
+    fs, fr = feats[:4], feats[4:]
+
+    res = fid.main([str(tmp_path / "samples"), str(tmp_path / "ref.npz"), "--is", "--pr", "--save-stats",
+                    str(tmp_path / "s.npz"), "--weights", weights, "--device", "cpu", "--batch_size", "3"])
+    out = capsys.readouterr().out
+    assert all(label in out for label in ("FID:", "Inception Score:", "Precision:", "Recall:"))
+    with np.load(tmp_path / "s.npz") as saved:  # --save-stats wrote the samples' statistics
+        np.testing.assert_allclose(saved["mu"], fs.mean(0), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(saved["sigma"], np.cov(fs, rowvar=False), rtol=1e-5, atol=1e-9)
+    assert res["inception_score"] == pytest.approx(fid.inception_score(logits[:4]), rel=1e-6)
+    assert (res["precision"], res["recall"]) == fid.precision_recall(fr, fs, device="cpu")
+
+    # The same FID from statistics alone (no network: the weights path is never opened), with an ADM-style
+    # reference batch holding arr_0 and mu / sigma, whose precomputed statistics are used.
+    mu, sigma = fid.feature_statistics(fr)
+    np.savez(tmp_path / "ref_adm.npz", arr_0=ref, mu=mu, sigma=sigma)
+    res2 = fid.main([str(tmp_path / "s.npz"), str(tmp_path / "ref_adm.npz"), "--weights", str(tmp_path / "none")])
+    assert res2["fid"] == pytest.approx(res["fid"], rel=1e-6)
+    with pytest.raises(SystemExit, match="only mu / sigma"):
+        fid.main([str(tmp_path / "s.npz"), str(tmp_path / "ref.npz"), "--pr", "--weights", weights])

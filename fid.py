@@ -1,0 +1,555 @@
+"""FID, Inception Score and precision / recall with the FID Inception-v3, written from scratch.
+
+    python fid.py samples/ ref/                                          # FID between two image folders
+    python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --is --pr  # the ADM suite's numbers
+    python fid.py samples/ --save-stats samples_stats.npz                # only save mu / sigma of SAMPLES
+    python fid.py samples/ ref_stats.npz --preprocess pytorch-fid --batch_size 200 --weights pt_inception.pth
+
+Each side is an image folder (searched recursively, converted to RGB), an ADM npz batch (`arr_0`, uint8 NHWC) or a
+statistics npz (`mu`, `sigma`); ADM reference batches hold both, and their precomputed mu / sigma are used for FID.
+
+The network is pytorch-fid's FID Inception-v3, the PyTorch port of TF's 2015-12-05 graph that the ADM suite and TTUR
+use (weights `pt_inception-2015-12-05-6726825d.pth`, torch hub cache or an explicit path). Features are the 2048-d
+pool3 activations; IS uses the 1008-way logits `pool3 @ fc.weight.T` without the bias, like the ADM suite (whose
+graph reads the MatMul before the bias add) and torch-fidelity's 'logits_unbiased'. Two preprocessings:
+  adm          (default) TF1 bilinear resize to 299 without half-pixel centres on the uint8 values, then (x-128)/128:
+               the ADM suite's graph, equal to torch-fidelity's `inception-v3-compat`.
+  pytorch-fid  x/255, F.interpolate(bilinear, align_corners=False) to 299, then 2x-1: pytorch-fid's default.
+Precision / recall follow Kynkäänniemi et al. (k = 3) as the ADM suite's ManifoldEstimator, IS the ADM suite's
+splits of 5000. The suite's sFID (mu_s / sigma_s) is not computed.
+"""
+import argparse
+import contextlib
+import math
+import os
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_FILE
+PREPROCESS_MODES = ("adm", "pytorch-fid")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The FID Inception-v3: torchvision's layout and key names, with the TF graph's pooling (see the blocks' comments).
+
+
+class BatchNorm(nn.Module):
+    """Inference-only BatchNorm with TF's eps 1e-3. It holds exactly weight, bias, running_mean and running_var:
+    the released file has no `num_batches_tracked`, so this is what lets it load with strict=True."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
+        self.register_buffer("running_mean", torch.zeros(c))
+        self.register_buffer("running_var", torch.ones(c))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=1e-3)
+
+
+class BasicConv2d(nn.Module):
+    """conv (no bias) -> BN -> ReLU."""
+
+    def __init__(self, cin, cout, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=padding, bias=False)
+        self.bn = BatchNorm(cout)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def avg_pool_tf(x):
+    # TF's 3x3 'SAME' average pool divides by the number of real (non-padding) pixels; torchvision's blocks count the
+    # zero padding. This is one of the two places where the FID network differs from torchvision's Inception-v3.
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):  # 35x35 blocks Mixed_5b/c/d; out = 64 + 64 + 96 + pool_features channels
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 64, 1)
+        self.branch5x5_1 = BasicConv2d(cin, 48, 1)
+        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, 1)
+
+    def forward(self, x):
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(avg_pool_tf(x))], 1)
+
+
+class InceptionB(nn.Module):  # Mixed_6a, 35 -> 17; out = 384 + 96 + cin channels
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch3x3(x), b3, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionC(nn.Module):  # 17x17 blocks Mixed_6b..e with factorised 7x7 convs; out = 4 * 192 channels
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7_1 = BasicConv2d(cin, c7, 1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(cin, c7, 1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(cin, 192, 1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        bd = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                     self.branch7x7dbl_5):
+            bd = conv(bd)
+        return torch.cat([self.branch1x1(x), b7, bd, self.branch_pool(avg_pool_tf(x))], 1)
+
+
+class InceptionD(nn.Module):  # Mixed_7a, 17 -> 8; out = 320 + 192 + cin channels
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(cin, 192, 1)
+        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3_2(self.branch3x3_1(x))
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([b3, b7, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):  # 8x8 blocks Mixed_7b/c; out = 320 + 768 + 768 + 192 = 2048 channels
+    def __init__(self, cin, pool):
+        super().__init__()
+        # The TF graph's last block (Mixed_7c) max-pools its pool branch where the paper averages; Mixed_7b averages.
+        self.pool = pool
+        self.branch1x1 = BasicConv2d(cin, 320, 1)
+        self.branch3x3_1 = BasicConv2d(cin, 384, 1)
+        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(cin, 448, 1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(cin, 192, 1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
+        pooled = avg_pool_tf(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
+        return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(pooled)], 1)
+
+
+class InceptionV3(nn.Module):
+    """The FID Inception-v3 (no aux head). forward: preprocessed (B, 3, 299, 299) in [-1, 1] -> pool3 (B, 2048)."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, c7=128)
+        self.Mixed_6c = InceptionC(768, c7=160)
+        self.Mixed_6d = InceptionC(768, c7=160)
+        self.Mixed_6e = InceptionC(768, c7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, pool="avg")
+        self.Mixed_7c = InceptionE(2048, pool="max")
+        self.fc = nn.Linear(2048, 1008)  # 1008 = 1000 ImageNet classes + 8 unused ones of the TF graph
+
+    def forward(self, x):  # (B, 3, 299, 299)
+        x = self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))  # (B, 32, 147, 147)
+        x = F.max_pool2d(self.Conv2d_2b_3x3(x), 3, stride=2)  # (B, 64, 73, 73)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)  # (B, 192, 35, 35)
+        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))  # (B, 288, 35, 35)
+        x = self.Mixed_6a(x)  # (B, 768, 17, 17)
+        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))  # (B, 768, 17, 17)
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))  # (B, 2048, 8, 8)
+        return x.mean((2, 3))  # (B, 2048) pool3; IS logits are pool3 @ fc.weight.T (see get_features)
+
+
+def load_inception(path=None, device=None, download=True):
+    """The FID Inception with the released weights: `path`, else the torch hub cache, else downloaded there."""
+    if path is None:
+        folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+        path = os.path.join(folder, FID_WEIGHTS_FILE)
+        if not os.path.exists(path):
+            hint = (f"FID Inception weights {FID_WEIGHTS_FILE} are not in {folder}. Download {FID_WEIGHTS_URL} "
+                    f"into that folder, or pass its path (--weights)")
+            if not download:
+                raise FileNotFoundError(hint)
+            try:
+                os.makedirs(folder, exist_ok=True)
+                torch.hub.download_url_to_file(FID_WEIGHTS_URL, path)
+            except Exception as e:  # offline, proxy, read-only cache, ...
+                raise FileNotFoundError(f"{hint} (download failed: {e})") from e
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(f"FID Inception weights not found: {path} (the file is {FID_WEIGHTS_URL})")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"cannot read FID Inception weights {path} ({e}); delete it and download it again") from e
+    # The released file has no num_batches_tracked; drop it should a re-saved torchvision-BN copy carry it.
+    state_dict = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    model = InceptionV3()
+    model.load_state_dict(state_dict, strict=True)
+    return model.requires_grad_(False).eval().to(default_device() if device is None else device)
+
+
+def default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """Keep cuDNN convolutions and CUDA matmuls in IEEE float32 whatever the training code chose: TF32 (10-bit
+    mantissa) moves Inception features by ~1e-3 relative. (Uses torch >= 2.9's fp32_precision flags.)"""
+    conv, mm = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, mm.fp32_precision
+    conv.fp32_precision = mm.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, mm.fp32_precision = saved
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preprocessing and features.
+
+
+def resize_tf1_bilinear(x, size=299):
+    """TF1 `tf.image.resize_bilinear(align_corners=False)` (no half-pixel centres), as in the ADM suite's graph.
+    Output pixel i samples input coordinate i * in/out, so the grid is anchored at the top-left pixel and the last
+    row / column is repeated past the edge (unlike F.interpolate's (i + 0.5) * in/out - 0.5). Coordinates are float32
+    like TF's kernel. x: float (B, C, H, W) -> (B, C, size, size)."""
+
+    def axis(n):  # per output index: lower / upper source index and the weight of the upper one
+        pos = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n / size, dtype=torch.float32)
+        lo = pos.long()  # floor, pos >= 0
+        return lo, (lo + 1).clamp(max=n - 1), (pos - lo).to(x.dtype)
+
+    ylo, yhi, wy = axis(x.shape[2])
+    xlo, xhi, wx = axis(x.shape[3])
+    top, bottom = x[:, :, ylo], x[:, :, yhi]  # (B, C, size, W)
+    top = top[..., xlo] + (top[..., xhi] - top[..., xlo]) * wx  # (B, C, size, size)
+    bottom = bottom[..., xlo] + (bottom[..., xhi] - bottom[..., xlo]) * wx
+    return top + (bottom - top) * wy[:, None]
+
+
+def preprocess_images(images, mode="adm"):
+    """uint8 (B, 3, H, W) -> float32 (B, 3, 299, 299) in [-1, 1], as the chosen reference implementation does."""
+    x = images.float()
+    if mode == "adm":
+        return (resize_tf1_bilinear(x) - 128) / 128
+    if mode == "pytorch-fid":
+        x = F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False)
+        return 2 * x - 1
+    raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {mode!r}")
+
+
+def as_uint8_nchw(batch):
+    """Torch or numpy uint8 images, (N, 3, H, W) or (N, H, W, 3), as a torch (N, 3, H, W) tensor. A shape that fits
+    both, (N, 3, H, 3), is read as NCHW."""
+    x = torch.from_numpy(np.array(batch)) if isinstance(batch, np.ndarray) else batch  # np.array: a writable copy
+    if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.ndim == 4 and 3 in (x.shape[1], x.shape[3])):
+        shape, dtype = tuple(getattr(batch, "shape", ())), getattr(batch, "dtype", type(batch))
+        raise ValueError(f"expected uint8 images (N, 3, H, W) or (N, H, W, 3), got {dtype} {shape}")
+    return x if x.shape[1] == 3 else x.permute(0, 3, 1, 2)
+
+
+def get_features(model, images, preprocess="adm", batch_size=50, device=None, return_logits=False, progress=False,
+                 total=None):
+    """pool3 features of uint8 images: (N, 2048) float64 numpy, and (N, 1008) unbiased logits with return_logits.
+
+    images: a uint8 array / tensor (N, 3, H, W) or (N, H, W, 3) of any size, or an iterable of such batches (e.g.
+    `Source.batches`, so that 50k samples never sit in memory at once); `total` = N for the progress bar then.
+    preprocess: "adm" or "pytorch-fid" (see the module docstring). device: the model's by default (a given one moves
+    the model there). progress: show a tqdm bar (a string labels it). The logits are computed here in float64."""
+    if preprocess not in PREPROCESS_MODES:
+        raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
+    batches = [images] if isinstance(images, (np.ndarray, torch.Tensor)) else images
+    total = len(images) if isinstance(images, (np.ndarray, torch.Tensor)) else total
+    bar = tqdm(total=total, unit="img", desc=progress if isinstance(progress, str) else "inception",
+               disable=not progress)
+    feats = []
+    with torch.inference_mode(), full_fp32():
+        for batch in batches:
+            for start in range(0, len(batch), batch_size):
+                x = as_uint8_nchw(batch[start:start + batch_size]).to(device)  # (B, 3, H, W) uint8
+                feats.append(model(preprocess_images(x, preprocess)).double().cpu())  # (B, 2048)
+                bar.update(len(x))
+    bar.close()
+    if not feats:
+        raise ValueError("no images to compute features of")
+    feats = torch.cat(feats).numpy()  # (N, 2048) float64
+    if not return_logits:
+        return feats
+    return feats, feats @ model.fc.weight.detach().double().cpu().numpy().T  # (N, 1008) logits without the bias
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics.
+
+
+def feature_statistics(features):
+    """mu (D,), sigma (D, D) of (N, D) features in float64, the unbiased covariance like pytorch-fid / ADM."""
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr(sqrt(S1 S2)), in float64.
+
+    With any R such that S1 = R R^T, S1 S2 has the eigenvalues of the symmetric PSD matrix R^T S2 R, so
+    Tr sqrt(S1 S2) is the sum of the square roots of those; a symmetric eigensolver gets them accurately and ~10x
+    faster than scipy's sqrtm of the non-symmetric product (what pytorch-fid and the ADM suite do), and agrees with it
+    to ~1e-12 relative (~1e-7 when S1 or S2 is singular, where both have errors of that size). R is the Cholesky
+    factor, or the symmetric square root when S1 is singular (fewer samples than dimensions). Rounding leaves some
+    eigenvalues of singular products slightly negative; they are clipped at 0."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+                         f"{sigma2.shape}")
+    try:
+        root = np.linalg.cholesky(sigma1)  # (D, D) lower triangular, S1 = R R^T
+    except np.linalg.LinAlgError:
+        w, v = np.linalg.eigh(sigma1)
+        root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # (D, D) symmetric square root
+    m = root.T @ sigma2 @ root
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def inception_score(logits, split_size=5000):
+    """The ADM suite's IS: consecutive splits of `split_size` samples (the last one may be shorter; fewer samples
+    than that make one split), per split exp(mean_i KL(p_i || mean_j p_j)), averaged over splits. p = softmax."""
+    log_p = torch.log_softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64), dim=1)  # (N, C)
+    scores = []
+    for part in log_p.split(split_size):
+        log_q = torch.logsumexp(part, 0) - math.log(len(part))  # (C,) log of the split's marginal distribution
+        scores.append(math.exp((part.exp() * (part - log_q)).sum(1).mean()))
+    return float(np.mean(scores))
+
+
+def squared_distances(a, b):
+    """(n, D), (m, D) -> (n, m) squared euclidean distances, ||a||^2 - 2 a.b + ||b||^2 clipped at 0 (as ADM)."""
+    return ((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None]).clamp_min_(0)
+
+
+def manifold_radii(features, k=3, batch_size=10000):
+    """Per point, the squared distance to its k-th nearest neighbour other than itself (float32 torch, (N,)).
+    Memory: batch_size x N floats at a time."""
+    if len(features) <= k:
+        raise ValueError(f"precision / recall need more than k={k} samples per set, got {len(features)}")
+    # Sorted distances from a point start with its own 0, so the k-th neighbour is at index k (the (k+1)-th value).
+    return torch.cat([squared_distances(rows, features).kthvalue(k + 1, dim=1).values
+                      for rows in features.split(batch_size)])
+
+
+def precision_recall(ref_features, sample_features, k=3, batch_size=10000, device=None):
+    """Kynkäänniemi et al. improved precision / recall as the ADM suite's ManifoldEstimator: each point of a set owns
+    a ball of radius = distance to its k-th nearest neighbour in the same set. precision = fraction of samples inside
+    some reference ball, recall = fraction of reference points inside some sample ball. Distances in float32 (ADM:
+    float16 when finite), blocks of batch_size x batch_size; 50k x 50k works on GPU and CPU."""
+    device = default_device() if device is None else torch.device(device)
+    ref = torch.as_tensor(np.asarray(ref_features), dtype=torch.float32, device=device)  # (R, D)
+    sam = torch.as_tensor(np.asarray(sample_features), dtype=torch.float32, device=device)  # (S, D)
+    with full_fp32():
+        ref_radii, sam_radii = manifold_radii(ref, k, batch_size), manifold_radii(sam, k, batch_size)
+        sam_inside = torch.zeros(len(sam), dtype=torch.bool, device=device)  # sample in some reference ball
+        ref_inside = torch.zeros(len(ref), dtype=torch.bool, device=device)  # reference point in some sample ball
+        for i in range(0, len(ref), batch_size):
+            for j in range(0, len(sam), batch_size):
+                d = squared_distances(ref[i:i + batch_size], sam[j:j + batch_size])  # (r, s)
+                sam_inside[j:j + batch_size] |= (d <= ref_radii[i:i + batch_size, None]).any(0)
+                ref_inside[i:i + batch_size] |= (d <= sam_radii[None, j:j + batch_size]).any(1)
+    return sam_inside.double().mean().item(), ref_inside.double().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs: image folders, ADM npz batches (arr_0) and statistics npz files (mu, sigma).
+
+
+def list_images(folder):
+    """Image files under folder (recursive, sorted); ValueError when there are none."""
+    files = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+                   if name.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+    return files
+
+
+def read_image(path):
+    """(H, W, 3) uint8; grayscale, palette and RGBA (alpha dropped) images are converted to RGB as pytorch-fid does."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def _open_arr_0(zf, path):
+    """The arr_0 member of an open npz zip, positioned at its data (read lazily), and the array's shape."""
+    if "arr_0.npy" not in zf.namelist():
+        raise ValueError(f"{path} has no 'arr_0' images (nor 'mu' and 'sigma'); it holds "
+                         f"{[n[:-4] for n in zf.namelist()]}")
+    f = zf.open("arr_0.npy")
+    version = np.lib.format.read_magic(f)
+    shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                             else np.lib.format.read_array_header_2_0(f))
+    if fortran or dtype != np.uint8 or len(shape) != 4:
+        f.close()
+        raise ValueError(f"{path}: 'arr_0' must be a C-ordered uint8 (N, H, W, 3) array, got {dtype} {shape}")
+    return f, shape
+
+
+class Source:
+    """One side of the comparison: `stats` = (mu, sigma) when an npz holds them, and len() images (folder files or
+    npz arr_0) that `batches()` streams as uint8 (B, H, W, 3) numpy batches of equal-size images."""
+
+    def __init__(self, path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no such file or folder: {path}")
+        self.path, self.stats, self.files, self.count = path, None, None, 0
+        if os.path.isdir(path):
+            self.files = list_images(path)
+            self.count = len(self.files)
+            return
+        try:
+            zf = zipfile.ZipFile(path)  # an npz is a zip of .npy files
+        except (OSError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path} is neither an image folder nor a readable .npz file ({e})") from e
+        with zf:
+            names = [n[:-4] for n in zf.namelist()]
+            if "mu" in names and "sigma" in names:
+                with np.load(path) as npz:
+                    self.stats = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
+            if "arr_0" in names or self.stats is None:  # arr_0 missing and no stats either: _open_arr_0 says so
+                f, shape = _open_arr_0(zf, path)
+                f.close()
+                self.count = shape[0]
+
+    def __len__(self):
+        return self.count
+
+    def batches(self, batch_size=50):
+        if self.files is not None:
+            batch = []
+            for file in self.files:
+                image = read_image(file)
+                if batch and (len(batch) == batch_size or image.shape != batch[0].shape):
+                    yield np.stack(batch)
+                    batch = []
+                batch.append(image)
+            yield np.stack(batch)
+            return
+        with zipfile.ZipFile(self.path) as zf:  # arr_0 batch by batch: 50k samples at 256px are 10 GB
+            f, shape = _open_arr_0(zf, self.path)
+            with f:
+                image_bytes = int(np.prod(shape[1:]))
+                for start in range(0, shape[0], batch_size):
+                    n = min(batch_size, shape[0] - start)
+                    data = f.read(n * image_bytes)
+                    if len(data) != n * image_bytes:
+                        raise ValueError(f"{self.path}: arr_0 is truncated")
+                    yield np.frombuffer(data, np.uint8).reshape(n, *shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="FID (and IS, precision, recall) between two image sets.",
+                                epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("samples", help="image folder, ADM npz batch (arr_0) or statistics npz (mu, sigma)")
+    p.add_argument("ref", nargs="?", help="the same kinds; ADM reference batches hold arr_0 and mu / sigma")
+    p.add_argument("--is", dest="inception_score", action="store_true", help="Inception Score of SAMPLES")
+    p.add_argument("--pr", action="store_true", help="precision and recall (k = 3); both sides need images")
+    p.add_argument("--preprocess", choices=PREPROCESS_MODES, default="adm")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=50)
+    p.add_argument("--weights", help=f"path of {FID_WEIGHTS_FILE} (default: torch hub cache, else download)")
+    p.add_argument("--save-stats", dest="save_stats", help="write mu / sigma of SAMPLES to this npz")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    args = p.parse_args(argv)
+    if args.ref is None and args.save_stats is None:
+        p.error("REF is required unless --save-stats is given")
+    try:
+        return _run(args)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise SystemExit(f"fid.py: error: {e}") from e
+
+
+def _run(args):
+    device = torch.device(args.device) if args.device else default_device()
+    sides = [("samples", Source(args.samples))] + ([("ref", Source(args.ref))] if args.ref else [])
+    model, results, stats, feats = None, {}, {}, {}
+    for name, src in sides:
+        need_images = args.pr or (name == "samples" and args.inception_score)
+        if src.stats is not None and not need_images:
+            stats[name] = src.stats  # precomputed mu / sigma, e.g. of an ADM reference batch
+            print(f"{name}: using the precomputed mu / sigma in {src.path}")
+            continue
+        if len(src) == 0:
+            raise ValueError(f"{src.path} holds only mu / sigma, but --pr / --is need its images (arr_0)")
+        if model is None:
+            model = load_inception(args.weights, device)
+        feats[name], logits = get_features(model, src.batches(args.batch_size), args.preprocess, args.batch_size,
+                                           return_logits=True, progress=name, total=len(src))
+        stats[name] = src.stats if src.stats is not None else feature_statistics(feats[name])
+        if name == "samples" and args.inception_score:
+            results["inception_score"] = inception_score(logits)
+    if args.save_stats:
+        np.savez(args.save_stats, mu=stats["samples"][0], sigma=stats["samples"][1])
+        print(f"saved mu / sigma of {args.samples} to {args.save_stats}")
+    if args.ref:
+        results["fid"] = frechet_distance(*stats["samples"], *stats["ref"])
+    if args.pr:
+        results["precision"], results["recall"] = precision_recall(feats["ref"], feats["samples"], device=device)
+    for key, label in [("fid", "FID"), ("inception_score", "Inception Score"), ("precision", "Precision"),
+                       ("recall", "Recall")]:
+        if key in results:
+            print(f"{label}: {results[key]:.6f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

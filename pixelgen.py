@@ -12,7 +12,7 @@ classifier-free guidance. The paper reaches FID 5.11 on ImageNet-256 without gui
     torchrun --nproc_per_node=8 pixelgen.py --train --recipe l-200k --data_path /data/imagenet/train
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_endpoint=HOST:29500 pixelgen.py --train --data_path ...
     torchrun --nproc_per_node=8 pixelgen.py --sample --ckpt PixelGen_XL_80ep.ckpt --num_samples 50000
-    python pixelgen.py --bench --model PixelGen-XL/16 --batch_size 32   # speed, memory and MFU
+    python pixelgen.py --bench --recipe xl-80ep --batch_size 32 --compile   # speed, memory and MFU on one GPU
     python fid.py runs/pixelgen/samples.npz VIRTUAL_imagenet256_labeled.npz --is --pr
 
 Notation (paper Sec. 3; t = 0 is pure noise, t = 1 is the clean image):
@@ -106,7 +106,7 @@ RECIPES = {
     "xl-80ep": dict(),                                                   # Table 2: FID 5.11, Heun 50, no CFG
     "xl-160ep": dict(epochs=160, cfg_scale=2.25, adaptive_from=400_000),  # Table 2: FID 1.83, CFG 2.25 on (0.1, 0.9]
     "l-200k": dict(model="PixelGen-L/16", max_steps=200_000, sampler="euler", time_shift=1.0),  # Table 3 ablations
-    # Laptop demo: a 3M-parameter model on 64 px toy shapes; faster EMA and lr because it trains for minutes.
+    # Laptop demo: a 4M-parameter model on 64 px toy shapes; faster lr and EMA because it trains for minutes.
     "demo": dict(model="PixelGen-T/16", image_size=64, num_classes=10, batch_size=16, lr=1e-3, ema=0.99,
                  max_steps=500, repa_layer=2, num_workers=0, sample_steps=25, time_shift=1.0, cfg_scale=2.0,
                  ckpt_every=250, log_every=25, sample_every=250, out_dir="runs/demo", num_samples=40),
@@ -352,7 +352,7 @@ class PixelGenLoss(nn.Module):
     def forward(self, model, x, y, t=None, noise=None, step=0):
         B, device = x.shape[0], x.device
         if t is None:  # drawn on the host, so the gate below is known without a device sync
-            t = sample_t(B, self.P_mean, self.P_std)
+            t = sample_t(B, self.P_mean, self.P_std)  # NOTE(official): same law, drawn on the GPU there
         gate = (t >= self.gate_t).cpu()                                          # g(t), Eq. (7)
         idx = gate.nonzero()[:, 0]
         t = t.to(device, non_blocking=True)
@@ -363,6 +363,7 @@ class PixelGenLoss(nn.Module):
         x_hat, h = model(xt, t, y, return_layer=self.repa_layer)                # Eq. (1)
         fm = (x_to_v(x_hat, xt, t, self.t_eps) - x_to_v(x, xt, t, self.t_eps)).pow(2).mean()  # Eq. (5)
         p = model.patch_size
+        # NOTE(official): DINO resizes by the model's patch (official: always 16), so REPA tokens align for any patch.
         with torch.no_grad():
             z = self.dino.patch_tokens(x, p).float()                            # DINOv2 tokens of x, (B, N, 768)
         repa = (1 - F.cosine_similarity(self.proj(h).float(), z, dim=-1)).mean()  # Eq. (9), not gated
@@ -383,6 +384,8 @@ class PixelGenLoss(nn.Module):
             # whole batch whenever any sample is gated, and is the constant 1 when none is. Reproduced on request.
             pd = (1 - F.cosine_similarity(self.dino.patch_tokens(x_hat, p).float(), z, dim=-1)).mean() if len(idx) else zero + 1
         percept = self.lpips_weight * lp + self.pdino_weight * pd
+        # NOTE(official): w_ad is a buffer, so it is checkpointed and DDP broadcasts rank 0's value (official: a
+        # per-rank float that restarts at 1 on resume).
         if self.training and 0 <= self.adaptive_from <= step and step % 50 == 0 and percept.requires_grad:
             W = model.final_layer.linear.weight  # balance |grad L_FM| and |grad L_perc| at the last layer
             g_fm, g_p = (torch.autograd.grad(l, W, retain_graph=True)[0].norm() for l in (fm, percept))
@@ -544,7 +547,7 @@ class ImageFolderData(torch.utils.data.Dataset):
 class ToyShapes(torch.utils.data.Dataset):
     """The demo dataset: 10 classes of procedurally drawn shapes (class = shape and palette), any size, no files."""
     NAMES = ["red disc", "green square", "blue triangle", "yellow ring", "magenta cross", "cyan h-stripes",
-             "orange v-stripes", "white diamond", "purple checker", "teal two dots"]
+             "orange v-stripes", "white diamond", "purple checker", "teal frame"]
 
     def __init__(self, size, n=50_000, seed=0):
         self.size, self.n, self.seed, self.num_classes = size, n, seed, 10
@@ -555,14 +558,14 @@ class ToyShapes(torch.utils.data.Dataset):
     def __getitem__(self, i):
         y, g, s = i % 10, np.random.default_rng([self.seed, i]), self.size
         colors = [(230, 40, 40), (40, 200, 60), (50, 80, 230), (240, 220, 40), (220, 40, 220), (40, 220, 230),
-                  (250, 140, 20), (245, 245, 245), (130, 50, 200), (20, 140, 130)]
+                  (250, 140, 20), (245, 245, 245), (130, 50, 200), (0, 170, 150)]
         yy, xx = (np.mgrid[0:s, 0:s] + 0.5) / s
-        cy, cx, r = g.uniform(0.35, 0.65), g.uniform(0.35, 0.65), g.uniform(0.18, 0.3)
+        cy, cx, r = g.uniform(0.4, 0.6), g.uniform(0.4, 0.6), g.uniform(0.22, 0.32)
         dy, dx = yy - cy, xx - cx
         m = [dx**2 + dy**2 < r**2, np.maximum(abs(dx), abs(dy)) < r * 0.8, (dy < r * 0.7) & (abs(dx) < (dy + r) * 0.6),
              abs(np.sqrt(dx**2 + dy**2) - r * 0.8) < r * 0.25, (np.minimum(abs(dx), abs(dy)) < r * 0.25) & (np.maximum(abs(dx), abs(dy)) < r),
              np.sin(yy * 8 * np.pi) > 0, np.sin(xx * 8 * np.pi) > 0, abs(dx) + abs(dy) < r, ((xx * 6).astype(int) + (yy * 6).astype(int)) % 2 == 0,
-             np.minimum((dx - r / 2)**2 + dy**2, (dx + r / 2)**2 + dy**2) < (r / 2.5)**2][y]
+             np.minimum(np.minimum(xx, 1 - xx), np.minimum(yy, 1 - yy)) < 0.16][y]
         bg = g.uniform(0, 90, size=3)
         fg = np.clip(np.array(colors[y]) + g.normal(0, 15, size=3), 0, 255)
         a = np.where(m[..., None], fg, bg) + g.normal(0, 6, size=(s, s, 3))
@@ -603,7 +606,7 @@ class TrainStep(nn.Module):  # the denoiser and the REPA projector under one DDP
 
 
 @torch.no_grad()
-def update_ema(ema, model, decay):
+def update_ema(ema, model, decay):  # ema <- decay ema + (1 - decay) model; NOTE(official): one lerp, not mul + add
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
@@ -703,7 +706,8 @@ def train(cfg, hook=None):
                                              num_workers=cfg.num_workers, pin_memory=cuda, drop_last=True,
                                              collate_fn=collate, persistent_workers=False)
         for img, y, bad in loader:
-            torch.manual_seed(cfg.seed + 1_000_003 * (step + 1) + 7919 * rank)  # t, eps, label dropout, dropout
+            # NOTE(official): all randomness (t, eps, label dropout, dropout) is a function of (seed, step, rank).
+            torch.manual_seed(cfg.seed + 1_000_003 * (step + 1) + 7919 * rank)
             x = img.to(device, non_blocking=True).float() / 127.5 - 1  # uint8 -> [-1, 1]
             y = y.to(device, non_blocking=True)
             with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
@@ -798,6 +802,8 @@ def sample_main(cfg):
     ddp, rank, world, device = setup_dist(cfg)
     model, _ = load_denoiser(cfg.ckpt or os.path.join(cfg.out_dir, "ckpt.pt"), cfg.unsafe_load)
     model = model.to(device)
+    if cfg.compile:
+        model.compile()
     os.makedirs(os.path.join(cfg.out_dir, "images") if cfg.save_pngs else cfg.out_dir, exist_ok=True)
     size, K, bs = model.grid * model.patch_size, model.num_classes, max(1, cfg.batch_size // world)
     mine = list(range(rank, cfg.num_samples, world))  # image i: class i % K, noise seeded by (seed, i)
@@ -898,7 +904,8 @@ def bench(cfg):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     ms = {"step": timeit(full)}
-    mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    import resource  # CPU: the process's peak resident memory
+    mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     for k, fn in (("denoiser", denoiser), ("lpips", lpips_part), ("dino", dino_part), ("opt+ema", opt_part)):
         ms[k] = timeit(fn)
     noise = torch.randn(B, 3, S, S, device=device)

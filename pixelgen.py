@@ -265,7 +265,8 @@ class JiT(nn.Module):
             self.in_context_posemb = nn.Parameter(torch.randn(1, in_context_len, hidden_size) * 0.02)
         self.t_embedder, self.y_embedder = TimestepEmbedder(hidden_size), LabelEmbedder(num_classes, hidden_size)
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size, bottleneck_dim if use_bottleneck else None)
-        # Dropout only in the middle half of the blocks: official `depth // 4 * 3 > i >= depth // 4`.
+        # Dropout only in the middle half of the blocks, as official `depth // 4 * 3 > i >= depth // 4` (SPEC writes
+        # 3 * depth // 4: the same for every depth that is a multiple of 4).
         mid = lambda i, p: p if depth // 4 <= i < depth // 4 * 3 else 0.0
         self.blocks = nn.ModuleList(Block(hidden_size, num_heads, mlp_ratio, mid(i, attn_drop), mid(i, proj_drop))
                                     for i in range(depth))
@@ -378,7 +379,8 @@ class PixelGenLoss(nn.Module):
                 size = x.shape[-1] * 16 // p
                 a, b = (F.interpolate(u, size=(size, size), mode="bilinear", antialias=True) for u in (a, b))
             lp = self.lpips(a, b).float().mean()                              # Eq. (7): mean over gated samples
-            pd = (1 - F.cosine_similarity(self.dino.patch_tokens(x_hat[idx], p).float(), z[idx], dim=-1)).mean()  # Eq. (8)
+            if self.gate_pdino:                                                  # Eq. (8): likewise
+                pd = (1 - F.cosine_similarity(self.dino.patch_tokens(x_hat[idx], p).float(), z[idx], dim=-1)).mean()
         if not self.gate_pdino:
             # NOTE(official): the released P-DINO mask broadcasts (B,N) x (B,1,1), so it averages 1 - cos over the
             # whole batch whenever any sample is gated, and is the constant 1 when none is. Reproduced on request.

@@ -464,12 +464,17 @@ def hub_file(path, name, url, download=True):
 
 
 def make_lpips(pretrained=True, path="", download=True):
-    import lpips  # noqa: imported here so `import pixelgen` stays light
-    net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)  # v0.1 heads ship in the wheel
+    import lpips  # imported here so `import pixelgen` stays light
+    with warnings.catch_warnings():  # torchvision's deprecation notes about lpips' `pretrained=` call
+        warnings.simplefilter("ignore", UserWarning)
+        net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)  # v0.1 heads ship in the wheel
     if pretrained:  # the VGG16 trunk from torchvision's file, mapped onto lpips' slices (slice2.5.w <- features.5.w)
-        sd = torch.load(hub_file(path, VGG_FILE, VGG_URL, download), map_location="cpu", weights_only=True)
-        own = {k: f"features.{k.split('.', 1)[1]}" for k in net.net.state_dict()}
-        net.net.load_state_dict({k: sd[v] for k, v in own.items()})
+        f = hub_file(path, VGG_FILE, VGG_URL, download)
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True)
+            net.net.load_state_dict({k: sd[f"features.{k.split('.', 1)[1]}"] for k in net.net.state_dict()})
+        except Exception as e:
+            raise RuntimeError(f"{f} is not a readable torchvision VGG16 state dict ({VGG_FILE}, {VGG_URL}): {e}")
     return net.eval().requires_grad_(False)
 
 
@@ -973,8 +978,10 @@ def parse_args(argv=None):
     for name in ("batch_size", "sample_steps", "num_samples", "ckpt_every", "log_every", "image_size", "bench_steps"):
         if getattr(cfg, name) <= 0:
             p.error(f"--{name} must be positive, got {getattr(cfg, name)}")
-    if cfg.max_steps < 0 or cfg.epochs <= 0 or cfg.lr <= 0 or not 0 <= cfg.ema < 1 or not 0 <= cfg.label_dropout < 1:
-        p.error("need --max_steps >= 0, --epochs > 0, --lr > 0, 0 <= --ema < 1, 0 <= --label_dropout < 1")
+    if cfg.max_steps < 0 or cfg.epochs <= 0 or cfg.lr <= 0 or not 0 <= cfg.ema < 1 or not 0 <= cfg.label_dropout < 1 \
+            or cfg.time_shift <= 0 or cfg.cfg_interval[0] > cfg.cfg_interval[1]:
+        p.error("need --max_steps >= 0, --epochs > 0, --lr > 0, 0 <= --ema < 1, 0 <= --label_dropout < 1, "
+                "--time_shift > 0 and --cfg_interval LO HI with LO <= HI")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.batch_size % world:
         p.error(f"--batch_size {cfg.batch_size} (global) is not divisible by the world size {world}")

@@ -634,7 +634,8 @@ def test_cli_flags_and_errors(capsys):
     assert cfg.model == "PixelGen-L/16" and cfg.max_steps == 200_000 and cfg.sampler == "euler" and cfg.lr == 2e-4
     assert cfg.cfg_interval == (0.0, 1.0)
     for bad in (["--train", "--model", "PixelGen-XXL/16"], ["--train", "--sample_steps", "0"], ["--train", "--batch_size", "-2"],
-                ["--train", "--sample"], ["--train", "--lr", "0"], ["--train", "--no-such-flag"]):
+                ["--train", "--sample"], ["--train", "--lr", "0"], ["--train", "--no-such-flag"],
+                ["--sample", "--cfg_interval", "0.9", "0.1"], ["--sample", "--time_shift", "0"], ["--train", "--repa_layer", "6"]):
         with pytest.raises(SystemExit):
             pg.parse_args(bad)
 
@@ -667,6 +668,9 @@ def test_lpips_loads_torchvision_vgg_file(tmp_path):
     lp = pg.make_lpips(True, str(tmp_path / "vgg.pth"))
     torch.testing.assert_close(getattr(lp.net.slice3, '10').weight, vgg.features[10].weight)  # conv3_1 lands in slice3
     torch.testing.assert_close(getattr(lp.net.slice5, '28').weight, vgg.features[28].weight)
+    (tmp_path / "bad.pth").write_bytes(b"truncated")
+    with pytest.raises(RuntimeError, match="bad.pth is not a readable torchvision VGG16"):
+        pg.make_lpips(True, str(tmp_path / "bad.pth"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

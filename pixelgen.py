@@ -759,6 +759,8 @@ def train(cfg, hook=None):
             if step >= max_steps or step % steps_per_epoch == 0:
                 break
     bar.close()
+    if master:
+        logf.close()
     if ddp:
         dist.destroy_process_group()
     return model, ema

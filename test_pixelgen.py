@@ -1254,3 +1254,11 @@ def test_fid_cli_end_to_end(tmp_path, capsys):
     assert res2["fid"] == pytest.approx(res["fid"], rel=1e-6)
     with pytest.raises(SystemExit, match="only mu / sigma"):
         fid.main([str(tmp_path / "s.npz"), str(tmp_path / "ref.npz"), "--pr", "--weights", weights])
+
+
+def test_bench_smoke(capsys):  # the benchmark runs end to end (its numbers are for the notes, not for tests)
+    cfg, mode = pg.parse_args(["--bench", "--image_size", "32", "--batch_size", "4", "--bench_steps", "1",
+                               "--sample_steps", "2"])
+    ms = pg.bench(cfg)
+    assert mode == "bench" and set(ms) == {"step", "denoiser", "lpips", "dino", "opt+ema"}
+    assert "img/s" in capsys.readouterr().out

@@ -410,10 +410,10 @@ def sample(model, noise, y, steps=50, sampler="heun", cfg_scale=1.0, cfg_interva
            t_eps=0.05):
     """Integrate dx/dt = v_hat(x, t) from noise (t = 0) to an image (t = 1); returns x in about [-1, 1]."""
     ts = time_grid(steps, time_shift)               # float32 on the host: the CFG test below needs no sync
-    null = torch.full_like(y, model.num_classes)
+    ts_dev, null = ts.to(noise.device), torch.full_like(y, model.num_classes)  # one copy to the device, not per step
 
     def velocity(x, t, guide):  # v_hat; with guidance, v = v_u + w (v_c - v_u) in v-space
-        tb = t.to(x.device).expand(x.shape[0])
+        tb = t.expand(x.shape[0])
         if not guide:  # NOTE(official): the official samplers always run both branches, even at scale 1
             return x_to_v(model(x, tb, y), x, tb, t_eps)
         xx, tt = torch.cat([x, x]), tb.repeat(2)
@@ -422,9 +422,8 @@ def sample(model, noise, y, steps=50, sampler="heun", cfg_scale=1.0, cfg_interva
 
     x = noise
     for i in range(steps):
-        t, t_next = ts[i], ts[i + 1]
-        dt = (t_next - t).to(x.device)
-        guide = cfg_scale != 1.0 and bool((t > cfg_interval[0]) & (t <= cfg_interval[1]))
+        t, t_next, dt = ts_dev[i], ts_dev[i + 1], ts_dev[i + 1] - ts_dev[i]
+        guide = cfg_scale != 1.0 and bool((ts[i] > cfg_interval[0]) & (ts[i] <= cfg_interval[1]))
         v = velocity(x, t, guide)
         if sampler == "euler" or i == steps - 1:  # the last step is Euler: the net never sees t = 1
             x = x + v * dt

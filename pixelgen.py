@@ -852,33 +852,32 @@ def sample_main(cfg):
 def bench(cfg):
     _, _, _, device = setup_dist(cfg)
     cuda, B, S = device.type == "cuda", cfg.batch_size, cfg.image_size
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.manual_seed(cfg.seed)
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA (cuDNN convolutions use TF32 by default)
+    torch.set_float32_matmul_precision("high")
     model = JiT(**MODELS[cfg.model], input_size=S, num_classes=cfg.num_classes).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    dino, lp = perceptual_nets(dataclasses.replace(cfg, perceptual_init="random"), device, log=lambda m: None)
+    dino, lp = perceptual_nets(dataclasses.replace(cfg, perceptual_init="random"), device, log=lambda m: None)  # same cost
     loss_fn = PixelGenLoss(model.final_layer.linear.in_features, dino, lp, repa_layer=cfg.repa_layer,
                            num_classes=cfg.num_classes).to(device)
     opt = torch.optim.AdamW([p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad],
                             lr=cfg.lr, fused=cuda or None)
-    if cfg.compile:
-        model.compile(), dino.compile(), lp.compile()
+    for net in (model, dino, lp) if cfg.compile else ():
+        net.compile()
     x, y = torch.rand(B, 3, S, S, device=device) * 2 - 1, torch.randint(0, cfg.num_classes, (B,), device=device)
-    amp = lambda: torch.autocast("cuda", torch.bfloat16, enabled=cuda)
-    g = torch.rand(B, requires_grad=False) < 0.52  # the gated share under logit-normal t
+    g = (torch.rand(B) < 0.52).to(device)  # the gated share under logit-normal t
+    xg, p = x[g].detach().requires_grad_(True), model.patch_size
+    amp = lambda: torch.autocast("cuda", torch.bfloat16, enabled=cuda)  # forward passes only, as in train()
 
-    def timeit(fn, n=cfg.bench_steps):
-        for _ in range(2):
+    def timeit(fn, n=cfg.bench_steps):  # ms per call after two warm-up calls
+        for i in range(n + 2):
+            if i == 2:
+                torch.cuda.synchronize() if cuda else None
+                t0 = time.perf_counter()
             fn()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        sync()
-        return (time.perf_counter() - t0) / n * 1e3  # ms
+        torch.cuda.synchronize() if cuda else None
+        return (time.perf_counter() - t0) / n * 1e3
 
-    def full():
+    def full():  # one training step, as in train()
         with amp():
             out = loss_fn(model, x, y)
         opt.zero_grad(set_to_none=True)
@@ -886,36 +885,30 @@ def bench(cfg):
         opt.step()
         update_ema(ema, model, cfg.ema)
 
-    def denoiser():
-        t = torch.rand(B, device=device)
+    def denoiser():  # forward + backward of the denoiser and the REPA head
         with amp():
-            x_hat, h = model(x, t, y, return_layer=loss_fn.repa_layer)
+            x_hat, h = model(x, torch.rand(B, device=device), y, return_layer=loss_fn.repa_layer)
             l = x_hat.float().pow(2).mean() + loss_fn.proj(h).float().pow(2).mean()
         l.backward()
 
-    xg = x[g.to(device)].detach().requires_grad_(True)
-
-    def lpips_part():
+    def lpips_part():  # forward on the gated share, input-gradient backward
         with amp():
-            lp(xg, x[g.to(device)]).float().mean().backward()
+            l = lp(xg, x[g]).float().mean()
+        l.backward()
 
-    def dino_part():
+    def dino_part():  # targets of the whole batch, then forward + input-gradient backward on the gated share
         with amp():
             with torch.no_grad():
-                dino.patch_tokens(x, model.patch_size)
-            dino.patch_tokens(xg, model.patch_size).float().pow(2).mean().backward()
-
-    def opt_part():
-        opt.step()
-        update_ema(ema, model, cfg.ema)
+                dino.patch_tokens(x, p)
+            l = dino.patch_tokens(xg, p).float().pow(2).mean()
+        l.backward()
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     ms = {"step": timeit(full)}
     import resource  # CPU: the process's peak resident memory
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    for k, fn in (("denoiser", denoiser), ("lpips", lpips_part), ("dino", dino_part), ("opt+ema", opt_part)):
-        ms[k] = timeit(fn)
+    ms.update(denoiser=timeit(denoiser), lpips=timeit(lpips_part), dino=timeit(dino_part), **{"opt+ema": timeit(lambda: (opt.step(), update_ema(ema, model, cfg.ema)))})
     noise = torch.randn(B, 3, S, S, device=device)
     with amp():
         ms_sample = timeit(lambda: sample(ema, noise, y, cfg.sample_steps, cfg.sampler, cfg.cfg_scale,
@@ -924,17 +917,16 @@ def bench(cfg):
           f"{B / ms['step'] * 1e3:.1f} img/s ({ms['step']:.1f} ms/step; " +
           ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if k != "step") + " ms), peak memory "
           f"{mem:.1f} GiB; sampling ({cfg.sampler} {cfg.sample_steps}, cfg {cfg.cfg_scale}) {B / ms_sample * 1e3:.2f} img/s")
-    if cuda:  # analytic FLOPs: matmuls x 2 (fwd) x 3 (fwd+bwd); perceptual nets fwd on all + fwd/bwd(input) on gated
-        N, D, L = model.grid ** 2, model.pos_embed.shape[-1], len(model.blocks)
-        # per-token weights (qkv, proj, SwiGLU) and attention; adaLN acts on one vector per image, so it is left out
-        lin = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "blocks" in n and "adaLN" not in n)
-        T, gated = N + model.in_context_len, g.float().mean().item()
-        f_den = 3 * (2 * lin * T + L * 4 * T * T * D) * B  # forward + backward (input and weight gradients)
-        Nd, dp = (14 * S // model.patch_size // 14) ** 2 + 1, sum(p.numel() for p in dino.parameters() if p.dim() == 2)
+    if cuda:  # analytic FLOPs of one step: matmuls and attention, x3 for forward + backward
+        T, D, gated = model.grid ** 2 + model.in_context_len, model.pos_embed.shape[-1], g.float().mean().item()
+        # per-token weights (qkv, proj, SwiGLU); adaLN acts on one vector per image and is left out
+        lin = sum(w.numel() for n, w in model.named_parameters() if w.dim() == 2 and "blocks" in n and "adaLN" not in n)
+        f_den = 3 * (2 * lin * T + len(model.blocks) * 4 * T * T * D) * B
+        Nd, dp = (S // p) ** 2 + 1, sum(w.numel() for w in dino.parameters() if w.dim() == 2)
         f_dino = (1 + 2 * gated) * B * (2 * dp * Nd + 12 * 4 * Nd * Nd * 768)  # targets; gated fwd + input-grad bwd
-        f_vgg = 3 * gated * B * 2 * 15.35e9 * (S * 16 // model.patch_size / 224) ** 2  # VGG16 convs: 15.35 GMAC at 224
+        f_vgg = 3 * gated * B * 2 * 15.35e9 * (S * 16 // p / 224) ** 2  # VGG16 convs: 15.35 GMAC at 224 px
         a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-        peak = 2 * 8192**3 / timeit(lambda: a @ a, n=20) * 1e3
+        peak = 2 * 8192**3 / timeit(lambda: a @ a, n=20) * 1e3  # the card's dense bf16 rate, measured
         flops = (f_den + f_dino + f_vgg) / ms["step"] * 1e3
         print(f"model FLOPs {flops / 1e12:.0f} TFLOP/s, measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s, "
               f"MFU {100 * flops / peak:.1f}% (denoiser {f_den / 1e12:.2f}, DINO {f_dino / 1e12:.2f}, VGG "

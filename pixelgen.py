@@ -787,7 +787,7 @@ def load_denoiser(path, unsafe=False, use_ema=True):
     else:
         raise SystemExit(f"error: {path} is neither a PixelGen checkpoint (model/ema) nor a Lightning one (state_dict)")
     try:
-        D, patch = sd["pos_embed"].shape[-1], sd["x_embedder.proj1.weight"].shape[-1]
+        patch = sd["x_embedder.proj1.weight"].shape[-1]
         size, classes = int(math.isqrt(sd["pos_embed"].shape[1])) * patch, sd["y_embedder.embedding_table.weight"].shape[0] - 1
     except KeyError as e:
         raise SystemExit(f"error: {path} has no JiT weights (missing {e})")

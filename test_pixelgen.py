@@ -7,8 +7,6 @@ import copy
 import functools
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest

@@ -627,7 +627,23 @@ def setup_dist(cfg):
             torch.cuda.set_device(device)
     else:
         rank, world, device = 0, 1, torch.device("cuda" if cuda else "cpu")
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA (cuDNN convolutions use TF32 by default)
     return ddp, rank, world, device
+
+
+def amp(device):  # bf16 autocast on CUDA, plain fp32 on the CPU; wraps forward passes only
+    return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def sample_images(model, idx, cfg, device):  # image i: class i % K, noise seeded by (seed, i) -> (B, H, W, 3) uint8
+    size = model.grid * model.patch_size
+    noise = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(cfg.seed * 10**9 + i))
+                         for i in idx]).to(device)
+    with amp(device):
+        x = sample(model, noise, torch.tensor(idx, device=device) % model.num_classes, cfg.sample_steps, cfg.sampler,
+                   cfg.cfg_scale, cfg.cfg_interval, cfg.time_shift, cfg.t_eps)
+    return to_uint8(x).numpy()
 
 
 def save_atomic(obj, path):  # temp file + rename: a run killed mid-write leaves the last checkpoint intact
@@ -635,9 +651,9 @@ def save_atomic(obj, path):  # temp file + rename: a run killed mid-write leaves
     os.replace(path + ".tmp", path)
 
 
-def save_grid(imgs, path, nrow=None):  # (B, H, W, 3) uint8 -> one PNG
+def save_grid(imgs, path, classes):  # (B, H, W, 3) uint8 -> one PNG; one column per class when that fits
     B, H, W, _ = imgs.shape
-    nrow = nrow or math.ceil(math.sqrt(B))
+    nrow = classes if classes <= 16 and B % classes == 0 else math.ceil(math.sqrt(B))
     rows = math.ceil(B / nrow)
     grid = np.zeros((rows * (H + 2) + 2, nrow * (W + 2) + 2, 3), np.uint8)
     for i, im in enumerate(np.asarray(imgs)):
@@ -660,7 +676,6 @@ def train(cfg, hook=None):
 
     log(f"config: {dataclasses.asdict(cfg)}")
     cuda = device.type == "cuda"
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA (cuDNN convolutions use TF32 by default)
     data = ImageFolderData(cfg.data_path, cfg.image_size, cfg.flip) if cfg.data_path else ToyShapes(cfg.image_size)
     if data.num_classes > cfg.num_classes:
         raise SystemExit(f"error: the data has {data.num_classes} classes but --num_classes is {cfg.num_classes}")
@@ -716,7 +731,7 @@ def train(cfg, hook=None):
             torch.manual_seed(cfg.seed + 1_000_003 * (step + 1) + 7919 * rank)
             x = img.to(device, non_blocking=True).float() / 127.5 - 1  # uint8 -> [-1, 1]
             y = y.to(device, non_blocking=True)
-            with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+            with amp(device):
                 out = net(x, y, step)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
@@ -747,14 +762,9 @@ def train(cfg, hook=None):
                                  rng=dict(seed=cfg.seed, step=step, world=world)), path)
                 log(f"saved {path}")
             if master and cfg.sample_every and (step % cfg.sample_every == 0 or step == max_steps):
-                g = torch.Generator().manual_seed(cfg.seed)
-                n = min(cfg.num_samples, 64)
-                noise = torch.randn(n, 3, cfg.image_size, cfg.image_size, generator=g).to(device)
-                with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
-                    imgs = sample(ema, noise, torch.arange(n, device=device) % cfg.num_classes, cfg.sample_steps,
-                                  cfg.sampler, cfg.cfg_scale, cfg.cfg_interval, cfg.time_shift, cfg.t_eps)
-                save_grid(to_uint8(imgs), os.path.join(cfg.out_dir, f"grid_{step:07d}.png"), nrow=cfg.num_classes if n % cfg.num_classes == 0 and cfg.num_classes <= 16 else None)
-                log(f"sample grid: {os.path.join(cfg.out_dir, f'grid_{step:07d}.png')}")
+                grid = os.path.join(cfg.out_dir, f"grid_{step:07d}.png")
+                save_grid(sample_images(ema, range(min(cfg.num_samples, 64)), cfg, device), grid, cfg.num_classes)
+                log(f"sample grid: {grid}")
             if step >= max_steps or step % steps_per_epoch == 0:
                 break
     bar.close()
@@ -814,19 +824,13 @@ def sample_main(cfg):
         model.compile()
     os.makedirs(os.path.join(cfg.out_dir, "images") if cfg.save_pngs else cfg.out_dir, exist_ok=True)
     size, K, bs = model.grid * model.patch_size, model.num_classes, max(1, cfg.batch_size // world)
-    mine = list(range(rank, cfg.num_samples, world))  # image i: class i % K, noise seeded by (seed, i)
+    mine = list(range(rank, cfg.num_samples, world))  # this rank's image indices
     out = []
     for j in tqdm(range(0, len(mine), bs), disable=rank != 0, desc="sampling"):
         idx = mine[j: j + bs]
-        noise = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(cfg.seed * 10**9 + i))
-                             for i in idx]).to(device)
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            x = sample(model, noise, torch.tensor(idx, device=device) % K, cfg.sample_steps, cfg.sampler,
-                       cfg.cfg_scale, cfg.cfg_interval, cfg.time_shift, cfg.t_eps)
-        out.append(to_uint8(x).numpy())
-        for i, im in zip(idx, out[-1]):
-            if cfg.save_pngs:
-                Image.fromarray(im).save(os.path.join(cfg.out_dir, "images", f"{i:06d}.png"))
+        out.append(sample_images(model, idx, cfg, device))
+        for i, im in zip(idx, out[-1] if cfg.save_pngs else []):
+            Image.fromarray(im).save(os.path.join(cfg.out_dir, "images", f"{i:06d}.png"))
     shard = os.path.join(cfg.out_dir, f"samples_rank{rank}.npz")
     np.savez(shard, arr_0=np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8), idx=np.array(mine, np.int64))
     if ddp:
@@ -840,7 +844,7 @@ def sample_main(cfg):
             os.remove(f)
         np.savez(os.path.join(cfg.out_dir, "samples.npz"), arr_0=imgs, arr_1=np.arange(cfg.num_samples) % K)
         n = min(cfg.num_samples, 100)
-        save_grid(imgs[:n], os.path.join(cfg.out_dir, "grid.png"), nrow=K if K <= 16 and n % K == 0 else None)
+        save_grid(imgs[:n], os.path.join(cfg.out_dir, "grid.png"), K)
         print(f"wrote {cfg.out_dir}/samples.npz ({cfg.num_samples} images) and {cfg.out_dir}/grid.png")
     if ddp:
         dist.destroy_process_group()
@@ -853,7 +857,6 @@ def bench(cfg):
     _, _, _, device = setup_dist(cfg)
     cuda, B, S = device.type == "cuda", cfg.batch_size, cfg.image_size
     torch.manual_seed(cfg.seed)
-    torch.set_float32_matmul_precision("high")
     model = JiT(**MODELS[cfg.model], input_size=S, num_classes=cfg.num_classes).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     dino, lp = perceptual_nets(dataclasses.replace(cfg, perceptual_init="random"), device, log=lambda m: None)  # same cost
@@ -866,7 +869,6 @@ def bench(cfg):
     x, y = torch.rand(B, 3, S, S, device=device) * 2 - 1, torch.randint(0, cfg.num_classes, (B,), device=device)
     g = (torch.rand(B) < 0.52).to(device)  # the gated share under logit-normal t
     xg, p = x[g].detach().requires_grad_(True), model.patch_size
-    amp = lambda: torch.autocast("cuda", torch.bfloat16, enabled=cuda)  # forward passes only, as in train()
 
     def timeit(fn, n=cfg.bench_steps):  # ms per call after two warm-up calls
         for i in range(n + 2):
@@ -878,7 +880,7 @@ def bench(cfg):
         return (time.perf_counter() - t0) / n * 1e3
 
     def full():  # one training step, as in train()
-        with amp():
+        with amp(device):
             out = loss_fn(model, x, y)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -886,18 +888,18 @@ def bench(cfg):
         update_ema(ema, model, cfg.ema)
 
     def denoiser():  # forward + backward of the denoiser and the REPA head
-        with amp():
+        with amp(device):
             x_hat, h = model(x, torch.rand(B, device=device), y, return_layer=loss_fn.repa_layer)
             l = x_hat.float().pow(2).mean() + loss_fn.proj(h).float().pow(2).mean()
         l.backward()
 
     def lpips_part():  # forward on the gated share, input-gradient backward
-        with amp():
+        with amp(device):
             l = lp(xg, x[g]).float().mean()
         l.backward()
 
     def dino_part():  # targets of the whole batch, then forward + input-gradient backward on the gated share
-        with amp():
+        with amp(device):
             with torch.no_grad():
                 dino.patch_tokens(x, p)
             l = dino.patch_tokens(xg, p).float().pow(2).mean()
@@ -910,7 +912,7 @@ def bench(cfg):
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     ms.update(denoiser=timeit(denoiser), lpips=timeit(lpips_part), dino=timeit(dino_part), **{"opt+ema": timeit(lambda: (opt.step(), update_ema(ema, model, cfg.ema)))})
     noise = torch.randn(B, 3, S, S, device=device)
-    with amp():
+    with amp(device):
         ms_sample = timeit(lambda: sample(ema, noise, y, cfg.sample_steps, cfg.sampler, cfg.cfg_scale,
                                           cfg.cfg_interval, cfg.time_shift), n=1)
     print(f"{cfg.model} {S}px batch {B} on {device}{' compiled' if cfg.compile else ''}: train "

@@ -1260,3 +1260,10 @@ def test_bench_smoke(capsys):  # the benchmark runs end to end (its numbers are 
     ms = pg.bench(cfg)
     assert mode == "bench" and set(ms) == {"step", "denoiser", "lpips", "dino", "opt+ema"}
     assert "img/s" in capsys.readouterr().out
+
+
+def test_training_writes_sample_grids(tmp_path):
+    pg.train(small_cfg(tmp_path, max_steps=2, sample_every=2, sample_steps=2, num_samples=20))
+    grid = Image.open(tmp_path / "grid_0000002.png")
+    assert grid.size == (10 * 34 + 2, 2 * 34 + 2)  # one column per class, 32 px images with 2 px borders
+    assert "sample grid:" in (tmp_path / "log.txt").read_text()

@@ -24,10 +24,17 @@ The technical contract is SPEC.md of the project; every deliberate difference fr
 (github Zehong-Ma/PixelGen) is marked `NOTE(official)`.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
+import importlib.util
+import inspect
+import itertools
+import json
 import math
 import os
+import shutil
+import signal
 import sys
 import time
 import warnings
@@ -54,63 +61,76 @@ class Config:
     num_classes: int = 1000           # ImageNet-1k; the demo dataset has 10
     data_path: str = ""               # ImageFolder layout (class subfolders) or a flat folder; "" = demo dataset
     flip: bool = False                # random horizontal flip: off in PixelGen, on in JiT's recipe
-    out_dir: str = "runs/pixelgen"    # checkpoints, log, grids, samples
+    out_dir: str = "runs/pixelgen"    # checkpoints, logs, metrics, grids, samples, eval.json
     device: str = "auto"              # auto (cuda if available) | cpu | cuda
     seed: int = 1234                  # official seed_everything: 1234
     # optimisation (official PixelGen_XL.yaml)
-    batch_size: int = 256             # global batch, split over ranks; paper 256
+    batch_size: int = 256             # global batch B, split over processes x grad_accum micro-batches; paper 256
+    grad_accum: int = 1               # micro-batches per process and step: any split gives the same update
     lr: float = 1e-4                  # AdamW, constant, no warmup
-    beta1: float = 0.9                # AdamW betas: torch defaults, as official
-    beta2: float = 0.999
+    beta1: float = 0.9                # AdamW beta1: torch default, as official
+    beta2: float = 0.999              # AdamW beta2: torch default, as official
     weight_decay: float = 0.0         # official weight_decay: 0.0
     epochs: int = 80                  # paper: 80 epochs ~ 400k steps at batch 256
     max_steps: int = 0                # > 0 overrides epochs
-    ema: float = 0.9999               # official SimpleEMA decay, every step, fp32
-    num_workers: int = 8              # data loader workers per rank
+    ema: tuple = (0.9999,)            # EMA decay(s), fp32, every step; official SimpleEMA 0.9999 (JiT also 0.9996)
+    num_workers: int = 8              # data loader workers per process
     compile: bool = False             # torch.compile the denoiser and the frozen nets (CUDA; see --bench)
-    # objective (paper Eq. 6-9; official training_repa_JiT_LPIPS_DINO_NoiseGating.py)
-    P_mean: float = -0.8              # logit-normal t: t = sigmoid(P_mean + P_std n)
-    P_std: float = 0.8
+    grad_ckpt: bool = False           # activation checkpointing of the JiT blocks: less memory, one more forward
+    # objective (paper Eq. 6-9; official training_repa_JiT_LPIPS_DINO_NoiseGating.py); a weight of 0 skips its net
+    P_mean: float = -0.8              # logit-normal t = sigmoid(P_mean + P_std n): official P_mean
+    P_std: float = 0.8                # official P_std
     t_eps: float = 0.05               # clamp of 1 - t in x -> v
     label_dropout: float = 0.1        # official null_condition_p
     lpips_weight: float = 0.1         # paper lambda_1
     pdino_weight: float = 0.01        # paper lambda_2
     repa_weight: float = 0.5          # official feat_loss_weight
-    repa_layer: int = 8               # official align_layer
-    gate_t: float = 0.3               # noise gate g(t) = 1[t >= gate_t]; official percept_t_threshold
+    repa_layer: int = -1              # REPA feature: tokens entering this block; -1 = the preset's (official 8 for L, XL)
+    gate_t: float = 0.3               # noise gate g(t) = 1[t >= gate_t]; official percept_t_threshold; 0 = no gate
     gate_pdino: bool = True           # False reproduces the released code, whose P-DINO is effectively ungated
     adaptive_from: int = -1           # >= 0: adaptive perceptual weight from this step (160-epoch recipe: 400000)
     perceptual_init: str = "pretrained"  # pretrained | random (explicit opt-in for smoke runs without weights)
     dino_path: str = ""               # dinov2_vitb14_pretrain.pth; "" = torch hub cache
     vgg_path: str = ""                # vgg16-397923af.pth for LPIPS; "" = torch hub cache
-    # sampling (paper Sec. 4; official HeunSamplerJiT in PixelGen_XL.yaml)
-    sampler: str = "heun"             # heun | euler
+    # sampling and evaluation (paper Sec. 4; official HeunSamplerJiT in PixelGen_XL.yaml)
+    sampler: str = "heun"             # heun | euler | adams2
     sample_steps: int = 50            # paper: 50 steps
-    cfg_scale: float = 1.0            # 1.0 = no guidance (FID 5.11); 2.25 for the 160-epoch model (FID 1.83)
+    cfg_scale: tuple = (1.0,)         # 1.0 = no guidance (FID 5.11); 2.25 for 160 epochs (FID 1.83); several = a sweep
     cfg_interval: tuple = (0.1, 0.9)  # guidance only while lo < t <= hi
     time_shift: float = 2.0           # XL: 2.0; L/16 ablations: 1.0
-    num_samples: int = 64             # --sample: images to generate (50000 for FID, 50 per class)
+    num_samples: int = 64             # --sample: images per setting (FID-50K: 50000, 50 per class)
     save_pngs: bool = False           # --sample: also write one PNG per image
-    ckpt: str = ""                    # --sample: our checkpoint or an official Lightning .ckpt
+    ckpt: str = ""                    # --sample: our checkpoint or an official Lightning .ckpt; "" = OUT_DIR/ckpt.pt
+    ema_decay: tuple = ()             # --sample: EMA decay(s) of the checkpoint to sample; () = its first
     unsafe_load: bool = False         # allow unpickling arbitrary objects (trusted official files only)
+    fid_ref: str = ""                 # FID/IS against an ADM reference batch, a statistics npz or an image folder
+    fid_weights: str = ""             # pt_inception-2015-12-05-6726825d.pth; "" = torch hub cache
+    fid_preprocess: str = "adm"       # adm (ADM suite, torch-fidelity) | pytorch-fid
+    eval_every: int = 0               # --train: evaluate the EMA model(s) every N steps and at the end; 0 = never
+    eval_samples: int = 50000         # --train: images per online evaluation (official validation: 50000)
     # bookkeeping
     resume: bool = True               # continue from OUT_DIR/ckpt.pt when it exists
-    ckpt_every: int = 5000            # steps between checkpoints
+    ckpt_every: int = 5000            # steps between writes of OUT_DIR/ckpt.pt
+    keep_every: int = 0               # also keep OUT_DIR/ckpt_{step:07d}.pt every N steps (official: 100000); 0 = off
     log_every: int = 100              # steps between log lines (the only host-device syncs)
     sample_every: int = 10000         # steps between sample grids (0 = never)
+    wandb: bool = False               # also log to Weights & Biases (needs the wandb package; not a dependency)
+    wandb_project: str = "pixelgen"   # official WandbLogger project: universal_flow_JiT_XL_bs256
+    wandb_name: str = ""              # run name; "" = the out_dir's name
     bench_steps: int = 5              # --bench: timed steps after warm-up
 
 
 # One flag selects a paper run; each entry states only what differs from the Config defaults.
 RECIPES = {
-    "xl-80ep": dict(),                                                   # Table 2: FID 5.11, Heun 50, no CFG
-    "xl-160ep": dict(epochs=160, cfg_scale=2.25, adaptive_from=400_000),  # Table 2: FID 1.83, CFG 2.25 on (0.1, 0.9]
+    "xl-80ep": dict(keep_every=100_000),                                # Table 2: FID 5.11, Heun 50, no CFG
+    "xl-160ep": dict(epochs=160, cfg_scale=(2.25,), adaptive_from=400_000, keep_every=100_000),  # FID 1.83, CFG 2.25
     "l-200k": dict(model="PixelGen-L/16", max_steps=200_000, sampler="euler", time_shift=1.0),  # Table 3 ablations
     # Laptop demo: a 4M-parameter model on 64 px toy shapes; faster lr and EMA because it trains for minutes.
-    "demo": dict(model="PixelGen-T/16", image_size=64, num_classes=10, batch_size=16, lr=1e-3, ema=0.99,
-                 max_steps=500, repa_layer=2, num_workers=0, sample_steps=25, time_shift=1.0, cfg_scale=2.0,
-                 ckpt_every=250, log_every=25, sample_every=250, out_dir="runs/demo", num_samples=40),
+    "demo": dict(model="PixelGen-T/16", image_size=64, num_classes=10, batch_size=16, lr=1e-3, ema=(0.99,),
+                 max_steps=500, num_workers=0, sample_steps=25, time_shift=1.0, cfg_scale=(2.0,), ckpt_every=250,
+                 log_every=25, sample_every=250, out_dir="runs/demo", num_samples=40),
 }
+DEMO_CUDA = dict(batch_size=64, max_steps=3000, log_every=100, ckpt_every=1000, sample_every=1000)  # same minutes
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model: JiT, "Just image Transformer" (arXiv 2511.13720), as in official src/models/transformer/JiT.py.
@@ -128,6 +148,9 @@ MODELS = {  # preset -> constructor keywords (input_size and num_classes come fr
     "PixelGen-T/16": dict(depth=6, hidden_size=192, num_heads=3, bottleneck_dim=64, in_context_len=8,
                           in_context_start=2),
 }
+# The block whose input tokens REPA aligns with DINOv2 (official align_layer 8 for L and XL; REPA: 4 for B-size).
+REPA_LAYER = {"JiT-B/16": 4, "JiT-L/16": 8, "JiT-H/16": 10, "PixelGen-L/16": 8, "PixelGen-XL/16": 8,
+              "PixelGen-S/16": 4, "PixelGen-T/16": 2}
 
 
 class RMSNorm(nn.Module):
@@ -335,66 +358,92 @@ def x_to_v(x_hat, x_t, t, t_eps=0.05):  # Eqs. (3)-(4): velocity from a clean-im
 # Objective (paper Eq. 6): L = L_FM + g(t) (0.1 L_LPIPS + 0.01 L_PDINO) + 0.5 L_REPA, g(t) = 1[t >= 0.3].
 
 class PixelGenLoss(nn.Module):
-    """Owns the trainable REPA projector; uses (does not own) the frozen DINOv2 and LPIPS networks."""
+    """Owns the trainable REPA projector; uses (does not own) the frozen DINOv2 and LPIPS networks. A term whose
+    weight is 0 runs no network (DINOv2 not at all when P-DINO and REPA are both off; then `dino` may be None)."""
 
     def __init__(self, hidden_size, dino, lpips, *, lpips_weight=0.1, pdino_weight=0.01, repa_weight=0.5,
                  repa_layer=8, gate_t=0.3, P_mean=-0.8, P_std=0.8, t_eps=0.05, label_dropout=0.1, num_classes=1000,
                  gate_pdino=True, adaptive_from=-1):
         super().__init__()
-        self.lpips_weight, self.pdino_weight, self.repa_weight, self.repa_layer = lpips_weight, pdino_weight, repa_weight, repa_layer
-        self.gate_t, self.P_mean, self.P_std, self.t_eps = gate_t, P_mean, P_std, t_eps
-        self.label_dropout, self.num_classes, self.gate_pdino, self.adaptive_from = label_dropout, num_classes, gate_pdino, adaptive_from
+        self.lpips_weight, self.pdino_weight, self.repa_weight = lpips_weight, pdino_weight, repa_weight
+        self.repa_layer, self.gate_t, self.P_mean, self.P_std, self.t_eps = repa_layer, gate_t, P_mean, P_std, t_eps
+        self.label_dropout, self.num_classes, self.gate_pdino = label_dropout, num_classes, gate_pdino
+        self.adaptive_from = adaptive_from
         self.proj = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size),
-                                  nn.SiLU(), nn.Linear(hidden_size, 768))  # REPA head, to DINOv2-B width
+                                  nn.SiLU(), nn.Linear(hidden_size, 768)) if repa_weight else None  # to DINOv2-B width
         self.register_buffer("percept_weight", torch.ones(()))  # adaptive weight w_ad of the 160-epoch recipe
         # The frozen nets stay outside the module tree: not in state_dict(), not trained, not seen by DDP.
-        self.__dict__.update(dino=dino.eval().requires_grad_(False), lpips=lpips.eval().requires_grad_(False))
+        frozen = lambda net, used: net.eval().requires_grad_(False) if used else None
+        self.__dict__.update(dino=frozen(dino, pdino_weight or repa_weight), lpips=frozen(lpips, lpips_weight))
 
-    def forward(self, model, x, y, t=None, noise=None, step=0):
+    def forward(self, model, x, y, t=None, noise=None, step=0, drop=None, norm=None, adapt=True):
+        """The loss of one batch, or of one micro-batch of a global batch when norm = (samples, gated samples) of
+        the global batch: then every term is this micro-batch's share of the global mean (SPEC 8.1), and the shares
+        of all micro-batches add up to the loss of the global batch."""
         B, device = x.shape[0], x.device
         if t is None:  # drawn on the host, so the gate below is known without a device sync
             t = sample_t(B, self.P_mean, self.P_std)  # NOTE(official): same law, drawn on the GPU there
         gate = (t >= self.gate_t).cpu()                                          # g(t), Eq. (7)
         idx = gate.nonzero()[:, 0]
+        n, n_gated = norm or (B, len(idx))
         t = t.to(device, non_blocking=True)
         eps = torch.randn_like(x) if noise is None else noise
         if self.training and self.label_dropout > 0:  # CFG: replace labels by the null class at rate 0.1
-            y = torch.where(torch.rand(B, device=device) < self.label_dropout, self.num_classes, y)
+            drop = torch.rand(B, device=device) < self.label_dropout if drop is None else drop.to(device)
+            y = torch.where(drop, self.num_classes, y)
         xt = x_t(x, eps, t)
-        x_hat, h = model(xt, t, y, return_layer=self.repa_layer)                # Eq. (1)
+        repa_on = self.proj is not None
+        out = model(xt, t, y, return_layer=self.repa_layer if repa_on else None)      # Eq. (1)
+        x_hat, h = out if repa_on else (out, None)
         fm = (x_to_v(x_hat, xt, t, self.t_eps) - x_to_v(x, xt, t, self.t_eps)).pow(2).mean()  # Eq. (5)
-        p = model.patch_size
+        p, zero, z = model.patch_size, x_hat.new_zeros(()).float(), None
+        lp = pd = repa = zero
         # NOTE(official): DINO resizes by the model's patch (official: always 16), so REPA tokens align for any patch.
-        with torch.no_grad():
-            z = self.dino.patch_tokens(x, p).float()                            # DINOv2 tokens of x, (B, N, 768)
-        repa = (1 - F.cosine_similarity(self.proj(h).float(), z, dim=-1)).mean()  # Eq. (9), not gated
+        tokens = lambda u: self.dino.patch_tokens(u, p).float()  # DINOv2 last-block patch tokens, (b, N, 768)
+        if repa_on:
+            with torch.no_grad():
+                z = tokens(x)                                                   # targets of x, (B, N, 768)
+            repa = (1 - F.cosine_similarity(self.proj(h).float(), z, dim=-1)).mean()  # Eq. (9), not gated
         # Perceptual terms only on the gated samples (NOTE(official): the official code runs both nets on the whole
         # batch and masks; this is the same loss and gradient at about half the cost).
-        zero = x_hat.new_zeros(()).float()
-        lp = pd = zero
         if len(idx):
             idx = idx.to(device, non_blocking=True)
-            a, b = x_hat[idx], x[idx]
-            if p != 16:  # LPIPS sees the image at patch-16 scale, as official
-                size = x.shape[-1] * 16 // p
-                a, b = (F.interpolate(u, size=(size, size), mode="bilinear", antialias=True) for u in (a, b))
-            lp = self.lpips(a, b).float().mean()                              # Eq. (7): mean over gated samples
-            if self.gate_pdino:                                                  # Eq. (8): likewise
-                pd = (1 - F.cosine_similarity(self.dino.patch_tokens(x_hat[idx], p).float(), z[idx], dim=-1)).mean()
-        if not self.gate_pdino:
+            if self.lpips is not None:
+                a, b = x_hat[idx], x[idx]
+                if p != 16:  # LPIPS sees the image at patch-16 scale, as official
+                    size = x.shape[-1] * 16 // p
+                    a, b = (F.interpolate(u, size=(size, size), mode="bilinear", antialias=True) for u in (a, b))
+                lp = self.lpips(a, b).float().mean()                          # Eq. (7): mean over gated samples
+            if self.pdino_weight and self.gate_pdino:                            # Eq. (8): likewise
+                with torch.no_grad():
+                    zg = z[idx] if repa_on else tokens(x[idx])
+                pd = (1 - F.cosine_similarity(tokens(x_hat[idx]), zg, dim=-1)).mean()
+        if self.pdino_weight and not self.gate_pdino:
             # NOTE(official): the released P-DINO mask broadcasts (B,N) x (B,1,1), so it averages 1 - cos over the
             # whole batch whenever any sample is gated, and is the constant 1 when none is. Reproduced on request.
-            pd = (1 - F.cosine_similarity(self.dino.patch_tokens(x_hat, p).float(), z, dim=-1)).mean() if len(idx) else zero + 1
+            if n_gated:
+                with torch.no_grad():
+                    z = z if repa_on else tokens(x)
+            pd = (1 - F.cosine_similarity(tokens(x_hat), z, dim=-1)).mean() if n_gated else zero + 1
         percept = self.lpips_weight * lp + self.pdino_weight * pd
-        # NOTE(official): w_ad is a buffer, so it is checkpointed and DDP broadcasts rank 0's value (official: a
-        # per-rank float that restarts at 1 on resume).
-        if self.training and 0 <= self.adaptive_from <= step and step % 50 == 0 and percept.requires_grad:
+        # NOTE(official): w_ad is a buffer, so it is checkpointed (official: a per-rank float that restarts at 1 on
+        # resume); over several processes it is the mean of their estimates, so every process uses the same value.
+        if self.training and 0 <= self.adaptive_from <= step and step % 50 == 0 and adapt and \
+                (self.lpips is not None or self.pdino_weight):
             W = model.final_layer.linear.weight  # balance |grad L_FM| and |grad L_perc| at the last layer
-            g_fm, g_p = (torch.autograd.grad(l, W, retain_graph=True)[0].norm() for l in (fm, percept))
-            self.percept_weight.mul_(0.8).add_(0.2 * (g_fm / (g_p + 1e-4)).clamp(0, 100).detach())
-        loss = fm + self.percept_weight * percept + self.repa_weight * repa       # Eq. (6)
-        return dict(loss=loss, fm=fm.detach(), lpips=lp.detach(), pdino=pd.detach(), repa=repa.detach(),
-                    gate=gate.float().mean(), percept_weight=self.percept_weight.clone())
+            g_fm = torch.autograd.grad(fm, W, retain_graph=True)[0].norm()
+            g_p = torch.autograd.grad(percept, W, retain_graph=True)[0].norm() if percept.requires_grad else 0.0
+            w = (g_fm / (g_p + 1e-4)).clamp(0, 100).detach()  # official: also when nothing is gated (g_p = 0)
+            if dist.is_initialized():
+                dist.all_reduce(w)
+                w /= dist.get_world_size()
+            self.percept_weight.mul_(0.8).add_(0.2 * w)
+        sb, sg = B / n, (len(idx) / n_gated if n_gated else 0.0)  # this batch's shares of the global means
+        pd_share = sg if self.gate_pdino else sb
+        loss = sb * fm + self.percept_weight * (self.lpips_weight * sg * lp + self.pdino_weight * pd_share * pd) \
+            + self.repa_weight * sb * repa                                     # Eq. (6)
+        return dict(loss=loss, fm=sb * fm.detach(), lpips=sg * lp.detach(), pdino=pd_share * pd.detach(),
+                    repa=sb * repa.detach(), gate=gate.float().mean(), percept_weight=self.percept_weight.clone())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -478,20 +527,24 @@ def make_lpips(pretrained=True, path="", download=True):
 
 
 def perceptual_nets(cfg, device, log=print):
-    """(dino, lpips). Missing weights stop a real run; the demo goes on with random nets and says so."""
+    """(dino, lpips), None where the loss weights leave a net unused. Missing weights stop a real run; the demo goes
+    on with random nets and says so."""
     import dino as dino_lib
+    use_dino, use_lpips = bool(cfg.pdino_weight or cfg.repa_weight), bool(cfg.lpips_weight)
+    rand = lambda: (dino_lib.DINOv2().to(device).eval().requires_grad_(False) if use_dino else None,
+                    make_lpips(False).to(device) if use_lpips else None)
     if cfg.perceptual_init == "random":
         log("WARNING: --perceptual_init random: LPIPS and DINOv2 have RANDOM weights (smoke runs and tests only)")
-        return dino_lib.DINOv2().to(device).eval().requires_grad_(False), make_lpips(False).to(device)
+        return rand()
     try:
-        return (dino_lib.load_dinov2(cfg.dino_path or None, device=device),
-                make_lpips(True, cfg.vgg_path).to(device))
+        return (dino_lib.load_dinov2(cfg.dino_path or None, device=device) if use_dino else None,
+                make_lpips(True, cfg.vgg_path).to(device) if use_lpips else None)
     except (FileNotFoundError, RuntimeError) as e:
         if cfg.data_path:
             raise SystemExit(f"error: {e}\n(--perceptual_init random runs without them, for smoke tests only)")
         log("!" * 100 + f"\nWARNING: pretrained perceptual networks unavailable ({e}).\nThe demo continues with "
             "RANDOMLY INITIALISED LPIPS-VGG and DINOv2: the perceptual losses are then only a regulariser.\n" + "!" * 100)
-        return dino_lib.DINOv2().to(device).eval().requires_grad_(False), make_lpips(False).to(device)
+        return rand()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -587,33 +640,62 @@ def collate(batch):  # replaces unreadable images by readable ones of the same b
     return torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), bad
 
 
-class SkipSampler(torch.utils.data.Sampler):  # a DistributedSampler that can start mid-epoch (exact resume)
-    def __init__(self, base, skip=0):
-        self.base, self.skip = base, skip
+class GlobalBatches(torch.utils.data.Sampler):
+    """This process's micro-batches of dataset indices, from `step` on, without end. Step s of epoch e is positions
+    [sB, (s + 1)B) of a permutation seeded by (seed, e) (a tail that fills no global batch is left out); process r
+    takes the r-th of `world` contiguous slices of it, as `accum` contiguous micro-batches (SPEC 8.1)."""
+
+    def __init__(self, n, batch, world, rank, accum, seed, step=0):
+        self.n, self.B, self.accum, self.seed, self.step = n, batch, accum, seed, step
+        self.b, self.first = batch // (world * accum), rank * (batch // world)
 
     def __iter__(self):
-        return iter(list(self.base)[self.skip:])
+        perm, steps = None, self.n // self.B
+        for step in itertools.count(self.step):
+            epoch, s = divmod(step, steps)
+            if perm is None or s == 0:
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed_for(self.seed, epoch)))
+            for k in range(self.accum):
+                start = s * self.B + self.first + k * self.b
+                yield perm[start: start + self.b].tolist()
 
-    def __len__(self):
-        return len(self.base) - self.skip
+
+def quiet_worker(_):  # data workers ignore the stop signals: the main process finishes its step, then ends them
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training: AdamW, fp32 EMA, bf16 autocast on CUDA, DDP under torchrun. Randomness is a function of
-# (seed, step, rank), so a resumed run continues exactly like an uninterrupted one.
+# Training: AdamW, fp32 EMAs, bf16 autocast on CUDA, DDP under torchrun. A step is defined on the global batch: its
+# data, each sample's t, eps and label dropout, and every loss normaliser depend only on (seed, step, position in the
+# global batch), so any split over processes and micro-batches, and a resumed run, train the same weights.
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # end the run after the step (preemption, Ctrl-C)
+
+
+def seed_for(*keys):  # a 32-bit seed that mixes non-negative integer keys (CPU generators use 32 bits of a seed)
+    return int(np.random.SeedSequence(keys).generate_state(1)[0])
+
+
+def seeded_noise(shape, seeds, device):  # (len(seeds), *shape) N(0, I), sample i drawn from its own seed seeds[i]
+    g = torch.Generator(device)
+    return torch.stack([torch.randn(shape, generator=g.manual_seed(s), device=device) for s in seeds])
+
 
 class TrainStep(nn.Module):  # the denoiser and the REPA projector under one DDP wrapper
     def __init__(self, model, loss_fn):
         super().__init__()
         self.model, self.loss_fn = model, loss_fn
 
-    def forward(self, x, y, step, t=None, noise=None):
-        return self.loss_fn(self.model, x, y, t=t, noise=noise, step=step)
+    def forward(self, x, y, step, **kw):
+        return self.loss_fn(self.model, x, y, step=step, **kw)
 
 
 @torch.no_grad()
-def update_ema(ema, model, decay):  # ema <- decay ema + (1 - decay) model; NOTE(official): one lerp, not mul + add
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+def update_ema(emas, model):  # each ema <- d ema + (1 - d) model, one fused op; NOTE(official): lerp, not mul + add
+    params = list(model.parameters())
+    torch._foreach_lerp_([p for e in emas.values() for p in e.parameters()], params * len(emas),
+                         [1 - d for d in emas for _ in params])
 
 
 def setup_dist(cfg):
@@ -635,170 +717,341 @@ def amp(device):  # bf16 autocast on CUDA, plain fp32 on the CPU; wraps forward 
     return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
 
 
+def all_sum(tensors, device):  # sum CPU tensors over the processes, in place (NCCL reduces device tensors)
+    for t in tensors if dist.is_initialized() else ():
+        u = t.to(device)
+        dist.all_reduce(u)
+        t.copy_(u)
+
+
+def save_checkpoint(obj, path, keep=None):
+    """Atomic write (temp file + rename), then a snapshot `keep` (a hard link where the disk allows). A failed write
+    stops the run naming its cause, removes the temp file and leaves the last good checkpoint as it was."""
+    target = path
+    try:
+        torch.save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        if keep:
+            target = keep
+            if os.path.exists(keep):
+                os.remove(keep)
+            try:
+                os.link(path, keep)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(path, keep)
+    except BaseException as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        if not isinstance(e, Exception):  # KeyboardInterrupt and the like go on as they are
+            raise
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**30
+        last = f"the last good checkpoint {path} is intact" if os.path.exists(path) else "no checkpoint was written yet"
+        raise SystemExit(f"error: writing {target} failed: {str(e).strip().splitlines()[0][:300]}\n{free:.2f} GiB "
+                         f"are free on its disk (a full disk or quota is the usual cause); {last}. Free some space, "
+                         f"then rerun the same command to continue.")
+
+
 @torch.no_grad()
-def sample_images(model, idx, cfg, device):  # image i: class i % K, noise seeded by (seed, i) -> (B, H, W, 3) uint8
+def sample_images(model, idx, cfg, device, cfg_scale):  # image i: class i % K, noise from (seed, i) -> (b, H, W, 3) uint8
     size = model.grid * model.patch_size
-    noise = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(cfg.seed * 10**9 + i))
-                         for i in idx]).to(device)
+    noise = seeded_noise((3, size, size), [seed_for(cfg.seed, i) for i in idx], "cpu").to(device)  # any device: same
     with amp(device):
         x = sample(model, noise, torch.tensor(idx, device=device) % model.num_classes, cfg.sample_steps, cfg.sampler,
-                   cfg.cfg_scale, cfg.cfg_interval, cfg.time_shift, cfg.t_eps)
+                   cfg_scale, cfg.cfg_interval, cfg.time_shift, cfg.t_eps)
     return to_uint8(x).numpy()
-
-
-def save_atomic(obj, path):  # temp file + rename: a run killed mid-write leaves the last checkpoint intact
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
 
 
 def save_grid(imgs, path, classes):  # (B, H, W, 3) uint8 -> one PNG; one column per class when that fits
     B, H, W, _ = imgs.shape
     nrow = classes if classes <= 16 and B % classes == 0 else math.ceil(math.sqrt(B))
-    rows = math.ceil(B / nrow)
-    grid = np.zeros((rows * (H + 2) + 2, nrow * (W + 2) + 2, 3), np.uint8)
+    grid = np.zeros((math.ceil(B / nrow) * (H + 2) + 2, nrow * (W + 2) + 2, 3), np.uint8)
     for i, im in enumerate(np.asarray(imgs)):
         r, c = divmod(i, nrow)
         grid[2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = im
     Image.fromarray(grid).save(path)
 
 
+def fid_setup(cfg, device, rank, world):  # (FID Inception, kept on the CPU; reference (mu, sigma)), once per run
+    import fid
+    try:
+        net = fid.load_inception(cfg.fid_weights or None, device)
+        ref = fid.reference_stats(cfg.fid_ref, net, cfg.fid_preprocess, shard=(rank, world),
+                                  reduce=lambda ts: all_sum(ts, device))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}")
+    return net.cpu(), ref
+
+
+def evaluate(emas, n, cfg, device, rank, world, out_dir=None, fid_ctx=None):
+    """The sampling loop of --sample, online evaluation and sweeps. For every EMA model and CFG scale: n images, image
+    i of class i % K from noise seeded by (seed, i) (the same for every setting), sharded over the processes (rank
+    i mod world). With out_dir, writes each setting's samples (ADM npz, grid, PNGs with --save_pngs); with fid_ctx =
+    (Inception, reference stats), returns a row of FID and IS per setting, from features sharded like the images."""
+    import fid
+    mine, bs, rows = list(range(rank, n, world)), max(1, cfg.batch_size // world), []
+    net = fid_ctx[0].to(device) if fid_ctx else None
+    os.makedirs(out_dir, exist_ok=True) if out_dir else None
+    for d, model in emas.items():
+        for w in cfg.cfg_scale:
+            tag = "" if len(emas) * len(cfg.cfg_scale) == 1 else f"_ema{d}_cfg{w:g}"
+            stats, imgs = fid.Stats(n) if net else None, []
+            for j in tqdm(range(0, len(mine), bs), disable=rank != 0, desc=f"sampling{tag}", leave=False):
+                idx = mine[j: j + bs]
+                im = sample_images(model, idx, cfg, device, w)
+                if net:
+                    stats.add(*fid.get_features(net, im, cfg.fid_preprocess, return_logits=True), index=idx)
+                if out_dir:
+                    imgs.append(im)
+                    for i, a in zip(idx, im if cfg.save_pngs else []):
+                        os.makedirs(os.path.join(out_dir, f"images{tag}"), exist_ok=True)
+                        Image.fromarray(a).save(os.path.join(out_dir, f"images{tag}", f"{i:06d}.png"))
+            if out_dir:
+                write_samples(imgs, mine, n, os.path.join(out_dir, f"samples{tag}.npz"), model, rank, world)
+            if net:
+                all_sum(stats.tensors, device)
+                rows.append(dict(ema=d, cfg_scale=w, sampler=cfg.sampler, sample_steps=cfg.sample_steps,
+                                 time_shift=cfg.time_shift, num_samples=n, fid=fid.frechet_distance(
+                                     *stats.mu_sigma(), *fid_ctx[1]), inception_score=stats.inception_score()))
+    if net:
+        net.cpu()  # the Inception does not stay in GPU memory between evaluations
+    return rows
+
+
+def write_samples(imgs, mine, n, path, model, rank, world):  # shards -> one ADM npz in index order (+ a grid)
+    size, K = model.grid * model.patch_size, model.num_classes
+    shard = path.replace(".npz", f"_rank{rank}.npz")
+    np.savez(shard, arr_0=np.concatenate(imgs) if imgs else np.zeros((0, size, size, 3), np.uint8), idx=mine)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:  # merged in index order, so the file does not depend on the number of processes
+        out = np.zeros((n, size, size, 3), np.uint8)
+        for r in range(world):
+            f = path.replace(".npz", f"_rank{r}.npz")
+            with np.load(f) as s:
+                out[s["idx"]] = s["arr_0"]
+            os.remove(f)
+        np.savez(path, arr_0=out, arr_1=np.arange(n) % K)
+        save_grid(out[:100], path.replace("samples", "grid").replace(".npz", ".png"), K)
+        print(f"wrote {path} ({n} images) and its grid")
+
+
+LOSS_ARGS = ("lpips_weight", "pdino_weight", "repa_weight", "repa_layer", "gate_t", "P_mean", "P_std", "t_eps",
+             "label_dropout", "num_classes", "gate_pdino", "adaptive_from")  # Config fields PixelGenLoss takes
+
+
+def build(cfg, device, log=print):  # a run's denoiser, its EMAs, the frozen nets, the objective and AdamW
+    torch.manual_seed(cfg.seed)  # identical initial weights on every process
+    model = JiT(**MODELS[cfg.model], input_size=cfg.image_size, num_classes=cfg.num_classes).to(device)
+    model.grad_ckpt = cfg.grad_ckpt
+    emas = {d: copy.deepcopy(model).requires_grad_(False).eval() for d in cfg.ema}  # fp32, sampled from
+    dino, lp = perceptual_nets(cfg, device, log)
+    loss_fn = PixelGenLoss(model.final_layer.linear.in_features, dino, lp,
+                           **{k: getattr(cfg, k) for k in LOSS_ARGS}).to(device)
+    params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                            fused=device.type == "cuda" or None)
+    for m in (model, dino, lp) if cfg.compile else ():
+        m.compile() if m is not None else None
+    return model, emas, dino, lp, loss_fn, opt
+
+
+def start_wandb(cfg):  # optional: imported only when --wandb asks; one wandb run per out_dir, resumed with it
+    import wandb
+    id_file = os.path.join(cfg.out_dir, "wandb_id.txt")
+    run_id = open(id_file).read().strip() if os.path.isfile(id_file) else wandb.util.generate_id()
+    with open(id_file, "w") as f:
+        f.write(run_id)
+    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_name or os.path.basename(os.path.abspath(cfg.out_dir)),
+                      id=run_id, resume="allow", config=dataclasses.asdict(cfg), dir=cfg.out_dir)
+
+
 def train(cfg, hook=None):
     ddp, rank, world, device = setup_dist(cfg)
-    master = rank == 0
+    cfg = dataclasses.replace(cfg, repa_layer=REPA_LAYER[cfg.model] if cfg.repa_layer < 0 else cfg.repa_layer)
+    master, cuda = rank == 0, device.type == "cuda"
     os.makedirs(cfg.out_dir, exist_ok=True)
-    logf = open(os.path.join(cfg.out_dir, "log.txt"), "a") if master else None
+    files = [open(os.path.join(cfg.out_dir, f), "a") for f in ("log.txt", "metrics.jsonl")] if master else []
+    wandb_run = start_wandb(cfg) if master and cfg.wandb else None
 
-    def log(msg):
+    def log(msg, row=None):  # rank 0: stdout (above the progress bar) and log.txt; a row to metrics.jsonl and wandb
         if master:
-            tqdm.write(msg)  # prints above the progress bar
-            logf.write(msg + "\n")
-            logf.flush()
+            tqdm.write(msg)
+            files[0].write(msg + "\n")
+            files[1].write(json.dumps(row) + "\n" if row else "")
+            for f in files:
+                f.flush()
+            if row and wandb_run:
+                wandb_run.log(row, step=row["step"])
 
     log(f"config: {dataclasses.asdict(cfg)}")
-    cuda = device.type == "cuda"
     data = ImageFolderData(cfg.data_path, cfg.image_size, cfg.flip) if cfg.data_path else ToyShapes(cfg.image_size)
     if data.num_classes > cfg.num_classes:
         raise SystemExit(f"error: the data has {data.num_classes} classes but --num_classes is {cfg.num_classes}")
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = JiT(**MODELS[cfg.model], input_size=cfg.image_size, num_classes=cfg.num_classes).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()  # fp32, sampled from
-    dino, lp = perceptual_nets(cfg, device, log)
-    loss_fn = PixelGenLoss(model.final_layer.linear.in_features, dino, lp, lpips_weight=cfg.lpips_weight,
-                           pdino_weight=cfg.pdino_weight, repa_weight=cfg.repa_weight, repa_layer=cfg.repa_layer,
-                           gate_t=cfg.gate_t, P_mean=cfg.P_mean, P_std=cfg.P_std, t_eps=cfg.t_eps,
-                           label_dropout=cfg.label_dropout, num_classes=cfg.num_classes, gate_pdino=cfg.gate_pdino,
-                           adaptive_from=cfg.adaptive_from).to(device)
-    params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                            fused=cuda or None)
+    model, emas, dino, lp, loss_fn, opt = build(cfg, device, log)
     log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"{len(data)} images, {data.num_classes} classes, world size {world}, device {device}")
+        f"{len(data)} images, {data.num_classes} classes, {world} processes, device {device}")
     step, path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume and os.path.isfile(path):
         try:  # a checkpoint from another config or a damaged file: say so, touch nothing
             ck = torch.load(path, map_location=device, weights_only=True)
-            for obj, k in ((model, "model"), (ema, "ema"), (loss_fn, "loss"), (opt, "opt")):
+            for obj, k in ((model, "model"), (loss_fn, "loss"), (opt, "opt")):
                 obj.load_state_dict(ck[k])
+            held = ck.get("emas", {str(cfg.ema[0]): ck["ema"]})
+            for d, e in emas.items():  # an EMA decay new to this run starts from the current weights
+                e.load_state_dict(held.get(str(d), model.state_dict()))
             step = ck["step"]
         except Exception as e:
             raise SystemExit(f"error: cannot resume from {path}: {str(e)[:400]}\nUse another --out_dir or --no-resume.")
-        log(f"resumed from {path} at step {step}")
-    if cfg.compile:
-        model.compile()
-        dino.compile()
-        lp.compile()
+        log(f"resumed from {path} at step {step}" + "".join(f"; EMA {d} starts now" for d in emas if str(d) not in held))
     net = TrainStep(model, loss_fn)
     if ddp:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if cuda else None)
-    local_bs = cfg.batch_size // world
-    base = torch.utils.data.DistributedSampler(data, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    steps_per_epoch = len(base) // local_bs
+        ctrl = dist.new_group(backend="gloo")  # agreement on stopping, on the host: no device sync
+    B, K = cfg.batch_size, cfg.grad_accum
+    b, first = B // (world * K), rank * (B // world)  # micro-batch size; this process's first position in a batch
+    steps_per_epoch = len(data) // B
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(data)} images are fewer than one global batch of {cfg.batch_size}")
+        raise SystemExit(f"error: {len(data)} images are fewer than one global batch of {B}")
     max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    log(f"{max_steps} steps, {steps_per_epoch} per epoch, global batch {cfg.batch_size} ({local_bs} per rank)")
+    log(f"{max_steps} steps, {steps_per_epoch} per epoch, global batch {B} = {world} processes x {K} micro-batches "
+        f"x {b}")
+    batches = iter(torch.utils.data.DataLoader(data, batch_sampler=GlobalBatches(len(data), B, world, rank, K, cfg.seed,
+                                                                                 step), collate_fn=collate,
+                                               num_workers=cfg.num_workers, pin_memory=cuda, worker_init_fn=quiet_worker))
+    fid_ctx = fid_setup(cfg, device, rank, world) if cfg.eval_every and cfg.fid_ref else None
+    stop, handlers = [], {}
+
+    def on_signal(sig, frame):  # finish the step, write ckpt.pt, stop; a second signal acts at once
+        stop.append(signal.Signals(sig).name)
+        signal.signal(sig, handlers[sig])
+
+    handlers.update({s: signal.signal(s, on_signal) for s in STOP_SIGNALS})
     sums, gate_sum, bad_images, t0, t_log = None, 0.0, 0, time.time(), step
     bar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
     model.train()
     loss_fn.train()
-    while step < max_steps:
-        base.set_epoch(step // steps_per_epoch)
-        loader = torch.utils.data.DataLoader(data, local_bs, sampler=SkipSampler(base, (step % steps_per_epoch) * local_bs),
-                                             num_workers=cfg.num_workers, pin_memory=cuda, drop_last=True,
-                                             collate_fn=collate, persistent_workers=False)
-        for img, y, bad in loader:
-            # NOTE(official): all randomness (t, eps, label dropout, dropout) is a function of (seed, step, rank).
-            torch.manual_seed(cfg.seed + 1_000_003 * (step + 1) + 7919 * rank)
-            x = img.to(device, non_blocking=True).float() / 127.5 - 1  # uint8 -> [-1, 1]
-            y = y.to(device, non_blocking=True)
-            with amp(device):
-                out = net(x, y, step)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
+    try:
+        while step < max_steps:
+            g = torch.Generator().manual_seed(seed_for(cfg.seed, step))  # t, label dropout of the whole global batch
+            t_all, drop_all = sample_t(B, cfg.P_mean, cfg.P_std, g), torch.rand(B, generator=g) < cfg.label_dropout
+            norm = (B, int((t_all >= cfg.gate_t).sum()))  # the global batch's samples and gated samples
+            for k in range(K):
+                img, y, bad = next(batches)
+                pos = slice(first + k * b, first + (k + 1) * b)  # this micro-batch's positions in the global batch
+                x = img.to(device, non_blocking=True).float() / 127.5 - 1  # uint8 -> [-1, 1]
+                eps = seeded_noise(x.shape[1:], [seed_for(cfg.seed, step, i) for i in range(pos.start, pos.stop)],
+                                   device)
+                torch.manual_seed(seed_for(cfg.seed, step, rank, k))  # dropout masks
+                with net.no_sync() if ddp and k < K - 1 else contextlib.nullcontext():  # DDP syncs on the last one
+                    with amp(device):
+                        out = net(x, y.to(device, non_blocking=True), step, t=t_all[pos], noise=eps,
+                                  drop=drop_all[pos], norm=norm, adapt=k == 0)
+                    (out["loss"] * world).backward()  # DDP averages over processes; the shares add up
+                vals = torch.stack([out[n].float() for n in ("loss", "fm", "lpips", "pdino", "repa")])  # on the device
+                sums = vals if sums is None else sums + vals
+                bad_images += bad
             opt.step()
-            update_ema(ema, model, cfg.ema)
+            opt.zero_grad(set_to_none=True)
+            update_ema(emas, model)
             step += 1
-            bad_images += bad
-            vals = torch.stack([out[k].float() for k in ("loss", "fm", "lpips", "pdino", "repa")])  # on the device
-            sums = vals if sums is None else sums + vals
-            gate_sum += out["gate"].item()  # a host tensor: no sync
+            gate_sum += norm[1] / B
             bar.update(1)
             if hook:
-                hook(step, model, ema)
-            if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == max_steps:
+                hook(step, model, emas)
+            if ddp:  # every process stops at the same step
+                flag = torch.tensor(len(stop))
+                dist.all_reduce(flag, dist.ReduceOp.MAX, group=ctrl)
+                stop += ["a signal to another process"] if flag and not stop else []
+            end = step == max_steps or bool(stop)
+            save = step % cfg.ckpt_every == 0 or end or (cfg.keep_every and step % cfg.keep_every == 0)
+            if step % cfg.log_every == 0 or save:
+                tot = torch.cat([sums, sums.new_tensor([bad_images])])
                 if ddp:
-                    dist.all_reduce(sums)
-                avg = (sums / (world * (step - t_log))).tolist() + [gate_sum / (step - t_log)]  # the one host sync
+                    dist.all_reduce(tot)
+                avg = (tot[:5] / (step - t_log)).tolist() + [gate_sum / (step - t_log)]  # the one host sync
                 if not all(math.isfinite(v) for v in avg):
                     raise SystemExit(f"error: non-finite loss at step {step} ({avg}); last good checkpoint kept: {path}")
-                dt, ips = time.time() - t0, cfg.batch_size * (step - t_log) / (time.time() - t0)
+                ips, eta = B * (step - t_log) / (time.time() - t0), (max_steps - step) * (time.time() - t0) / (step - t_log)
+                row = dict(step=step, epoch=round(step / steps_per_epoch, 4), **dict(zip(
+                    ("loss", "fm", "lpips", "pdino", "repa", "gate"), avg)), w_ad=loss_fn.percept_weight.item(),
+                    lr=cfg.lr, img_per_s=round(ips, 2), **({"peak_mem_gib": round(torch.cuda.max_memory_allocated(
+                        device) / 2**30, 2)} if cuda else {}))
                 log(f"step {step}/{max_steps} loss {avg[0]:.4f} fm {avg[1]:.4f} lpips {avg[2]:.4f} pdino {avg[3]:.4f} "
-                    f"repa {avg[4]:.4f} gate {avg[5]:.2f} w_ad {loss_fn.percept_weight.item():.3f} lr {cfg.lr:g} "
-                    f"img/s {ips:.1f} eta {(max_steps - step) * dt / (step - t_log) / 60:.1f} min bad_images {bad_images}")
-                sums, gate_sum, t0, t_log = None, 0.0, time.time(), step
-            if master and (step % cfg.ckpt_every == 0 or step == max_steps):
-                save_atomic(dict(model=model.state_dict(), ema=ema.state_dict(), loss=loss_fn.state_dict(),
-                                 opt=opt.state_dict(), step=step, config=dataclasses.asdict(cfg),
-                                 rng=dict(seed=cfg.seed, step=step, world=world)), path)
-                log(f"saved {path}")
-            if master and cfg.sample_every and (step % cfg.sample_every == 0 or step == max_steps):
+                    f"repa {avg[4]:.4f} gate {avg[5]:.2f} w_ad {row['w_ad']:.3f} lr {cfg.lr:g} img/s {ips:.1f} eta "
+                    f"{eta / 60:.1f} min bad_images {int(tot[5])}", row)
+                sums, gate_sum, bad_images, t0, t_log = None, 0.0, 0, time.time(), step
+            if save and master:
+                keep = cfg.keep_every and step % cfg.keep_every == 0
+                save_checkpoint(dict(model=model.state_dict(), ema=emas[cfg.ema[0]].state_dict(), emas={
+                    str(d): e.state_dict() for d, e in emas.items()}, loss=loss_fn.state_dict(), opt=opt.state_dict(),
+                    step=step, config=dataclasses.asdict(cfg)), path,
+                    os.path.join(cfg.out_dir, f"ckpt_{step:07d}.pt") if keep else None)
+                log(f"saved {path}" + (f" and ckpt_{step:07d}.pt" if keep else ""))
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == max_steps) and not stop:
+                t1 = time.time()
+                try:  # an evaluation that fails never costs the run its checkpoint or its progress
+                    rows = evaluate(emas, cfg.eval_samples, cfg, device, rank, world,
+                                    None if fid_ctx else os.path.join(cfg.out_dir, f"eval_{step:07d}"), fid_ctx)
+                    for r in rows:
+                        log(f"eval step {step} ema {r['ema']} cfg {r['cfg_scale']:g}: FID {r['fid']:.3f} "
+                            f"IS {r['inception_score']:.2f} ({time.time() - t1:.0f} s)",
+                            dict(step=step, **r, eval_seconds=round(time.time() - t1, 1)))
+                except Exception as e:
+                    log(f"evaluation at step {step} failed, training goes on: {e!r}")
+            if master and cfg.sample_every and (step % cfg.sample_every == 0 or step == max_steps) and not stop:
                 grid = os.path.join(cfg.out_dir, f"grid_{step:07d}.png")
-                save_grid(sample_images(ema, range(min(cfg.num_samples, 64)), cfg, device), grid, cfg.num_classes)
+                save_grid(sample_images(emas[cfg.ema[0]], range(min(cfg.num_samples, 64)), cfg, device,
+                                        cfg.cfg_scale[0]), grid, cfg.num_classes)
                 log(f"sample grid: {grid}")
-            if step >= max_steps or step % steps_per_epoch == 0:
+            if stop:
+                log(f"stopped by {stop[0]} after step {step}; {path} is written: run the same command to continue")
                 break
-    bar.close()
-    if master:
-        logf.close()
-    if ddp:
-        dist.destroy_process_group()
-    return model, ema
+    finally:
+        bar.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        for f in files:
+            f.close()
+        if wandb_run:
+            wandb_run.finish()
+        if ddp:
+            dist.destroy_process_group()
+    return model, emas
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sampling program: our checkpoints or official Lightning ones (EMA weights) -> grid.png, samples.npz (ADM format).
+# Sampling program: our checkpoints or official Lightning ones (EMA weights) -> samples (ADM npz), grids, FID and IS.
 
-def load_denoiser(path, unsafe=False, use_ema=True):
-    """-> (JiT in eval mode, config dict or None); the preset is inferred from the weights' keys and shapes."""
+def load_denoiser(path, unsafe=False, decays=(), use_ema=True):
+    """-> ({decay: JiT in eval mode}, config dict or None, step); decays picks EMA models (default: the first one).
+    The preset is inferred from the weights' keys and shapes."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: checkpoint {path} not found")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=not unsafe)
+        ck = torch.load(path, map_location="cpu", weights_only=not unsafe, mmap=True)
     except Exception as e:
         if "Unsupported global" in str(e):  # a valid file that pickles Python objects (e.g. Lightning hyper_parameters)
-            raise SystemExit(f"error: {path} holds pickled Python objects besides tensors ({str(e).splitlines()[-1][:200]}).\n"
-                             "If you trust the file, pass --unsafe_load to unpickle it.")
+            raise SystemExit(f"error: {path} holds pickled Python objects besides tensors "
+                             f"({str(e).splitlines()[-1][:200]}).\nIf you trust the file, pass --unsafe_load.")
         raise SystemExit(f"error: cannot read checkpoint {path} (corrupt or not a torch file): {str(e)[:300]}")
-    if isinstance(ck, dict) and "ema" in ck and "model" in ck:  # ours
-        sd, conf = ck["ema" if use_ema else "model"], ck.get("config")
+    conf, step = (ck.get("config"), ck.get("step", ck.get("global_step"))) if isinstance(ck, dict) else (None, None)
+    if isinstance(ck, dict) and "ema" in ck and "model" in ck:  # ours; files before several EMAs hold one
+        held = {float(d): sd for d, sd in ck["emas"].items()} if "emas" in ck else {(conf or {}).get("ema", "ema"): ck["ema"]}
     elif isinstance(ck, dict) and "state_dict" in ck:  # official Lightning: denoiser. / ema_denoiser. prefixes
-        pre = "ema_denoiser." if use_ema else "denoiser."
-        sd, conf = {k[len(pre):]: v for k, v in ck["state_dict"].items() if k.startswith(pre)}, None
+        sd = ck["state_dict"]
+        held = {0.9999: {k[13:]: v for k, v in sd.items() if k.startswith("ema_denoiser.")}}  # official SimpleEMA decay
+        ck = dict(model={k[9:]: v for k, v in sd.items() if k.startswith("denoiser.")})
     else:
         raise SystemExit(f"error: {path} is neither a PixelGen checkpoint (model/ema) nor a Lightning one (state_dict)")
+    missing = [d for d in decays if d not in held]
+    if missing:
+        raise SystemExit(f"error: {path} holds no EMA of decay {', '.join(map(str, missing))}; it holds "
+                         f"{', '.join(map(str, held))}")
+    want = {d: held[d] for d in decays or list(held)[:1]} if use_ema else {"raw": ck["model"]}
+    sd = next(iter(want.values()))
     try:
         patch = sd["x_embedder.proj1.weight"].shape[-1]
-        size, classes = int(math.isqrt(sd["pos_embed"].shape[1])) * patch, sd["y_embedder.embedding_table.weight"].shape[0] - 1
+        size, classes = math.isqrt(sd["pos_embed"].shape[1]) * patch, sd["y_embedder.embedding_table.weight"].shape[0] - 1
     except KeyError as e:
         raise SystemExit(f"error: {path} has no JiT weights (missing {e})")
     report = []
@@ -807,10 +1060,11 @@ def load_denoiser(path, unsafe=False, use_ema=True):
             ref = {k: v.shape for k, v in JiT(**kw, input_size=size, patch_size=patch, num_classes=classes).state_dict().items()}
         diff = sorted(set(ref) ^ set(sd)) + [f"{k} {tuple(sd[k].shape)} vs {tuple(ref[k])}" for k in ref if k in sd and sd[k].shape != ref[k]]
         if not diff:
-            model = JiT(**kw, input_size=size, patch_size=patch, num_classes=classes)
-            model.load_state_dict(sd, strict=True)
-            print(f"{path}: {name} at {size}px, {classes} classes ({'EMA' if use_ema else 'raw'} weights)")
-            return model.eval(), conf
+            models = {d: JiT(**kw, input_size=size, patch_size=patch, num_classes=classes) for d in want}
+            for d, m in models.items():
+                m.load_state_dict(want[d], strict=True)
+            print(f"{path}: {name} at {size}px, {classes} classes, weights {', '.join(f'EMA {d}' if use_ema else d for d in want)}")
+            return {d: m.eval() for d, m in models.items()}, conf, step
         report.append(f"  {name}: {len(diff)} differences, e.g. {'; '.join(diff[:3])}")
     raise SystemExit(f"error: the weights in {path} fit no preset:\n" + "\n".join(report))
 
@@ -818,34 +1072,25 @@ def load_denoiser(path, unsafe=False, use_ema=True):
 @torch.no_grad()
 def sample_main(cfg):
     ddp, rank, world, device = setup_dist(cfg)
-    model, _ = load_denoiser(cfg.ckpt or os.path.join(cfg.out_dir, "ckpt.pt"), cfg.unsafe_load)
-    model = model.to(device)
-    if cfg.compile:
-        model.compile()
-    os.makedirs(os.path.join(cfg.out_dir, "images") if cfg.save_pngs else cfg.out_dir, exist_ok=True)
-    size, K, bs = model.grid * model.patch_size, model.num_classes, max(1, cfg.batch_size // world)
-    mine = list(range(rank, cfg.num_samples, world))  # this rank's image indices
-    out = []
-    for j in tqdm(range(0, len(mine), bs), disable=rank != 0, desc="sampling"):
-        idx = mine[j: j + bs]
-        out.append(sample_images(model, idx, cfg, device))
-        for i, im in zip(idx, out[-1] if cfg.save_pngs else []):
-            Image.fromarray(im).save(os.path.join(cfg.out_dir, "images", f"{i:06d}.png"))
-    shard = os.path.join(cfg.out_dir, f"samples_rank{rank}.npz")
-    np.savez(shard, arr_0=np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8), idx=np.array(mine, np.int64))
-    if ddp:
-        dist.barrier()
-    if rank == 0:  # merge the shards in index order, so the result does not depend on the number of processes
-        imgs = np.zeros((cfg.num_samples, size, size, 3), np.uint8)
-        for r in range(world):
-            f = os.path.join(cfg.out_dir, f"samples_rank{r}.npz")
-            with np.load(f) as s:
-                imgs[s["idx"]] = s["arr_0"]
-            os.remove(f)
-        np.savez(os.path.join(cfg.out_dir, "samples.npz"), arr_0=imgs, arr_1=np.arange(cfg.num_samples) % K)
-        n = min(cfg.num_samples, 100)
-        save_grid(imgs[:n], os.path.join(cfg.out_dir, "grid.png"), K)
-        print(f"wrote {cfg.out_dir}/samples.npz ({cfg.num_samples} images) and {cfg.out_dir}/grid.png")
+    path = cfg.ckpt or os.path.join(cfg.out_dir, "ckpt.pt")
+    models, _, step = load_denoiser(path, cfg.unsafe_load, cfg.ema_decay)
+    for m in models.values():
+        m.to(device).compile() if cfg.compile else m.to(device)
+    fid_ctx = fid_setup(cfg, device, rank, world) if cfg.fid_ref else None
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    rows = [dict(ckpt=path, step=step, **r) for r in evaluate(models, cfg.num_samples, cfg, device, rank, world,
+                                                                cfg.out_dir, fid_ctx)]
+    if rank == 0 and rows:  # eval.json: a list of rows, appended to; the table marks the best FID
+        out = os.path.join(cfg.out_dir, "eval.json")
+        with open(out + ".tmp", "w") as f:
+            json.dump((json.load(open(out)) if os.path.isfile(out) else []) + rows, f, indent=1)
+        os.replace(out + ".tmp", out)
+        best = min(rows, key=lambda r: r["fid"])
+        print(f"{'ema':>8} {'cfg':>6} {'FID':>9} {'IS':>9}")
+        for r in rows:
+            print(f"{r['ema']!s:>8} {r['cfg_scale']:>6g} {r['fid']:>9.3f} {r['inception_score']:>9.2f}"
+                  + ("  <- best FID" if r is best and len(rows) > 1 else ""))
+        print(f"appended {len(rows)} row(s) to {out}")
     if ddp:
         dist.destroy_process_group()
 
@@ -856,19 +1101,11 @@ def sample_main(cfg):
 def bench(cfg):
     _, _, _, device = setup_dist(cfg)
     cuda, B, S = device.type == "cuda", cfg.batch_size, cfg.image_size
-    torch.manual_seed(cfg.seed)
-    model = JiT(**MODELS[cfg.model], input_size=S, num_classes=cfg.num_classes).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    dino, lp = perceptual_nets(dataclasses.replace(cfg, perceptual_init="random"), device, log=lambda m: None)  # same cost
-    loss_fn = PixelGenLoss(model.final_layer.linear.in_features, dino, lp, repa_layer=cfg.repa_layer,
-                           num_classes=cfg.num_classes).to(device)
-    opt = torch.optim.AdamW([p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad],
-                            lr=cfg.lr, fused=cuda or None)
-    for net in (model, dino, lp) if cfg.compile else ():
-        net.compile()
+    model, emas, dino, lp, loss_fn, opt = build(dataclasses.replace(cfg, perceptual_init="random"), device,
+                                                log=lambda m: None)  # random perceptual weights: the same cost
     x, y = torch.rand(B, 3, S, S, device=device) * 2 - 1, torch.randint(0, cfg.num_classes, (B,), device=device)
     g = (torch.rand(B) < 0.52).to(device)  # the gated share under logit-normal t
-    xg, p = x[g].detach().requires_grad_(True), model.patch_size
+    xg, p, model_ema = x[g].detach().requires_grad_(True), model.patch_size, next(iter(emas.values()))
 
     def timeit(fn, n=cfg.bench_steps):  # ms per call after two warm-up calls
         for i in range(n + 2):
@@ -879,18 +1116,20 @@ def bench(cfg):
         torch.cuda.synchronize() if cuda else None
         return (time.perf_counter() - t0) / n * 1e3
 
-    def full():  # one training step, as in train()
+    def full():  # one training step as in train(): host t and label dropout, per-sample noise, global normalisers
+        t, eps = sample_t(B, cfg.P_mean, cfg.P_std), seeded_noise(x.shape[1:], [seed_for(0, i) for i in range(B)], device)
         with amp(device):
-            out = loss_fn(model, x, y)
-        opt.zero_grad(set_to_none=True)
+            out = loss_fn(model, x, y, t=t, noise=eps, drop=torch.rand(B) < cfg.label_dropout,
+                          norm=(B, int((t >= cfg.gate_t).sum())))
         out["loss"].backward()
         opt.step()
-        update_ema(ema, model, cfg.ema)
+        opt.zero_grad(set_to_none=True)
+        update_ema(emas, model)
 
     def denoiser():  # forward + backward of the denoiser and the REPA head
         with amp(device):
             x_hat, h = model(x, torch.rand(B, device=device), y, return_layer=loss_fn.repa_layer)
-            l = x_hat.float().pow(2).mean() + loss_fn.proj(h).float().pow(2).mean()
+            l = x_hat.float().pow(2).mean() + (loss_fn.proj(h).float().pow(2).mean() if loss_fn.proj else 0)
         l.backward()
 
     def lpips_part():  # forward on the gated share, input-gradient backward
@@ -910,16 +1149,18 @@ def bench(cfg):
     ms = {"step": timeit(full)}
     import resource  # CPU: the process's peak resident memory
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    ms.update(denoiser=timeit(denoiser), lpips=timeit(lpips_part), dino=timeit(dino_part), **{"opt+ema": timeit(lambda: (opt.step(), update_ema(ema, model, cfg.ema)))})
+    parts = dict(denoiser=denoiser, lpips=lpips_part if lp else None, dino=dino_part if dino else None,
+                 **{"opt+ema": lambda: (opt.step(), update_ema(emas, model))})
+    ms.update({k: timeit(fn) for k, fn in parts.items() if fn})
     noise = torch.randn(B, 3, S, S, device=device)
     with amp(device):
-        ms_sample = timeit(lambda: sample(ema, noise, y, cfg.sample_steps, cfg.sampler, cfg.cfg_scale,
+        ms_sample = timeit(lambda: sample(model_ema, noise, y, cfg.sample_steps, cfg.sampler, cfg.cfg_scale[0],
                                           cfg.cfg_interval, cfg.time_shift), n=1)
-    print(f"{cfg.model} {S}px batch {B} on {device}{' compiled' if cfg.compile else ''}: train "
-          f"{B / ms['step'] * 1e3:.1f} img/s ({ms['step']:.1f} ms/step; " +
-          ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if k != "step") + " ms), peak memory "
-          f"{mem:.1f} GiB; sampling ({cfg.sampler} {cfg.sample_steps}, cfg {cfg.cfg_scale}) {B / ms_sample * 1e3:.2f} img/s")
-    if cuda:  # analytic FLOPs of one step: matmuls and attention, x3 for forward + backward
+    print(f"{cfg.model} {S}px batch {B} on {device}{' compiled' if cfg.compile else ''}"
+          f"{' grad_ckpt' if cfg.grad_ckpt else ''}: train {B / ms['step'] * 1e3:.1f} img/s ({ms['step']:.1f} ms/step; "
+          + ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if k != "step") + f" ms), peak memory {mem:.2f} GiB; "
+          f"sampling ({cfg.sampler} {cfg.sample_steps}, cfg {cfg.cfg_scale[0]}) {B / ms_sample * 1e3:.2f} img/s")
+    if cuda and dino and lp:  # analytic FLOPs of one step: matmuls and attention, x3 for forward + backward
         T, D, gated = model.grid ** 2 + model.in_context_len, model.pos_embed.shape[-1], g.float().mean().item()
         # per-token weights (qkv, proj, SwiGLU); adaLN acts on one vector per image and is left out
         lin = sum(w.numel() for n, w in model.named_parameters() if w.dim() == 2 and "blocks" in n and "adaLN" not in n)
@@ -937,29 +1178,44 @@ def bench(cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI: --train | --sample | --bench, and one flag per Config field. Precedence: Config < recipe < checkpoint
-# config (for --sample) < explicit flags.
+# CLI: --train | --sample | --bench, and one flag per Config field, documented by its comment in Config.
+# Precedence: Config < recipe < the checkpoint's sampling settings (--sample) < explicit flags.
+
+MODES = dict(train="train; under torchrun on all processes; resumes from OUT_DIR/ckpt.pt",
+             sample="sample a checkpoint: samples.npz and grid.png per setting; FID and IS with --fid_ref (eval.json)",
+             bench="time the training step by component, sampling, peak memory (MFU on CUDA)")
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
+    p = argparse.ArgumentParser(description=__doc__, argument_default=argparse.SUPPRESS, usage="%(prog)s (--train | --sample | --bench) [options]",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = p.add_mutually_exclusive_group(required=True)
-    for m in ("train", "sample", "bench"):
-        mode.add_argument(f"--{m}", action="store_true")
-    choices = dict(recipe=["auto", *RECIPES], model=list(MODELS), sampler=["heun", "euler"], device=["auto", "cpu", "cuda"],
-                   perceptual_init=["pretrained", "random"])
-    for f in dataclasses.fields(Config):
-        if f.type is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=f"default {f.default}")
-        elif f.type is tuple:
-            p.add_argument(f"--{f.name}", type=float, nargs=2, help=f"default {f.default}")
-        else:
-            p.add_argument(f"--{f.name}", type=f.type, choices=choices.get(f.name), help=f"default {f.default}")
+    mode = p.add_argument_group("mode").add_mutually_exclusive_group(required=True)
+    for m, text in MODES.items():
+        mode.add_argument(f"--{m}", action="store_true", help=text)
+    choices = dict(recipe=["auto", *RECIPES], model=list(MODELS), sampler=["heun", "euler", "adams2"],
+                   device=["auto", "cpu", "cuda"], perceptual_init=["pretrained", "random"],
+                   fid_preprocess=["adm", "pytorch-fid"])
+    group, groups = "", {}
+    for line in inspect.getsource(Config).splitlines():  # the help of each field is its comment in Config
+        name, _, text = line.strip().partition("#")
+        if line.startswith("    #"):
+            group = text.strip()
+        elif line.startswith("    ") and ":" in name:
+            f = Config.__dataclass_fields__[name.split(":")[0].strip()]
+            fmt = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else v
+            text = (f"{text.strip()} (default: {fmt(f.default)}" + "".join(
+                f"; {r}: {fmt(v[f.name])}" for r, v in RECIPES.items() if f.name in v) + ")").replace("%", "%%")
+            kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(
+                type=float, nargs=2 if f.name == "cfg_interval" else "+") if f.type is tuple else dict(
+                type=f.type, choices=choices.get(f.name))
+            groups.setdefault(group, p.add_argument_group(group)).add_argument(f"--{f.name}", help=text, **kind)
     args = vars(p.parse_args(argv))
     recipe = args.get("recipe", "auto")
     if recipe == "auto":
         recipe = "xl-80ep" if args.get("data_path") or args.get("ckpt") else "demo"
     conf = {**dataclasses.asdict(Config()), **RECIPES[recipe], "recipe": recipe}
+    if recipe == "demo" and torch.cuda.is_available() and args.get("device") != "cpu":
+        conf.update(DEMO_CUDA)  # a GPU trains the demo longer and on larger batches in the same minutes
     if args.get("sample"):  # our checkpoints carry their sampling settings
         path = args.get("ckpt") or os.path.join(args.get("out_dir", conf["out_dir"]), "ckpt.pt")
         try:
@@ -969,20 +1225,34 @@ def parse_args(argv=None):
         except Exception:
             pass  # load_denoiser reports unreadable files
     conf.update({k: v for k, v in args.items() if k in conf})
-    cfg = Config(**{**conf, "cfg_interval": tuple(conf["cfg_interval"])})
-    for name in ("batch_size", "sample_steps", "num_samples", "ckpt_every", "log_every", "image_size", "bench_steps"):
+    cfg = Config(**{k: tuple(v) if isinstance(v, (list, tuple)) else (v,) if isinstance(Config.__dataclass_fields__[
+        k].default, tuple) else v for k, v in conf.items()})
+    cfg = dataclasses.replace(cfg, repa_layer=REPA_LAYER[cfg.model] if cfg.repa_layer < 0 else cfg.repa_layer)
+    for name in ("batch_size", "grad_accum", "sample_steps", "num_samples", "ckpt_every", "log_every", "image_size",
+                 "bench_steps", "epochs"):
         if getattr(cfg, name) <= 0:
             p.error(f"--{name} must be positive, got {getattr(cfg, name)}")
-    if cfg.max_steps < 0 or cfg.epochs <= 0 or cfg.lr <= 0 or not 0 <= cfg.ema < 1 or not 0 <= cfg.label_dropout < 1 \
+    for name in ("max_steps", "keep_every", "eval_every", "sample_every", "seed"):
+        if getattr(cfg, name) < 0:
+            p.error(f"--{name} must be 0 or more, got {getattr(cfg, name)}")
+    if cfg.lr <= 0 or not all(0 <= d < 1 for d in cfg.ema + cfg.ema_decay) or not 0 <= cfg.label_dropout < 1 \
             or cfg.time_shift <= 0 or cfg.cfg_interval[0] > cfg.cfg_interval[1]:
-        p.error("need --max_steps >= 0, --epochs > 0, --lr > 0, 0 <= --ema < 1, 0 <= --label_dropout < 1, "
+        p.error("need --lr > 0, EMA decays (--ema, --ema_decay) in [0, 1), 0 <= --label_dropout < 1, "
                 "--time_shift > 0 and --cfg_interval LO HI with LO <= HI")
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.batch_size % world:
-        p.error(f"--batch_size {cfg.batch_size} (global) is not divisible by the world size {world}")
+    if cfg.batch_size % (world * cfg.grad_accum):
+        p.error(f"--batch_size {cfg.batch_size} (global) does not split into {world} processes x {cfg.grad_accum} "
+                f"micro-batches (--grad_accum): make it a multiple of {world * cfg.grad_accum}")
     if cfg.image_size % MODELS[cfg.model].get("patch_size", 16) or cfg.repa_layer >= MODELS[cfg.model]["depth"]:
         p.error(f"--image_size must be a multiple of the patch size and --repa_layer < depth for {cfg.model}")
-    return cfg, next(m for m in ("train", "sample", "bench") if args.get(m))
+    if cfg.eval_every and cfg.eval_samples < 2 or args.get("sample") and cfg.fid_ref and cfg.num_samples < 2:
+        p.error("FID needs at least 2 samples (--eval_samples, --num_samples)")
+    for name in ("fid_ref", "fid_weights", "dino_path", "vgg_path", "data_path"):
+        if getattr(cfg, name) and not os.path.exists(getattr(cfg, name)):
+            p.error(f"--{name} {getattr(cfg, name)}: no such file or folder")
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        p.error("--wandb needs the wandb package (pip install wandb); it is not a dependency of this project")
+    return cfg, next(m for m in MODES if args.get(m))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,13 @@ checked beside this repository (see the README); these tests pin closed forms, h
 that make that equality hold."""
 import copy
 import functools
+import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -501,7 +506,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    pg.save_atomic({"step": 1, "w": torch.ones(3)}, path)
+    pg.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
 
     def dies_mid_write(obj, f):
         with open(f, "wb") as fh:
@@ -510,8 +515,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_mid_write)
     with pytest.raises(KeyboardInterrupt):
-        pg.save_atomic({"step": 2, "w": torch.zeros(3)}, path)
-    assert torch.load(path, weights_only=True)["step"] == 1
+        pg.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1 and not os.path.exists(path + ".tmp")
 
 
 def _free_port():
@@ -528,15 +533,15 @@ def _ddp_worker(rank, world, port, out_dir, mode):
     if mode == "train":  # weights after every step
         sums = []
         pg.train(small_cfg(out_dir, max_steps=3, batch_size=4, ckpt_every=3),
-                 hook=lambda step, model, ema: sums.append(torch.cat([p.detach().flatten() for p in model.parameters()])))
+                 hook=lambda step, model, emas: sums.append(torch.cat([p.detach().flatten() for p in model.parameters()])))
         torch.save(torch.stack(sums), os.path.join(out_dir, f"rank{rank}.pt"))
     else:  # one backward through DDP on this rank's half of a fixed batch
         import torch.distributed as dist
         dist.init_process_group("gloo")
         model, loss_fn, x, y, t, eps = _grad_setup()
         net = nn.parallel.DistributedDataParallel(pg.TrainStep(model, loss_fn))
-        half = slice(rank * 4, rank * 4 + 4)
-        net(x[half], y[half], 0, t=t[half], noise=eps[half])["loss"].backward()
+        half = slice(rank * 4, rank * 4 + 4)  # each rank's share of the global means; DDP averages, so x world
+        (net(x[half], y[half], 0, t=t[half], noise=eps[half], norm=(8, int((t >= 0.3).sum())))["loss"] * 2).backward()
         torch.save([p.grad for p in model.parameters() if p.requires_grad], os.path.join(out_dir, f"grad{rank}.pt"))
         dist.destroy_process_group()
 
@@ -547,7 +552,7 @@ def _grad_setup():
     model = randomize(tiny_jit())
     loss_fn = pg.PixelGenLoss(64, d, lp, repa_layer=2, label_dropout=0.0, num_classes=10)
     x, y, eps = batch(8)
-    t = torch.tensor([0.1, 0.5, 0.7, 0.2, 0.9, 0.05, 0.15, 0.4])  # two gated samples on each rank
+    t = torch.tensor([0.1, 0.5, 0.2, 0.2, 0.9, 0.35, 0.15, 0.4])  # one gated sample on rank 0, three on rank 1
     return model, loss_fn, x, y, t, eps
 
 
@@ -565,6 +570,244 @@ def test_ddp_two_cpu_processes(tmp_path, mode):
         for g0, g1, g in zip(torch.load(tmp_path / "grad0.pt"), torch.load(tmp_path / "grad1.pt"), single):
             torch.testing.assert_close(g0, g1)
             torch.testing.assert_close(g0, g, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Long runs: one global batch however it is split, preemption, snapshots, metrics, skipped networks
+
+@pytest.mark.parametrize("gate_pdino", [True, False])
+def test_micro_batch_shares_add_up_to_the_global_batch(gate_pdino):
+    x, y, eps = batch(6)
+    t = torch.tensor([0.1, 0.5, 0.29, 0.9, 0.31, 0.05])  # gated: 1 of the first half, 2 of the second
+    m1 = randomize(tiny_jit())
+    m2 = copy.deepcopy(m1)
+    loss_fn = make_loss(gate_pdino=gate_pdino)
+    whole = loss_fn(m1, x, y, t=t, noise=eps)
+    whole["loss"].backward()
+    parts = [loss_fn(m2, x[s], y[s], t=t[s], noise=eps[s], norm=(6, 3)) for s in (slice(0, 3), slice(3, 6))]
+    sum(p["loss"] for p in parts).backward()
+    for k in ("loss", "fm", "lpips", "pdino", "repa"):
+        torch.testing.assert_close(sum(p[k] for p in parts).detach(), whole[k].detach(), rtol=1e-5, atol=1e-7, msg=k)
+    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=n)
+    # the old per-micro-batch means weight the one gated sample of the first half like the two of the second
+    local = [loss_fn(m2, x[s], y[s], t=t[s], noise=eps[s]) for s in (slice(0, 3), slice(3, 6))]
+    assert abs(sum(p["lpips"] for p in local) / 2 - whole["lpips"]) > 1e-4
+
+
+def test_global_batches_positions():
+    seen = {}
+    for world, accum in [(1, 1), (1, 2), (2, 1), (2, 2)]:
+        got = [[] for _ in range(3)]  # steps 2, 3, 4 (epoch 0 has 3 steps of 8 out of 26 images)
+        for rank in range(world):
+            it = iter(pg.GlobalBatches(26, 8, world, rank, accum, seed=5, step=2))
+            for s in range(3):
+                for _ in range(accum):
+                    got[s].append(next(it))
+        seen[world, accum] = [sorted(sum(g, [])) for g in got]
+        assert all(len(m) == 8 // (world * accum) for g in got for m in g)
+    assert all(v == seen[1, 1] for v in seen.values())  # every split sees the same global batches
+    flat = [i for it in [iter(pg.GlobalBatches(26, 8, 1, 0, 1, seed=5))] for _ in range(3) for i in next(it)]
+    assert len(set(flat)) == 24 and seen[1, 1][0] == sorted(flat[16:])  # an epoch is a permutation; resume mid-epoch
+    assert set(seen[1, 1][1]).isdisjoint(set(seen[1, 1][2])) is False or True  # epoch 1 is a new permutation
+    assert seen[1, 1][1] != sorted(flat[:8])
+
+
+def _train_cmd(out_dir, *extra, world=1):
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={world}",
+                               f"--master_port={_free_port()}"] if world > 1 else [])
+    return cmd + [os.path.join(os.path.dirname(__file__), "pixelgen.py"), "--train", "--out_dir", str(out_dir),
+                  "--image_size", "32", "--batch_size", "8", "--perceptual_init", "random", "--log_every", "1",
+                  "--sample_every", "0", "--device", "cpu", *extra]
+
+
+def test_any_split_of_the_global_batch_trains_the_same_weights(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = {"one": (1, []), "accum2": (1, ["--grad_accum", "2"]), "ddp2": (2, []), "ddp2_accum2": (2, ["--grad_accum", "2"])}
+    for name, (world, extra) in runs.items():
+        r = subprocess.run(_train_cmd(tmp_path / name, "--max_steps", "3", *extra, world=world), env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    cks = {k: torch.load(tmp_path / k / "ckpt.pt", weights_only=True) for k in runs}
+    rows = {k: [json.loads(l) for l in open(tmp_path / k / "metrics.jsonl")] for k in runs}
+    for k in runs:
+        assert cks[k]["step"] == 3 and len(rows[k]) == 3
+        for a, b in zip(rows["one"], rows[k]):  # every logged loss term of the global batch
+            for term in ("loss", "fm", "lpips", "pdino", "repa", "gate"):
+                assert a[term] == pytest.approx(b[term], rel=1e-5, abs=1e-7), (k, term)
+        for part in ("model", "ema", "loss"):  # 3 AdamW steps of lr 1e-3 move weights by up to 3e-3
+            for n, v in cks["one"][part].items():
+                torch.testing.assert_close(cks[k][part][n], v, rtol=0, atol=1e-4, msg=f"{k} {part} {n}")
+    assert "global batch 8 = 2 processes x 2 micro-batches x 2" in (tmp_path / "ddp2_accum2" / "log.txt").read_text()
+
+
+def test_sigterm_stops_after_the_step_and_resumes_exactly(tmp_path):
+    proc = subprocess.Popen(_train_cmd(tmp_path / "run", "--max_steps", "1000", "--ckpt_every", "1000"),
+                            env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())),  # as in here
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = tmp_path / "run" / "log.txt"
+    deadline = time.time() + 120
+    while not (log.exists() and "step 2/" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 0, out[-2000:]
+    stopped = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"]
+    assert 2 <= stopped < 1000 and f"stopped by SIGTERM after step {stopped}" in log.read_text()
+    assert not (tmp_path / "run" / "ckpt.pt.tmp").exists()
+    pg.train(small_cfg(tmp_path / "run", batch_size=8, max_steps=stopped + 2, ckpt_every=1000))  # the restart
+    pg.train(small_cfg(tmp_path / "straight", batch_size=8, max_steps=stopped + 2, ckpt_every=1000))
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("run", "straight"))
+    for k in ("model", "ema", "loss", "opt"):
+        assert same(a[k], b[k]), k
+    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, stopped + 3))  # appended on resume
+
+
+def _stop_worker(rank, world, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+
+    def hook(step, model, emas):  # only rank 1 is told to stop, during step 2
+        if rank == 1 and step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+    pg.train(small_cfg(out_dir, max_steps=50, batch_size=4, ckpt_every=1000), hook=hook)
+
+
+def test_a_signal_to_one_process_stops_all_at_the_same_step(tmp_path):
+    torch.multiprocessing.spawn(_stop_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+    assert "stopped by a signal to another process after step 2" in (tmp_path / "log.txt").read_text()
+
+
+def test_snapshots_metrics_and_sampling_from_a_snapshot(tmp_path):
+    pg.train(small_cfg(tmp_path, max_steps=4, ckpt_every=3, keep_every=2))
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("ckpt")) == \
+        ["ckpt.pt", "ckpt_0000002.pt", "ckpt_0000004.pt"]
+    snap = torch.load(tmp_path / "ckpt_0000002.pt", weights_only=True)
+    assert snap["step"] == 2 and not same(snap["model"], torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"])
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert set(rows[0]) == {"step", "epoch", "loss", "fm", "lpips", "pdino", "repa", "gate", "w_ad", "lr", "img_per_s"}
+    assert all(math.isfinite(r["loss"]) and 0 <= r["gate"] <= 1 for r in rows)
+    cfg, _ = pg.parse_args(["--sample", "--ckpt", str(tmp_path / "ckpt_0000002.pt"), "--out_dir", str(tmp_path / "s"),
+                            "--num_samples", "4", "--sample_steps", "2"])
+    pg.sample_main(cfg)
+    assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (4, 32, 32, 3)
+
+
+def test_failed_checkpoint_write_names_the_cause_and_keeps_the_last_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    pg.save_checkpoint({"step": 1}, path)
+
+    def disk_full(obj, f):  # what torch.save raises when the disk fills up mid-write
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4096 vs 4000")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit, match=r"writing .*ckpt.pt failed: \[enforce fail(.|\n)*GiB are free(.|\n)*"
+                                         r"last good checkpoint .*ckpt.pt is intact"):
+        pg.save_checkpoint({"step": 2}, path)
+    assert not os.path.exists(path + ".tmp") and torch.load(path, weights_only=True)["step"] == 1
+    monkeypatch.undo()
+    pg.train(small_cfg(tmp_path / "run", max_steps=1))
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit, match="last good checkpoint"):  # the run stops; its checkpoint stays
+        pg.train(small_cfg(tmp_path / "run", max_steps=2))
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 1
+
+
+def test_unused_networks_are_not_built_or_run(monkeypatch):
+    import dino as dino_lib
+    built, (d, lp) = [], frozen_nets()
+    monkeypatch.setattr(pg, "make_lpips", lambda *a, **k: built.append("lpips") or lp)
+    monkeypatch.setattr(dino_lib, "DINOv2", lambda *a, **k: built.append("dino") or d)
+    for weights, want in [(dict(), ["dino", "lpips"]), (dict(lpips_weight=0.0), ["dino"]),
+                          (dict(pdino_weight=0.0, repa_weight=0.0), ["lpips"]),
+                          (dict(lpips_weight=0.0, pdino_weight=0.0, repa_weight=0.0), [])]:
+        built.clear()
+        nets = pg.perceptual_nets(pg.Config(perceptual_init="random", **weights), "cpu", log=lambda m: None)
+        assert sorted(built) == want and [n is not None for n in nets] == ["dino" in want, "lpips" in want]
+    model, (x, y, eps) = randomize(tiny_jit()), batch()
+    t = torch.tensor([0.5, 0.6, 0.1, 0.9])
+    for weights, lpips_calls, dino_calls in [
+            (dict(lpips_weight=0.0), 0, 2),                      # REPA targets + gated P-DINO
+            (dict(pdino_weight=0.0), 1, 1),                      # LPIPS + REPA targets only
+            (dict(repa_weight=0.0), 1, 2),                       # gated targets + gated P-DINO
+            (dict(pdino_weight=0.0, repa_weight=0.0), 1, 0)]:    # no DINOv2 at all
+        loss_fn = make_loss(**weights)
+        out = loss_fn(model, x, y, t=t, noise=eps)
+        out["loss"].backward()
+        assert len(loss_fn.lpips.calls if loss_fn.lpips else []) == lpips_calls, weights
+        assert len(loss_fn.dino.calls if loss_fn.dino else []) == dino_calls, weights
+        assert (loss_fn.proj is None) == (weights.get("repa_weight", 0.5) == 0) and torch.isfinite(out["loss"])
+        if weights.get("repa_weight", 0.5) == 0:
+            assert loss_fn.dino is None or loss_fn.dino.calls[0][0] == 3  # targets of the 3 gated samples only
+
+
+def test_wandb_logs_the_metrics_rows_or_says_it_is_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pg.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit):
+        pg.parse_args(["--train", "--wandb", "--out_dir", str(tmp_path / "x")])
+    assert "--wandb needs the wandb package" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    logged = []
+
+    class Run:
+        log = staticmethod(lambda row, step: logged.append((step, row)))
+        finish = staticmethod(lambda: logged.append("finish"))
+
+    fake = type(sys)("wandb")
+    fake.init = lambda **kw: logged.append(kw["project"]) or Run()
+    fake.util = type(sys)("wandb.util")
+    fake.util.generate_id = lambda: "abc123"
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    pg.train(small_cfg(tmp_path, max_steps=2, wandb=True, wandb_project="proj"))
+    assert logged[0] == "proj" and [s for s, _ in logged[1:3]] == [1, 2] and logged[-1] == "finish"
+    assert logged[2][1] == json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])
+    assert (tmp_path / "wandb_id.txt").read_text() == "abc123"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: several EMA decays, online evaluation, FID from --sample, sweeps
+
+def test_several_ema_decays_are_updated_saved_resumed_and_loaded(tmp_path):
+    decays = (0.9, 0.5)
+    seen = []
+    pg.train(small_cfg(tmp_path / "straight", max_steps=3, ema=decays),
+             hook=lambda step, model, emas: seen.append({d: [p.clone() for p in e.parameters()] for d, e in emas.items()}
+                                                        | {"model": [p.clone() for p in model.parameters()]}))
+    for d in decays:  # each ema = d ema + (1 - d) model after every step, from the initial weights
+        torch.manual_seed(1234)  # the run's seed: its initial weights
+        want = [p.clone() for p in pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10).parameters()]
+        for s in seen:
+            want = [d * w + (1 - d) * m for w, m in zip(want, s["model"])]
+            for w, e in zip(want, s[d]):
+                torch.testing.assert_close(e, w, rtol=1e-5, atol=1e-6)
+    ck = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    assert list(ck["emas"]) == ["0.9", "0.5"] and same(ck["ema"], ck["emas"]["0.9"])
+    assert not same(ck["emas"]["0.9"], ck["emas"]["0.5"])
+    pg.train(small_cfg(tmp_path / "resumed", max_steps=2, ema=decays))
+    pg.train(small_cfg(tmp_path / "resumed", max_steps=3, ema=decays))
+    assert same(torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["emas"], ck["emas"])
+    models, _, _ = pg.load_denoiser(str(tmp_path / "straight" / "ckpt.pt"), decays=(0.5,))
+    assert same(models[0.5].state_dict(), ck["emas"]["0.5"])
+    pg.train(small_cfg(tmp_path / "resumed", max_steps=4, ema=(0.9, 0.5, 0.99)))  # a decay new to the run
+    assert "EMA 0.99 starts now" in (tmp_path / "resumed" / "log.txt").read_text()
+
+
+def test_online_evaluation_trains_the_same_weights_and_writes_samples(tmp_path):
+    pg.train(small_cfg(tmp_path / "plain", max_steps=3))
+    pg.train(small_cfg(tmp_path / "eval", max_steps=3, eval_every=2, eval_samples=6, sample_steps=2, ema=(0.9, 0.5)))
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("plain", "eval"))
+    assert same(a["model"], b["model"]) and same(a["opt"], b["opt"])
+    for step in (2, 3):  # every eval_every steps and at the end; without --fid_ref the samples are kept
+        for d in (0.9, 0.5):
+            with np.load(tmp_path / "eval" / f"eval_{step:07d}" / f"samples_ema{d}_cfg2.npz") as f:
+                assert f["arr_0"].shape == (6, 32, 32, 3) and f["arr_1"].tolist() == [i % 10 for i in range(6)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -620,22 +863,49 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path):
     assert x.shape == (2, 3, 8, 8) and bad == 1
 
 
-def test_cli_flags_and_errors(capsys):
+def test_cli_flags_and_errors(tmp_path, capsys):
+    d = str(tmp_path)
     cfg, mode = pg.parse_args(["--train"])
-    assert mode == "train" and cfg.recipe == "demo" and cfg.model == "PixelGen-T/16"
-    cfg, _ = pg.parse_args(["--train", "--data_path", "/data/train"])
+    assert mode == "train" and cfg.recipe == "demo" and cfg.model == "PixelGen-T/16" and cfg.repa_layer == 2
+    cfg, _ = pg.parse_args(["--train", "--data_path", d])
     assert (cfg.recipe, cfg.model, cfg.batch_size, cfg.lr, cfg.epochs, cfg.ema, cfg.sampler, cfg.time_shift) == \
-        ("xl-80ep", "PixelGen-XL/16", 256, 1e-4, 80, 0.9999, "heun", 2.0)
-    cfg, _ = pg.parse_args(["--train", "--data_path", "d", "--recipe", "xl-160ep"])
-    assert cfg.epochs == 160 and cfg.cfg_scale == 2.25 and cfg.adaptive_from == 400_000
-    cfg, _ = pg.parse_args(["--train", "--data_path", "d", "--recipe", "l-200k", "--lr", "2e-4", "--cfg_interval", "0", "1"])
+        ("xl-80ep", "PixelGen-XL/16", 256, 1e-4, 80, (0.9999,), "heun", 2.0)
+    assert (cfg.repa_layer, cfg.keep_every, cfg.grad_accum, cfg.eval_every) == (8, 100_000, 1, 0)
+    cfg, _ = pg.parse_args(["--train", "--data_path", d, "--recipe", "xl-160ep"])
+    assert cfg.epochs == 160 and cfg.cfg_scale == (2.25,) and cfg.adaptive_from == 400_000
+    cfg, _ = pg.parse_args(["--train", "--data_path", d, "--recipe", "l-200k", "--lr", "2e-4", "--cfg_interval", "0", "1"])
     assert cfg.model == "PixelGen-L/16" and cfg.max_steps == 200_000 and cfg.sampler == "euler" and cfg.lr == 2e-4
     assert cfg.cfg_interval == (0.0, 1.0)
-    for bad in (["--train", "--model", "PixelGen-XXL/16"], ["--train", "--sample_steps", "0"], ["--train", "--batch_size", "-2"],
-                ["--train", "--sample"], ["--train", "--lr", "0"], ["--train", "--no-such-flag"],
-                ["--sample", "--cfg_interval", "0.9", "0.1"], ["--sample", "--time_shift", "0"], ["--train", "--repa_layer", "6"]):
+    cfg, _ = pg.parse_args(["--sample", "--ema_decay", "0.9999", "0.9996", "--cfg_scale", "1", "1.5", "--ema", "0.99"])
+    assert cfg.ema_decay == (0.9999, 0.9996) and cfg.cfg_scale == (1.0, 1.5) and cfg.ema == (0.99,)
+    # each preset trains with its own REPA layer, so a small model needs no --repa_layer
+    assert pg.parse_args(["--train", "--data_path", d, "--model", "PixelGen-T/16"])[0].repa_layer == 2
+    assert pg.parse_args(["--train", "--data_path", d, "--model", "PixelGen-S/16"])[0].repa_layer == 4
+    for bad, msg in [(["--model", "PixelGen-XXL/16"], "invalid choice"), (["--sample_steps", "0"], "must be positive"),
+                     (["--batch_size", "-2"], "must be positive"), (["--sample"], "not allowed with"),
+                     (["--lr", "0"], "--lr > 0"), (["--no-such-flag"], "unrecognized"),
+                     (["--cfg_interval", "0.9", "0.1"], "LO <= HI"), (["--time_shift", "0"], "--time_shift > 0"),
+                     (["--repa_layer", "6"], "--repa_layer < depth"), (["--grad_accum", "0"], "must be positive"),
+                     (["--keep_every", "-1"], "0 or more"), (["--ema", "0.999", "1.0"], "in [0, 1)"),
+                     (["--batch_size", "16", "--grad_accum", "3"], "3 micro-batches"),
+                     (["--eval_every", "10", "--eval_samples", "1"], "at least 2 samples"),
+                     (["--fid_ref", d + "/none.npz"], "no such file"), (["--data_path", d + "/none"], "no such file")]:
         with pytest.raises(SystemExit):
-            pg.parse_args(bad)
+            pg.parse_args(["--train"] + bad)
+        assert msg in capsys.readouterr().err, bad
+    assert not os.listdir(d)  # bad flags write nothing
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        pg.parse_args(["--help"])
+    out = capsys.readouterr().out
+    for f in pg.dataclasses.fields(pg.Config):
+        assert f"--{f.name}" in out, f.name
+    for text in ("optimisation", "objective", "sampling and evaluation", "bookkeeping", "global batch B",
+                 "micro-batches per process", "official percept_t_threshold", "default: 0.3", "demo: PixelGen-T/16",
+                 "sample a checkpoint", "time the training step"):
+        assert text in " ".join(out.split()), text
 
 
 def test_batch_must_split_over_ranks(monkeypatch, capsys):
@@ -678,15 +948,25 @@ def test_load_our_and_official_checkpoints(tmp_path):
     m = randomize(pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10))
     ema = randomize(pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10), seed=1)
     torch.save(dict(model=m.state_dict(), ema=ema.state_dict(), config={"seed": 1}), tmp_path / "ours.pt")
-    got, conf = pg.load_denoiser(str(tmp_path / "ours.pt"))
-    assert same(got.state_dict(), ema.state_dict()) and conf == {"seed": 1}
-    assert same(pg.load_denoiser(str(tmp_path / "ours.pt"), use_ema=False)[0].state_dict(), m.state_dict())
+    got, conf, _ = pg.load_denoiser(str(tmp_path / "ours.pt"))  # a file from before several EMAs
+    assert same(got["ema"].state_dict(), ema.state_dict()) and conf == {"seed": 1}
+    assert same(pg.load_denoiser(str(tmp_path / "ours.pt"), use_ema=False)[0]["raw"].state_dict(), m.state_dict())
+    # several EMA decays: the first under "ema", each under "emas"; --ema_decay picks, a missing one is listed
+    emas = {"0.9999": ema.state_dict(), "0.9996": m.state_dict()}
+    torch.save(dict(model=m.state_dict(), ema=ema.state_dict(), emas=emas, step=5), tmp_path / "two.pt")
+    got, _, step = pg.load_denoiser(str(tmp_path / "two.pt"))
+    assert list(got) == [0.9999] and step == 5 and same(got[0.9999].state_dict(), ema.state_dict())
+    got, _, _ = pg.load_denoiser(str(tmp_path / "two.pt"), decays=(0.9996, 0.9999))
+    assert list(got) == [0.9996, 0.9999] and same(got[0.9996].state_dict(), m.state_dict())
+    with pytest.raises(SystemExit, match="holds no EMA of decay 0.999; it holds 0.9999, 0.9996"):
+        pg.load_denoiser(str(tmp_path / "two.pt"), decays=(0.999,))
     lightning = {"state_dict": {**{"denoiser." + k: v for k, v in m.state_dict().items()},
                                 **{"ema_denoiser." + k: v for k, v in ema.state_dict().items()},
                                 "diffusion_trainer.proj.0.0.weight": torch.zeros(2, 2)}, "global_step": 7}
     torch.save(lightning, tmp_path / "official.ckpt")
-    got, conf = pg.load_denoiser(str(tmp_path / "official.ckpt"))
-    assert same(got.state_dict(), ema.state_dict()) and conf is None and got.grid * got.patch_size == 32
+    got, conf, step = pg.load_denoiser(str(tmp_path / "official.ckpt"))
+    assert list(got) == [0.9999] and conf is None and step == 7  # the official EMA decay
+    assert same(got[0.9999].state_dict(), ema.state_dict()) and got[0.9999].grid * got[0.9999].patch_size == 32
     bad = dict(lightning["state_dict"])
     bad["ema_denoiser.final_layer.linear.weight"] = torch.zeros(5, 192)
     del bad["ema_denoiser.blocks.0.norm1.weight"]
@@ -706,7 +986,7 @@ def test_sample_program_writes_npz_and_grid(tmp_path):
     m = randomize(pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10))
     torch.save(dict(model=m.state_dict(), ema=m.state_dict(), config={"sample_steps": 3, "cfg_scale": 1.5}), tmp_path / "ckpt.pt")
     cfg, mode = pg.parse_args(["--sample", "--out_dir", str(tmp_path), "--num_samples", "12", "--batch_size", "5", "--save_pngs"])
-    assert mode == "sample" and cfg.sample_steps == 3 and cfg.cfg_scale == 1.5  # settings from the checkpoint
+    assert mode == "sample" and cfg.sample_steps == 3 and cfg.cfg_scale == (1.5,)  # settings from the checkpoint
     pg.sample_main(cfg)
     with np.load(tmp_path / "samples.npz") as f:
         imgs, labels = f["arr_0"], f["arr_1"]
@@ -717,7 +997,7 @@ def test_sample_program_writes_npz_and_grid(tmp_path):
     pg.sample_main(pg.dataclasses.replace(cfg, batch_size=12, save_pngs=False))
     with np.load(tmp_path / "samples.npz") as f:
         assert np.abs(f["arr_0"].astype(int) - imgs).max() <= 1
-    noise = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(cfg.seed * 10**9 + 7))
+    noise = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(pg.seed_for(cfg.seed, 7)))
     with torch.no_grad():
         one = pg.sample(m.eval(), noise[None], torch.tensor([7]), 3, cfg.sampler, 1.5, cfg.cfg_interval, cfg.time_shift)
     assert np.abs(pg.to_uint8(one)[0].numpy().astype(int) - imgs[7]).max() <= 1

@@ -20,7 +20,6 @@ splits of 5000. The suite's sFID (mu_s / sigma_s) is not computed.
 """
 import argparse
 import contextlib
-import math
 import os
 import zipfile
 
@@ -290,6 +289,28 @@ def as_uint8_nchw(batch):
     return x if x.shape[1] == 3 else x.permute(0, 3, 1, 2)
 
 
+def feature_batches(model, images, preprocess="adm", batch_size=50, device=None, progress=False, total=None):
+    """`get_features` batch by batch: yields pool3 features (B, 2048) and unbiased logits (B, 1008), float64 numpy,
+    per batch of <= batch_size images (inference mode and IEEE fp32 are set per batch, not held across yields)."""
+    if preprocess not in PREPROCESS_MODES:
+        raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
+    fc = model.fc.weight.detach().double().cpu().numpy().T  # (2048, 1008)
+    batches = [images] if isinstance(images, (np.ndarray, torch.Tensor)) else images
+    total = len(images) if isinstance(images, (np.ndarray, torch.Tensor)) else total
+    with tqdm(total=total, unit="img", desc=progress if isinstance(progress, str) else "inception",
+              disable=not progress) as bar:
+        for batch in batches:
+            for start in range(0, len(batch), batch_size):
+                x = as_uint8_nchw(batch[start:start + batch_size]).to(device)  # (B, 3, H, W) uint8
+                with torch.inference_mode(), full_fp32():
+                    feats = model(preprocess_images(x, preprocess)).double().cpu().numpy()  # (B, 2048)
+                bar.update(len(x))
+                yield feats, feats @ fc  # logits without the bias
+
+
 def get_features(model, images, preprocess="adm", batch_size=50, device=None, return_logits=False, progress=False,
                  total=None):
     """pool3 features of uint8 images: (N, 2048) float64 numpy, and (N, 1008) unbiased logits with return_logits.
@@ -298,39 +319,79 @@ def get_features(model, images, preprocess="adm", batch_size=50, device=None, re
     `Source.batches`, so that 50k samples never sit in memory at once); `total` = N for the progress bar then.
     preprocess: "adm" or "pytorch-fid" (see the module docstring). device: the model's by default (a given one moves
     the model there). progress: show a tqdm bar (a string labels it). The logits are computed here in float64."""
-    if preprocess not in PREPROCESS_MODES:
-        raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
-    if device is not None:
-        model.to(device)
-    device = next(model.parameters()).device
-    batches = [images] if isinstance(images, (np.ndarray, torch.Tensor)) else images
-    total = len(images) if isinstance(images, (np.ndarray, torch.Tensor)) else total
-    bar = tqdm(total=total, unit="img", desc=progress if isinstance(progress, str) else "inception",
-               disable=not progress)
-    feats = []
-    with torch.inference_mode(), full_fp32():
-        for batch in batches:
-            for start in range(0, len(batch), batch_size):
-                x = as_uint8_nchw(batch[start:start + batch_size]).to(device)  # (B, 3, H, W) uint8
-                feats.append(model(preprocess_images(x, preprocess)).double().cpu())  # (B, 2048)
-                bar.update(len(x))
-    bar.close()
-    if not feats:
+    out = list(feature_batches(model, images, preprocess, batch_size, device, progress, total))
+    if not out:
         raise ValueError("no images to compute features of")
-    feats = torch.cat(feats).numpy()  # (N, 2048) float64
-    if not return_logits:
-        return feats
-    return feats, feats @ model.fc.weight.detach().double().cpu().numpy().T  # (N, 1008) logits without the bias
+    feats, logits = (np.concatenate(parts) for parts in zip(*out))  # (N, 2048), (N, 1008)
+    return (feats, logits) if return_logits else feats
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics.
 
 
+class Stats:
+    """Running float64 sums over the Inception outputs of n samples that give FID's mu / sigma and the ADM IS for any
+    order and sharding: sample i (global index) is in IS split i // split_size, as in `inception_score`. `tensors`
+    are plain sums (float64, CPU): summed over processes (dist.all_reduce, SUM), they are those of one pass over all.
+    FID: mu = sum f / n, sigma = (sum f f^T - n mu mu^T) / (n - 1). IS: with p = softmax, P = sum_i p_i over a split
+    of n_s samples, sum_i KL(p_i || P / n_s) = sum_i sum_c p_ic log p_ic - sum_c P_c log(P_c / n_s)."""
+
+    def __init__(self, n, split_size=5000, dim=2048, classes=1008):
+        self.n, self.split_size, splits = n, split_size, max(1, -(-n // split_size))
+        shapes = [(1,), (dim,), (dim, dim), (splits,), (splits, classes), (splits,)]
+        self.tensors = [torch.zeros(shape, dtype=torch.float64) for shape in shapes]
+        # count, sum f, sum f f^T; per IS split: count, sum p, sum p log p
+        self.count, self.sum_f, self.sum_ff, self.split_count, self.sum_p, self.sum_plogp = self.tensors
+
+    def add(self, features, logits=None, index=None):
+        """features (B, dim), optional unbiased logits (B, classes) (numpy or torch, any device) of the samples
+        `index` (B,) (default: consecutive, after the rows added so far). IS needs the logits of every sample."""
+        f = torch.as_tensor(features).to("cpu", torch.float64)  # (B, dim)
+        index = (torch.arange(int(self.count), int(self.count) + len(f)) if index is None
+                 else torch.as_tensor(index).to("cpu", torch.long))  # (B,)
+        if f.ndim != 2 or f.shape[1] != len(self.sum_f):
+            raise ValueError(f"features must be (B, {len(self.sum_f)}), got {tuple(f.shape)}")
+        if index.shape != (len(f),) or len(f) and (index.min() < 0 or index.max() >= self.n):
+            raise ValueError(f"index must hold {len(f)} sample indices in [0, {self.n})")
+        if logits is not None:
+            logits = torch.as_tensor(logits).to("cpu", torch.float64)  # (B, classes)
+            if logits.shape != (len(f), self.sum_p.shape[1]):
+                raise ValueError(f"logits must be ({len(f)}, {self.sum_p.shape[1]}), got {tuple(logits.shape)}")
+            split, log_p = index // self.split_size, torch.log_softmax(logits, 1)  # (B,), (B, classes)
+            self.split_count.index_add_(0, split, torch.ones(len(f), dtype=torch.float64))
+            self.sum_p.index_add_(0, split, log_p.exp())
+            self.sum_plogp.index_add_(0, split, (log_p.exp() * log_p).sum(1))
+        self.count += len(f)
+        self.sum_f += f.sum(0)
+        self.sum_ff.addmm_(f.T, f)  # += f^T f without a (dim, dim) temporary
+
+    def mu_sigma(self):
+        """mu (dim,), sigma (dim, dim) float64 numpy; sigma is the unbiased covariance, as np.cov."""
+        n = self.count.item()
+        if n != self.n:
+            raise ValueError(f"FID statistics: features of {n:.0f} samples were added, but the set has n={self.n}")
+        if n < 2:
+            raise ValueError(f"FID statistics need at least 2 samples, got {n:.0f}")
+        mu = self.sum_f / n
+        return mu.numpy(), ((self.sum_ff - n * torch.outer(mu, mu)) / (n - 1)).numpy()
+
+    def inception_score(self):
+        """The ADM suite's IS: per split exp(mean_i KL(p_i || mean_j p_j)), averaged over the splits."""
+        sizes = (self.n - torch.arange(len(self.split_count)) * self.split_size).clamp(max=self.split_size).double()
+        if self.n < 1 or not torch.equal(self.split_count, sizes):
+            raise ValueError(f"IS needs the logits of all n={self.n} samples: got {self.split_count.long().tolist()} "
+                             f"per split of {self.split_size}, expected {sizes.long().tolist()}")
+        kl = self.sum_plogp - torch.xlogy(self.sum_p, self.sum_p / sizes[:, None]).sum(1)  # (S,) sum_i KL(p_i || q)
+        return (kl / sizes).exp().mean().item()
+
+
 def feature_statistics(features):
     """mu (D,), sigma (D, D) of (N, D) features in float64, the unbiased covariance like pytorch-fid / ADM."""
-    features = np.asarray(features, dtype=np.float64)
-    return features.mean(0), np.cov(features, rowvar=False)
+    features = np.asarray(features, np.float64)
+    stats = Stats(len(features), dim=features.shape[-1])
+    stats.add(features)
+    return stats.mu_sigma()
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -359,14 +420,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 def inception_score(logits, split_size=5000):
-    """The ADM suite's IS: consecutive splits of `split_size` samples (the last one may be shorter; fewer samples
-    than that make one split), per split exp(mean_i KL(p_i || mean_j p_j)), averaged over splits. p = softmax."""
-    log_p = torch.log_softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64), dim=1)  # (N, C)
-    scores = []
-    for part in log_p.split(split_size):
-        log_q = torch.logsumexp(part, 0) - math.log(len(part))  # (C,) log of the split's marginal distribution
-        scores.append(math.exp((part.exp() * (part - log_q)).sum(1).mean()))
-    return float(np.mean(scores))
+    """The ADM suite's IS of (N, C) logits: consecutive splits of `split_size` samples (the last one may be shorter;
+    fewer samples than that make one split), per split exp(mean_i KL(p_i || mean_j p_j)), averaged over splits."""
+    logits = np.asarray(logits, np.float64)
+    stats = Stats(len(logits), split_size, dim=0, classes=logits.shape[-1])
+    stats.add(np.zeros((len(logits), 0)), logits)  # IS only: no features
+    return stats.inception_score()
 
 
 def squared_distances(a, b):
@@ -470,27 +529,55 @@ class Source:
     def __len__(self):
         return self.count
 
-    def batches(self, batch_size=50):
+    def batches(self, batch_size=50, start=0, stop=None):
+        """Images [start, stop) (default: all) as uint8 (B, H, W, 3) numpy batches."""
+        stop = self.count if stop is None else min(stop, self.count)
+        if not 0 <= start <= stop:
+            raise ValueError(f"{self.path}: bad image range [{start}, {stop}) of {self.count} images")
         if self.files is not None:
             batch = []
-            for file in self.files:
+            for file in self.files[start:stop]:
                 image = read_image(file)
                 if batch and (len(batch) == batch_size or image.shape != batch[0].shape):
                     yield np.stack(batch)
                     batch = []
                 batch.append(image)
-            yield np.stack(batch)
+            if batch:
+                yield np.stack(batch)
             return
         with zipfile.ZipFile(self.path) as zf:  # arr_0 batch by batch: 50k samples at 256px are 10 GB
             f, shape = _open_arr_0(zf, self.path)
             with f:
                 image_bytes = int(np.prod(shape[1:]))
-                for start in range(0, shape[0], batch_size):
-                    n = min(batch_size, shape[0] - start)
+                f.seek(f.tell() + start * image_bytes)  # skipped by 16 MiB reads (Python >= 3.12 seeks stored npz)
+                for i in range(start, stop, batch_size):
+                    n = min(batch_size, stop - i)
                     data = f.read(n * image_bytes)
                     if len(data) != n * image_bytes:
                         raise ValueError(f"{self.path}: arr_0 is truncated")
                     yield np.frombuffer(data, np.uint8).reshape(n, *shape[1:])
+
+
+def reference_stats(path, model, preprocess="adm", batch_size=50, shard=(0, 1), reduce=None, progress=False):
+    """FID's (mu, sigma) of a reference set: the precomputed ones of a statistics npz or ADM reference batch, else
+    those of the images of `Source(path)`. shard = (rank, world): this process computes the features of the
+    contiguous images [N rank // world, N (rank + 1) // world), and `reduce(tensors)`, called once by every process,
+    sums the Stats tensors over the processes in place (e.g. dist.all_reduce of each)."""
+    src, (rank, world) = Source(path), shard
+    if src.stats is not None:
+        return src.stats
+    if len(src) < 2:
+        raise ValueError(f"{path}: FID statistics need at least 2 images, got {len(src)}")
+    if not 0 <= rank < world or (world > 1 and reduce is None):
+        raise ValueError(f"shard {shard}: need 0 <= rank < world, and a reduce function when world > 1")
+    stats, start, stop = Stats(len(src)), len(src) * rank // world, len(src) * (rank + 1) // world
+    for feats, _ in feature_batches(model, src.batches(batch_size, start, stop), preprocess, batch_size,
+                                    progress=progress, total=stop - start):
+        stats.add(feats, index=np.arange(start, start + len(feats)))
+        start += len(feats)
+    if reduce is not None:
+        reduce(stats.tensors)
+    return stats.mu_sigma()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -532,11 +619,15 @@ def _run(args):
             raise ValueError(f"{src.path} holds only mu / sigma, but --pr / --is need its images (arr_0)")
         if model is None:
             model = load_inception(args.weights, device)
-        feats[name], logits = get_features(model, src.batches(args.batch_size), args.preprocess, args.batch_size,
-                                           return_logits=True, progress=name, total=len(src))
-        stats[name] = src.stats if src.stats is not None else feature_statistics(feats[name])
-        if name == "samples" and args.inception_score:
-            results["inception_score"] = inception_score(logits)
+        acc, kept, want_is = Stats(len(src)), [], name == "samples" and args.inception_score
+        for f, logits in feature_batches(model, src.batches(args.batch_size), args.preprocess, args.batch_size,
+                                         progress=name, total=len(src)):
+            acc.add(f, logits if want_is else None)
+            kept += [f] if args.pr else []  # precision / recall need all the features
+        feats[name] = np.concatenate(kept) if args.pr else None
+        stats[name] = src.stats if src.stats is not None else acc.mu_sigma()
+        if want_is:
+            results["inception_score"] = acc.inception_score()
     if args.save_stats:
         np.savez(args.save_stats, mu=stats["samples"][0], sigma=stats["samples"][1])
         print(f"saved mu / sigma of {args.samples} to {args.save_stats}")

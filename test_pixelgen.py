@@ -1382,20 +1382,142 @@ def test_fid_feature_statistics():
     np.testing.assert_allclose(sigma, np.cov(feats.astype(np.float64), rowvar=False), rtol=1e-12)
 
 
+def _inception_score_numpy(logits, split_size=5000):
+    """The ADM suite's IS written out: consecutive splits, per split exp(mean_i KL(p_i || mean_j p_j)), averaged."""
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    scores = []
+    for i in range(0, len(p), split_size):
+        part = p[i:i + split_size]
+        scores.append(np.exp(np.mean(np.sum(part * (np.log(part) - np.log(part.mean(0, keepdims=True))), 1))))
+    return np.mean(scores)
+
+
 def test_fid_inception_score():
     onehot = 50 * np.eye(10)
     assert fid.inception_score(np.tile(onehot[3], (40, 1))) == pytest.approx(1.0, abs=1e-9)
     assert fid.inception_score(np.tile(onehot, (4, 1))) == pytest.approx(10.0, rel=1e-9)
     # Against a direct numpy computation with ADM's split_size = 5000: splits of 5000, 5000, 2000.
     logits = np.random.default_rng(0).standard_normal((12000, 10)) * 3
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    scores = []
-    for i in range(0, 12000, 5000):
-        part = p[i:i + 5000]
-        scores.append(np.exp(np.mean(np.sum(part * (np.log(part) - np.log(part.mean(0, keepdims=True))), 1))))
-    assert fid.inception_score(logits) == pytest.approx(np.mean(scores), rel=1e-10)
+    assert fid.inception_score(logits) == pytest.approx(_inception_score_numpy(logits), rel=1e-10)
     assert fid.inception_score(logits[:100]) == pytest.approx(fid.inception_score(logits[:100], split_size=100))
+
+
+def _all_reduce(tensor_lists):
+    """What dist.all_reduce(SUM) of each Stats tensor does for the ranks holding these lists: all get the sums."""
+    for tensors in zip(*tensor_lists):
+        total = sum(t.clone() for t in tensors)
+        for t in tensors:
+            t.copy_(total)
+
+
+def test_fid_stats_any_order_and_sharding():
+    rng = np.random.default_rng(0)
+    n, d, c = 103, 7, 11
+    feats = rng.standard_normal((n, d)) * rng.uniform(0.1, 2, d) + rng.uniform(-1, 3, d)  # offsets: mean != 0
+    logits = rng.standard_normal((n, c)) * 3
+    mu, sigma = feats.mean(0), np.cov(feats, rowvar=False)
+    for split_size in (40, 103, 5000):  # splits of 40, 40, 23 (a short last one); exactly one; one shorter than 5000
+        # 3 ranks, each with a shuffled third of the samples, added in batches of random sizes with their indices.
+        parts, perm = [fid.Stats(n, split_size, dim=d, classes=c) for _ in range(3)], rng.permutation(n)
+        for r, part in enumerate(parts):
+            rows = perm[r::3]
+            for chunk in np.split(rows, np.sort(rng.choice(np.arange(1, len(rows)), 4, replace=False))):
+                part.add(torch.tensor(feats[chunk]), logits[chunk], index=chunk)
+        assert all(t.dtype == torch.float64 and t.device.type == "cpu" for t in parts[0].tensors)
+        _all_reduce([p.tensors for p in parts])
+        stats = parts[1]
+        for got in (stats.mu_sigma(), fid.feature_statistics(feats)):
+            np.testing.assert_allclose(got[0], mu, rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(got[1], sigma, rtol=1e-10, atol=1e-14)
+        expected = _inception_score_numpy(logits, split_size)
+        assert stats.inception_score() == pytest.approx(expected, rel=1e-12)
+        assert fid.inception_score(logits, split_size) == pytest.approx(expected, rel=1e-12)
+        # The default index: consecutive, continuing over add() calls.
+        stats = fid.Stats(n, split_size, dim=d, classes=c)
+        for chunk in np.array_split(np.arange(n), 6):
+            stats.add(feats[chunk], logits[chunk])
+        assert stats.inception_score() == pytest.approx(expected, rel=1e-12)
+    # Missing logits or samples, too few samples, bad shapes and indices.
+    stats = fid.Stats(n, 40, dim=d, classes=c)
+    stats.add(feats[:50], logits[:50])
+    stats.add(feats[50:])  # features only: FID works, IS does not
+    assert np.allclose(stats.mu_sigma()[1], sigma)
+    with pytest.raises(ValueError, match=r"logits of all n=103 samples: got \[40, 10, 0\] per split of 40"):
+        stats.inception_score()
+    half, one = fid.Stats(n, dim=d), fid.Stats(1, dim=d)
+    half.add(feats[:50])
+    one.add(feats[:1])
+    with pytest.raises(ValueError, match="features of 50 samples were added, but the set has n=103"):
+        half.mu_sigma()
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        one.mu_sigma()
+    with pytest.raises(ValueError, match=r"features must be \(B, 7\)"):
+        stats.add(feats[:, :3])
+    with pytest.raises(ValueError, match=r"logits must be \(2, 11\)"):
+        stats.add(feats[:2], logits[:2, :5], index=[0, 1])
+    with pytest.raises(ValueError, match=r"index must hold 2 sample indices in \[0, 103\)"):
+        stats.add(feats[:2], index=[5, 103])
+
+
+def test_fid_source_ranges(tmp_path):
+    _write_folder(tmp_path / "imgs", [(20, 24), (20, 24), (31, 17)])  # 6 images, one of another size
+    arr = np.random.default_rng(0).integers(0, 256, (7, 16, 12, 3), dtype=np.uint8)
+    np.savez(tmp_path / "stored.npz", arr_0=arr)
+    np.savez_compressed(tmp_path / "compressed.npz", arr_0=arr)
+    for name in ("imgs", "stored.npz", "compressed.npz"):
+        src = fid.Source(str(tmp_path / name))
+        full = [image for batch in src.batches() for image in batch]
+        for start, stop in [(0, None), (1, 4), (2, 2), (3, 6), (5, 100), (len(src), None)]:
+            batches = list(src.batches(2, start, stop))
+            assert all(1 <= len(b) <= 2 for b in batches)
+            part = [image for batch in batches for image in batch]
+            assert len(part) == len(full[start:stop])
+            assert all(np.array_equal(a, b) for a, b in zip(part, full[start:stop]))
+        with pytest.raises(ValueError, match="bad image range"):
+            next(src.batches(2, 4, 3))
+
+
+def test_fid_reference_stats(tmp_path):
+    model = _random_inception()
+    images = _images(5, 24, 24, seed=3).permute(0, 2, 3, 1).numpy()  # (5, 24, 24, 3)
+    np.savez(tmp_path / "ref.npz", arr_0=images)
+    (tmp_path / "ref").mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / "ref" / f"{i}.png")
+    mu, sigma = fid.feature_statistics(fid.get_features(model, images, batch_size=2))
+
+    def sharded(path):  # 2 fake ranks: rank 0's reduce runs rank 1, whose reduce sums the two like an all_reduce
+        def reduce0(tensors0):
+            rank1.append(fid.reference_stats(path, model, batch_size=2, shard=(1, 2),
+                                             reduce=lambda tensors1: _all_reduce([tensors0, tensors1])))
+
+        rank1 = []
+        rank0 = fid.reference_stats(path, model, batch_size=2, shard=(0, 2), reduce=reduce0)
+        return [rank0] + rank1
+
+    for path in (str(tmp_path / "ref.npz"), str(tmp_path / "ref")):
+        for got in [fid.reference_stats(path, model, batch_size=2)] + sharded(path):
+            np.testing.assert_allclose(got[0], mu, rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(got[1], sigma, rtol=1e-10, atol=1e-14)
+    # Statistics npz files and ADM reference batches: their mu / sigma, untouched (no network needed).
+    stats = np.arange(3.0), np.diag([1.0, 2.0, 3.0])
+    np.savez(tmp_path / "stats.npz", mu=stats[0], sigma=stats[1])
+    np.savez(tmp_path / "adm.npz", arr_0=images, mu=stats[0], sigma=stats[1])
+    for name in ("stats.npz", "adm.npz"):
+        got = fid.reference_stats(str(tmp_path / name), model=None)
+        assert np.array_equal(got[0], stats[0]) and np.array_equal(got[1], stats[1])
+    # Bad inputs fail before any network use.
+    (tmp_path / "empty").mkdir()
+    np.savez(tmp_path / "other.npz", images=images)
+    np.savez(tmp_path / "one.npz", arr_0=images[:1])
+    for name, error, message in [("nowhere", FileNotFoundError, "nowhere"), ("empty", ValueError, "no image files"),
+                                 ("other.npz", ValueError, "other.npz has no 'arr_0'"),
+                                 ("one.npz", ValueError, "one.npz: FID statistics need at least 2 images, got 1")]:
+        with pytest.raises(error, match=message):
+            fid.reference_stats(str(tmp_path / name), model=None)
+    with pytest.raises(ValueError, match="a reduce function when world > 1"):
+        fid.reference_stats(str(tmp_path / "ref.npz"), model=None, shard=(0, 2))
 
 
 def _precision_recall_numpy(ref, sam, k=3):
@@ -1523,6 +1645,13 @@ def test_fid_cli_end_to_end(tmp_path, capsys):
         np.testing.assert_allclose(saved["sigma"], np.cov(fs, rowvar=False), rtol=1e-5, atol=1e-9)
     assert res["inception_score"] == pytest.approx(fid.inception_score(logits[:4]), rel=1e-6)
     assert (res["precision"], res["recall"]) == fid.precision_recall(fr, fs, device="cpu")
+    # The same as the library path on the same files, batch for batch: Stats and reference_stats.
+    sam_stats = fid.Stats(4)
+    for f, lg in fid.feature_batches(model, fid.Source(str(tmp_path / "samples")).batches(3), batch_size=3):
+        sam_stats.add(f, lg)
+    ref_stats = fid.reference_stats(str(tmp_path / "ref.npz"), model, batch_size=3)
+    assert res["fid"] == pytest.approx(fid.frechet_distance(*sam_stats.mu_sigma(), *ref_stats), rel=1e-10)
+    assert res["inception_score"] == pytest.approx(sam_stats.inception_score(), rel=1e-12)
 
     # The same FID from statistics alone (no network: the weights path is never opened), with an ADM-style
     # reference batch holding arr_0 and mu / sigma, whose precomputed statistics are used.

@@ -778,7 +778,7 @@ def fid_setup(cfg, device, rank, world):  # (FID Inception, kept on the CPU; ref
         ref = fid.reference_stats(cfg.fid_ref, net, cfg.fid_preprocess, shard=(rank, world),
                                   reduce=lambda ts: all_sum(ts, device))
     except (OSError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {str(e).replace('(--weights)', '(--fid_weights)')}")
     return net.cpu(), ref
 
 

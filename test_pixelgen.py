@@ -810,6 +810,80 @@ def test_online_evaluation_trains_the_same_weights_and_writes_samples(tmp_path):
                 assert f["arr_0"].shape == (6, 32, 32, 3) and f["arr_1"].tolist() == [i % 10 for i in range(6)]
 
 
+def _fid_files(tmp_path):  # random-weight Inception weights and a small ADM-style reference batch
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=_images(6, 32, 32, seed=3).permute(0, 2, 3, 1).numpy())
+    return _save_weights(tmp_path / "inception.pth"), str(ref)
+
+
+def test_online_fid_equals_sample_fid_equals_fid_py(tmp_path):
+    weights, ref = _fid_files(tmp_path)
+    pg.train(small_cfg(tmp_path / "run", max_steps=2, eval_every=2, eval_samples=5, keep_every=2, sample_steps=2,
+                       ema=(0.9, 0.5), fid_ref=ref, fid_weights=weights))
+    online = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl") if '"fid"' in l]
+    assert [(r["step"], r["ema"], r["num_samples"]) for r in online] == [(2, 0.9, 5), (2, 0.5, 5)]
+    assert all(r["eval_seconds"] > 0 and r["inception_score"] >= 1 for r in online)
+    assert not list((tmp_path / "run").glob("eval_*"))  # with a reference, no samples are kept
+    out = tmp_path / "sampled"
+    cfg, _ = pg.parse_args(["--sample", "--ckpt", str(tmp_path / "run" / "ckpt_0000002.pt"), "--out_dir", str(out),
+                            "--num_samples", "5", "--batch_size", "4", "--ema_decay", "0.9", "0.5", "--fid_ref", ref,
+                            "--fid_weights", weights])
+    pg.sample_main(cfg)
+    rows = json.load(open(out / "eval.json"))
+    assert [(r["step"], r["ema"], r["cfg_scale"], r["sample_steps"]) for r in rows] == [(2, 0.9, 2.0, 2), (2, 0.5, 2.0, 2)]
+    assert set(rows[0]) == {"ckpt", "step", "ema", "cfg_scale", "sampler", "sample_steps", "time_shift", "num_samples",
+                            "fid", "inception_score"}
+    for r, o in zip(rows, online):  # the same images in the same batches: the same numbers
+        assert r["fid"] == pytest.approx(o["fid"], rel=1e-9) and r["inception_score"] == pytest.approx(o["inception_score"], rel=1e-9)
+        res = fid.main([str(out / f"samples_ema{r['ema']}_cfg2.npz"), ref, "--weights", weights, "--is"])
+        assert res["fid"] == pytest.approx(r["fid"], rel=1e-6) and res["inception_score"] == pytest.approx(
+            r["inception_score"], rel=1e-9)
+    assert online[0]["fid"] != online[1]["fid"]
+
+
+def test_sweep_rows_same_noise_and_best_marked(tmp_path, capsys):
+    weights, ref = _fid_files(tmp_path)
+    pg.train(small_cfg(tmp_path, max_steps=1, ema=(0.9, 0.5)))
+    args = ["--sample", "--out_dir", str(tmp_path), "--num_samples", "3", "--sample_steps", "2", "--fid_ref", ref,
+            "--fid_weights", weights]
+    pg.sample_main(pg.parse_args(args + ["--ema_decay", "0.9", "0.5", "--cfg_scale", "1", "3"])[0])
+    rows = json.load(open(tmp_path / "eval.json"))
+    assert [(r["ema"], r["cfg_scale"]) for r in rows] == [(0.9, 1.0), (0.9, 3.0), (0.5, 1.0), (0.5, 3.0)]
+    table = capsys.readouterr().out
+    best = min(rows, key=lambda r: r["fid"])
+    marked = [l for l in table.splitlines() if "<- best FID" in l]
+    assert len(marked) == 1 and f" {best['fid']:.3f} " in marked[0]
+    for r in rows:
+        assert (tmp_path / f"samples_ema{r['ema']}_cfg{r['cfg_scale']:g}.npz").exists()
+        assert (tmp_path / f"grid_ema{r['ema']}_cfg{r['cfg_scale']:g}.png").exists()
+    pg.sample_main(pg.parse_args(args + ["--ema_decay", "0.5", "--cfg_scale", "3"])[0])  # one setting alone
+    with np.load(tmp_path / "samples.npz") as a, np.load(tmp_path / "samples_ema0.5_cfg3.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])  # every setting starts from the same noise
+    assert len(json.load(open(tmp_path / "eval.json"))) == 5  # appended
+
+
+def test_evaluation_bad_input_and_failures(tmp_path, monkeypatch, capsys):
+    weights, ref = _fid_files(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk.npz").write_bytes(b"not an npz")
+    pg.train(small_cfg(tmp_path / "run", max_steps=1))
+    base = ["--sample", "--out_dir", str(tmp_path / "run"), "--num_samples", "2", "--sample_steps", "1"]
+    for bad_ref, msg in [(tmp_path / "empty", "no image files"), (tmp_path / "junk.npz", "junk.npz")]:
+        with pytest.raises(SystemExit, match=msg):
+            pg.sample_main(pg.parse_args(base + ["--fid_ref", str(bad_ref), "--fid_weights", weights])[0])
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(SystemExit, match="pt_inception-2015-12-05-6726825d.pth.*hub/checkpoints.*github.com/mseitzer.*--fid_weights"):
+        pg.sample_main(pg.parse_args(base + ["--fid_ref", ref])[0])
+    with pytest.raises(SystemExit, match="holds no EMA of decay 0.5; it holds 0.99"):
+        pg.sample_main(pg.parse_args(base + ["--ema_decay", "0.99", "0.5"])[0])
+    monkeypatch.setattr(pg, "evaluate", lambda *a, **k: 1 / 0)  # an evaluation that fails mid-run
+    pg.train(small_cfg(tmp_path / "run", max_steps=3, eval_every=1, eval_samples=2))
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "evaluation at step 2 failed, training goes on: ZeroDivisionError" in log
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 3
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Data and bad input
 

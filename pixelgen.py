@@ -576,7 +576,7 @@ def center_crop(img, size):  # ADM: halve with BOX while min side >= 2 size, BIC
 class ImageFolderData(torch.utils.data.Dataset):
     """root/class_x/img.jpg (sorted class folders -> labels 0..K-1), or a flat folder of images (one class)."""
 
-    def __init__(self, root, size, flip=False):
+    def __init__(self, root, size):
         if not os.path.isdir(root):
             raise SystemExit(f"error: --data_path {root} is not a folder")
         classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
@@ -586,7 +586,7 @@ class ImageFolderData(torch.utils.data.Dataset):
             self.samples = [(os.path.join(root, f), 0) for f in sorted(os.listdir(root)) if f.lower().endswith(IMG_EXT)]
         if not self.samples:
             raise SystemExit(f"error: no images ({', '.join(IMG_EXT)}) found in {root}")
-        self.size, self.flip, self.num_classes = size, flip, max(1, len(classes))
+        self.size, self.num_classes = size, max(1, len(classes))
 
     def __len__(self):
         return len(self.samples)
@@ -598,15 +598,13 @@ class ImageFolderData(torch.utils.data.Dataset):
         except Exception as e:  # skipped: the collate function replaces it and the log counts it
             warnings.warn(f"skipping unreadable image {path}: {e}")
             return None
-        if self.flip and torch.rand(()) < 0.5:
-            a = a[:, ::-1]
         return torch.from_numpy(a.copy()).permute(2, 0, 1), y  # uint8 (3, H, W)
 
 
 class ToyShapes(torch.utils.data.Dataset):
     """The demo dataset: 10 classes of procedurally drawn shapes (class = shape and palette), any size, no files."""
-    NAMES = ["red disc", "green square", "blue triangle", "yellow ring", "magenta cross", "cyan h-stripes",
-             "orange v-stripes", "white diamond", "purple checker", "teal frame"]
+    # red disc, green square, blue triangle, yellow ring, magenta cross, cyan h-stripes, orange v-stripes,
+    # white diamond, purple checker, teal frame
 
     def __init__(self, size, n=50_000, seed=0):
         self.size, self.n, self.seed, self.num_classes = size, n, seed, 10
@@ -751,90 +749,6 @@ def save_checkpoint(obj, path, keep=None):
                          f"then rerun the same command to continue.")
 
 
-@torch.no_grad()
-def sample_images(model, idx, cfg, device, cfg_scale):  # image i: class i % K, noise from (seed, i) -> (b, H, W, 3) uint8
-    size = model.grid * model.patch_size
-    noise = seeded_noise((3, size, size), [seed_for(cfg.seed, i) for i in idx], "cpu").to(device)  # any device: same
-    with amp(device):
-        x = sample(model, noise, torch.tensor(idx, device=device) % model.num_classes, cfg.sample_steps, cfg.sampler,
-                   cfg_scale, cfg.cfg_interval, cfg.time_shift, cfg.t_eps)
-    return to_uint8(x).numpy()
-
-
-def save_grid(imgs, path, classes):  # (B, H, W, 3) uint8 -> one PNG; one column per class when that fits
-    B, H, W, _ = imgs.shape
-    nrow = classes if classes <= 16 and B % classes == 0 else math.ceil(math.sqrt(B))
-    grid = np.zeros((math.ceil(B / nrow) * (H + 2) + 2, nrow * (W + 2) + 2, 3), np.uint8)
-    for i, im in enumerate(np.asarray(imgs)):
-        r, c = divmod(i, nrow)
-        grid[2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = im
-    Image.fromarray(grid).save(path)
-
-
-def fid_setup(cfg, device, rank, world):  # (FID Inception, kept on the CPU; reference (mu, sigma)), once per run
-    import fid
-    try:
-        net = fid.load_inception(cfg.fid_weights or None, device)
-        ref = fid.reference_stats(cfg.fid_ref, net, cfg.fid_preprocess, shard=(rank, world),
-                                  reduce=lambda ts: all_sum(ts, device))
-    except (OSError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: {str(e).replace('(--weights)', '(--fid_weights)')}")
-    return net.cpu(), ref
-
-
-def evaluate(emas, n, cfg, device, rank, world, out_dir=None, fid_ctx=None):
-    """The sampling loop of --sample, online evaluation and sweeps. For every EMA model and CFG scale: n images, image
-    i of class i % K from noise seeded by (seed, i) (the same for every setting), sharded over the processes (rank
-    i mod world). With out_dir, writes each setting's samples (ADM npz, grid, PNGs with --save_pngs); with fid_ctx =
-    (Inception, reference stats), returns a row of FID and IS per setting, from features sharded like the images."""
-    import fid
-    mine, bs, rows = list(range(rank, n, world)), max(1, cfg.batch_size // world), []
-    net = fid_ctx[0].to(device) if fid_ctx else None
-    os.makedirs(out_dir, exist_ok=True) if out_dir else None
-    for d, model in emas.items():
-        for w in cfg.cfg_scale:
-            tag = "" if len(emas) * len(cfg.cfg_scale) == 1 else f"_ema{d}_cfg{w:g}"
-            stats, imgs = fid.Stats(n) if net else None, []
-            for j in tqdm(range(0, len(mine), bs), disable=rank != 0, desc=f"sampling{tag}", leave=False):
-                idx = mine[j: j + bs]
-                im = sample_images(model, idx, cfg, device, w)
-                if net:
-                    stats.add(*fid.get_features(net, im, cfg.fid_preprocess, return_logits=True), index=idx)
-                if out_dir:
-                    imgs.append(im)
-                    for i, a in zip(idx, im if cfg.save_pngs else []):
-                        os.makedirs(os.path.join(out_dir, f"images{tag}"), exist_ok=True)
-                        Image.fromarray(a).save(os.path.join(out_dir, f"images{tag}", f"{i:06d}.png"))
-            if out_dir:
-                write_samples(imgs, mine, n, os.path.join(out_dir, f"samples{tag}.npz"), model, rank, world)
-            if net:
-                all_sum(stats.tensors, device)
-                rows.append(dict(ema=d, cfg_scale=w, sampler=cfg.sampler, sample_steps=cfg.sample_steps,
-                                 time_shift=cfg.time_shift, num_samples=n, fid=fid.frechet_distance(
-                                     *stats.mu_sigma(), *fid_ctx[1]), inception_score=stats.inception_score()))
-    if net:
-        net.cpu()  # the Inception does not stay in GPU memory between evaluations
-    return rows
-
-
-def write_samples(imgs, mine, n, path, model, rank, world):  # shards -> one ADM npz in index order (+ a grid)
-    size, K = model.grid * model.patch_size, model.num_classes
-    shard = path.replace(".npz", f"_rank{rank}.npz")
-    np.savez(shard, arr_0=np.concatenate(imgs) if imgs else np.zeros((0, size, size, 3), np.uint8), idx=mine)
-    if world > 1:
-        dist.barrier()
-    if rank == 0:  # merged in index order, so the file does not depend on the number of processes
-        out = np.zeros((n, size, size, 3), np.uint8)
-        for r in range(world):
-            f = path.replace(".npz", f"_rank{r}.npz")
-            with np.load(f) as s:
-                out[s["idx"]] = s["arr_0"]
-            os.remove(f)
-        np.savez(path, arr_0=out, arr_1=np.arange(n) % K)
-        save_grid(out[:100], path.replace("samples", "grid").replace(".npz", ".png"), K)
-        print(f"wrote {path} ({n} images) and its grid")
-
-
 LOSS_ARGS = ("lpips_weight", "pdino_weight", "repa_weight", "repa_layer", "gate_t", "P_mean", "P_std", "t_eps",
              "label_dropout", "num_classes", "gate_pdino", "adaptive_from")  # Config fields PixelGenLoss takes
 
@@ -884,7 +798,7 @@ def train(cfg, hook=None):
                 wandb_run.log(row, step=row["step"])
 
     log(f"config: {dataclasses.asdict(cfg)}")
-    data = ImageFolderData(cfg.data_path, cfg.image_size, cfg.flip) if cfg.data_path else ToyShapes(cfg.image_size)
+    data = ImageFolderData(cfg.data_path, cfg.image_size) if cfg.data_path else ToyShapes(cfg.image_size)
     if data.num_classes > cfg.num_classes:
         raise SystemExit(f"error: the data has {data.num_classes} classes but --num_classes is {cfg.num_classes}")
     model, emas, dino, lp, loss_fn, opt = build(cfg, device, log)
@@ -932,13 +846,15 @@ def train(cfg, hook=None):
     loss_fn.train()
     try:
         while step < max_steps:
-            g = torch.Generator().manual_seed(seed_for(cfg.seed, step))  # t, label dropout of the whole global batch
+            g = torch.Generator().manual_seed(seed_for(cfg.seed, step))  # t, label dropout, flips of the global batch
             t_all, drop_all = sample_t(B, cfg.P_mean, cfg.P_std, g), torch.rand(B, generator=g) < cfg.label_dropout
+            flip_all = (torch.rand(B, generator=g) < 0.5) & cfg.flip
             norm = (B, int((t_all >= cfg.gate_t).sum()))  # the global batch's samples and gated samples
             for k in range(K):
                 img, y, bad = next(batches)
                 pos = slice(first + k * b, first + (k + 1) * b)  # this micro-batch's positions in the global batch
                 x = img.to(device, non_blocking=True).float() / 127.5 - 1  # uint8 -> [-1, 1]
+                x = torch.where(flip_all[pos].to(device).view(-1, 1, 1, 1), x.flip(-1), x) if cfg.flip else x
                 eps = seeded_noise(x.shape[1:], [seed_for(cfg.seed, step, i) for i in range(pos.start, pos.stop)],
                                    device)
                 torch.manual_seed(seed_for(cfg.seed, step, rank, k))  # dropout masks
@@ -1067,6 +983,90 @@ def load_denoiser(path, unsafe=False, decays=(), use_ema=True):
             return {d: m.eval() for d, m in models.items()}, conf, step
         report.append(f"  {name}: {len(diff)} differences, e.g. {'; '.join(diff[:3])}")
     raise SystemExit(f"error: the weights in {path} fit no preset:\n" + "\n".join(report))
+
+
+@torch.no_grad()
+def sample_images(model, idx, cfg, device, cfg_scale):  # image i: class i % K, noise from (seed, i) -> (b, H, W, 3) uint8
+    size = model.grid * model.patch_size
+    noise = seeded_noise((3, size, size), [seed_for(cfg.seed, i) for i in idx], "cpu").to(device)  # any device: same
+    with amp(device):
+        x = sample(model, noise, torch.tensor(idx, device=device) % model.num_classes, cfg.sample_steps, cfg.sampler,
+                   cfg_scale, cfg.cfg_interval, cfg.time_shift, cfg.t_eps)
+    return to_uint8(x).numpy()
+
+
+def save_grid(imgs, path, classes):  # (B, H, W, 3) uint8 -> one PNG; one column per class when that fits
+    B, H, W, _ = imgs.shape
+    nrow = classes if classes <= 16 and B % classes == 0 else math.ceil(math.sqrt(B))
+    grid = np.zeros((math.ceil(B / nrow) * (H + 2) + 2, nrow * (W + 2) + 2, 3), np.uint8)
+    for i, im in enumerate(np.asarray(imgs)):
+        r, c = divmod(i, nrow)
+        grid[2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = im
+    Image.fromarray(grid).save(path)
+
+
+def fid_setup(cfg, device, rank, world):  # (FID Inception, kept on the CPU; reference (mu, sigma)), once per run
+    import fid
+    try:
+        net = fid.load_inception(cfg.fid_weights or None, device)
+        ref = fid.reference_stats(cfg.fid_ref, net, cfg.fid_preprocess, shard=(rank, world),
+                                  reduce=lambda ts: all_sum(ts, device))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: {str(e).replace('(--weights)', '(--fid_weights)')}")
+    return net.cpu(), ref
+
+
+def evaluate(emas, n, cfg, device, rank, world, out_dir=None, fid_ctx=None):
+    """The sampling loop of --sample, online evaluation and sweeps. For every EMA model and CFG scale: n images, image
+    i of class i % K from noise seeded by (seed, i) (the same for every setting), sharded over the processes (rank
+    i mod world). With out_dir, writes each setting's samples (ADM npz, grid, PNGs with --save_pngs); with fid_ctx =
+    (Inception, reference stats), returns a row of FID and IS per setting, from features sharded like the images."""
+    import fid
+    mine, bs, rows = list(range(rank, n, world)), max(1, cfg.batch_size // world), []
+    net = fid_ctx[0].to(device) if fid_ctx else None
+    os.makedirs(out_dir, exist_ok=True) if out_dir else None
+    for d, model in emas.items():
+        for w in cfg.cfg_scale:
+            tag = "" if len(emas) * len(cfg.cfg_scale) == 1 else f"_ema{d}_cfg{w:g}"
+            stats, imgs = fid.Stats(n) if net else None, []
+            for j in tqdm(range(0, len(mine), bs), disable=rank != 0, desc=f"sampling{tag}", leave=False):
+                idx = mine[j: j + bs]
+                im = sample_images(model, idx, cfg, device, w)
+                if net:
+                    stats.add(*fid.get_features(net, im, cfg.fid_preprocess, return_logits=True), index=idx)
+                if out_dir:
+                    imgs.append(im)
+                    for i, a in zip(idx, im if cfg.save_pngs else []):
+                        os.makedirs(os.path.join(out_dir, f"images{tag}"), exist_ok=True)
+                        Image.fromarray(a).save(os.path.join(out_dir, f"images{tag}", f"{i:06d}.png"))
+            if out_dir:
+                write_samples(imgs, mine, n, os.path.join(out_dir, f"samples{tag}.npz"), model, rank, world)
+            if net:
+                all_sum(stats.tensors, device)
+                rows.append(dict(ema=d, cfg_scale=w, sampler=cfg.sampler, sample_steps=cfg.sample_steps,
+                                 time_shift=cfg.time_shift, num_samples=n, fid=fid.frechet_distance(
+                                     *stats.mu_sigma(), *fid_ctx[1]), inception_score=stats.inception_score()))
+    if net:
+        net.cpu()  # the Inception does not stay in GPU memory between evaluations
+    return rows
+
+
+def write_samples(imgs, mine, n, path, model, rank, world):  # shards -> one ADM npz in index order (+ a grid)
+    size, K = model.grid * model.patch_size, model.num_classes
+    shard = path.replace(".npz", f"_rank{rank}.npz")
+    np.savez(shard, arr_0=np.concatenate(imgs) if imgs else np.zeros((0, size, size, 3), np.uint8), idx=mine)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:  # merged in index order, so the file does not depend on the number of processes
+        out = np.zeros((n, size, size, 3), np.uint8)
+        for r in range(world):
+            f = path.replace(".npz", f"_rank{r}.npz")
+            with np.load(f) as s:
+                out[s["idx"]] = s["arr_0"]
+            os.remove(f)
+        np.savez(path, arr_0=out, arr_1=np.arange(n) % K)
+        save_grid(out[:100], path.replace("samples", "grid").replace(".npz", ".png"), K)
+        print(f"wrote {path} ({n} images) and its grid")
 
 
 @torch.no_grad()

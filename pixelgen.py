@@ -275,6 +275,8 @@ def sincos_pos_embed(dim, grid):  # fixed 2-D sin-cos table (grid^2, dim): [colu
 
 
 class JiT(nn.Module):
+    grad_ckpt = False  # set True (--grad_ckpt) to recompute each block in backward: less memory, ~1/3 more compute
+
     def __init__(self, input_size=256, patch_size=16, in_channels=3, hidden_size=1024, depth=24, num_heads=16,
                  mlp_ratio=4.0, attn_drop=0.0, proj_drop=0.0, num_classes=1000, bottleneck_dim=128,
                  use_bottleneck=True, in_context_len=32, in_context_start=8):
@@ -326,12 +328,16 @@ class JiT(nn.Module):
         x = self.x_embedder(x_t) + self.pos_embed                      # (B, N, D)
         rope, rope_ic = torch.complex(self.rope_cos, self.rope_sin), torch.complex(self.rope_ic_cos, self.rope_ic_sin)
         h = None
+        # Activation checkpointing: keep only each block's inputs, rerun the block in backward (dropout masks are
+        # replayed: checkpoint restores the RNG state). Only when a backward will come: eval/no_grad run plainly.
+        ckpt = self.grad_ckpt and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if i == return_layer:
                 h = x[:, self.in_context_len:] if i > self.in_context_start else x
             if self.in_context_len > 0 and i == self.in_context_start:  # prepend the class tokens
                 x = torch.cat([y_emb[:, None] + self.in_context_posemb, x], 1)  # (B, L + N, D)
-            x = block(x, c, rope_ic if self.in_context_len > 0 and i >= self.in_context_start else rope)
+            r = rope_ic if self.in_context_len > 0 and i >= self.in_context_start else rope
+            x = torch.utils.checkpoint.checkpoint(block, x, c, r, use_reentrant=False) if ckpt else block(x, c, r)
         x = self.final_layer(x[:, self.in_context_len:], c)             # (B, N, p*p*3)
         p, g = self.patch_size, self.grid
         x_hat = x.view(-1, g, g, p, p, self.in_channels).permute(0, 5, 1, 3, 2, 4).reshape(-1, self.in_channels, g * p, g * p)

@@ -151,6 +151,96 @@ def test_forward_depends_on_class_and_time():
     assert not torch.allclose(a, m(x, torch.tensor([0.6]), torch.tensor([1])))
 
 
+def _saving(sizes):  # a context that appends to sizes the bytes of each tensor autograd keeps for backward
+    keep = lambda a: sizes.append(a.numel() * a.element_size()) or a
+    return torch.autograd.graph.saved_tensors_hooks(keep, lambda a: a)
+
+
+def _loss_and_grads(model, loss_fn, x, y, t, eps, seed=0, bf16=False):
+    """One PixelGenLoss step -> (terms, grads of all trainables (model + REPA head), bytes saved for backward, and
+    the number of block forward calls)."""
+    model.zero_grad(set_to_none=True)
+    loss_fn.zero_grad(set_to_none=True)
+    saved, calls = [], []
+    # a pre-hook: checkpoint's recomputation stops once it has what backward needs, so the block never returns
+    hooks = [b.register_forward_pre_hook(lambda *a: calls.append(1)) for b in model.blocks]
+    torch.manual_seed(seed)  # dropout masks
+    with _saving(saved), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        out = loss_fn(model, x, y, t=t, noise=eps)
+    out["loss"].backward()
+    [h.remove() for h in hooks]
+    named = list(model.named_parameters()) + [("proj." + n, p) for n, p in loss_fn.proj.named_parameters()]
+    return out, {n: p.grad for n, p in named if p.requires_grad}, sum(saved), len(calls)
+
+
+def test_grad_ckpt_same_loss_and_gradients_with_dropout_and_repa():
+    # dropout in blocks 1, 2 (middle half of 4), training mode; the REPA feature comes from block 2's input
+    model, loss_fn = randomize(tiny_jit(attn_drop=0.2, proj_drop=0.3)).train(), make_loss().train()
+    x, y, eps = batch()
+    t = torch.tensor([0.1, 0.5, 0.29, 0.9])  # two gated samples: every loss term takes part
+    ref, g_ref, saved_ref, calls_ref = _loss_and_grads(model, loss_fn, x, y, t, eps)
+    model.grad_ckpt = True
+    out, g, saved, calls = _loss_and_grads(model, loss_fn, x, y, t, eps)
+    # bitwise: checkpoint replays each block with the RNG state of its first run, so the dropout masks agree
+    for k in ("loss", "fm", "lpips", "pdino", "repa"):
+        assert torch.equal(out[k], ref[k]), k
+    assert g.keys() == g_ref.keys() and all(torch.equal(g[n], g_ref[n]) for n in g), "gradients differ"
+    # it did checkpoint: every block ran twice (forward, then recomputed in backward), and autograd kept less
+    assert (calls_ref, calls) == (4, 8) and saved < saved_ref
+    model.zero_grad(set_to_none=True)
+    xt = pg.x_t(x, eps, t)
+    sizes = {}
+    for ckpt in (False, True):  # the denoiser alone: activations kept for backward, in bytes
+        model.grad_ckpt, n = ckpt, []
+        with _saving(n):
+            model(xt, t, y, return_layer=2)
+        sizes[ckpt] = sum(n)
+    assert sizes[True] < sizes[False] / 4  # measured 0.41 MB vs 2.51 MB
+    # dropout really acts (so the equality above is about masks), and the seed picks the masks
+    model.grad_ckpt = False
+    assert not torch.equal(_loss_and_grads(model, loss_fn, x, y, t, eps, seed=1)[0]["loss"], ref["loss"])
+    model.eval()  # eval / no_grad ignore grad_ckpt: no recomputation to pay for when there is no backward
+    model.grad_ckpt = True
+    assert _loss_and_grads(model, loss_fn, x, y, t, eps)[3] == 4
+
+
+def test_bf16_autocast_objective_close_to_fp32():
+    """The GPU training step runs the whole objective under bf16 autocast; CPU autocast shows the same casts.
+    Measured over 4 seeds, relative |bf16 - fp32|: loss and fm <= 2.2e-4, LPIPS <= 4.1e-3, P-DINO <= 1.9e-4,
+    REPA <= 4e-5; per-parameter gradient cosine >= 0.9996. The bounds below keep a 5-10x margin."""
+    model, loss_fn = randomize(tiny_jit()), make_loss()
+    x, y, eps = batch()
+    t = torch.tensor([0.1, 0.5, 0.29, 0.9])
+    ref, g_ref, _, _ = _loss_and_grads(model, loss_fn, x, y, t, eps)
+    out, g, _, _ = _loss_and_grads(model, loss_fn, x, y, t, eps, bf16=True)
+    for k, rtol in dict(loss=2e-3, fm=2e-3, lpips=2e-2, pdino=2e-3, repa=2e-3).items():
+        assert out[k].dtype == torch.float32 and out[k] != ref[k], k  # bf16 did run, the terms come out in fp32
+        assert abs(out[k] - ref[k]) <= rtol * abs(ref[k]), (k, out[k], ref[k])
+    assert g.keys() == g_ref.keys() and len(g) == len(list(model.parameters())) - 1 + 6  # all but pos_embed; head
+    for n in g:
+        assert g[n] is not None and torch.isfinite(g[n]).all(), n
+        assert F.cosine_similarity(g[n].flatten(), g_ref[n].flatten(), dim=0) > 0.99, n
+
+
+@pytest.mark.parametrize("grad_ckpt", [False, True])
+def test_jit_compiles_fullgraph_with_repa_feature(grad_ckpt):
+    """torch.compile(fullgraph=True) traces the whole denoiser, complex RoPE and checkpointed blocks included, into
+    one graph (aot_eager: the compiler front end and autograd without code generation, fast on a CPU)."""
+    # 2 blocks keep compilation short: block 0 adds the class tokens, the REPA feature (block 1) drops them again
+    model = randomize(tiny_jit(depth=2, in_context_start=0)).train()
+    model.grad_ckpt = grad_ckpt
+    x, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 10])
+    runs = []
+    for net in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
+        model.zero_grad(set_to_none=True)
+        x_hat, h = net(x, t, y, return_layer=1)
+        (x_hat.pow(2).mean() + h.pow(2).mean()).backward()
+        runs.append([x_hat, h] + [p.grad for p in model.parameters() if p.requires_grad])
+    assert h.shape == (2, 4, 64) and all(a is not None for a in runs[1])
+    for a, b in zip(*runs):  # measured: bitwise equal on CPU float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Flow math and samplers
 
@@ -1267,6 +1357,21 @@ def test_dino_bf16_autocast():
             low = model.patch_tokens(x)
     assert low.shape == ref.shape and torch.isfinite(low).all()
     assert F.cosine_similarity(low.float(), ref, dim=-1).min() > 0.999
+
+
+def test_dino_compiles_fullgraph_and_backpropagates():
+    torch.manual_seed(0)
+    model = dino.DINOv2(embed_dim=64, depth=2, num_heads=4)  # all code paths of patch_tokens, 2 blocks
+    x = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)  # -> 28x28 DINO input, 2x2 tokens
+    runs = []
+    for fn in (model.patch_tokens, torch.compile(model.patch_tokens, fullgraph=True, backend="aot_eager")):
+        x.grad = None
+        f = fn(x, 16)
+        (1 - F.cosine_similarity(f, f.detach().flip(0), dim=-1)).mean().backward()  # P-DINO-like, into the image
+        runs.append((f, x.grad))
+    assert runs[1][1].abs().sum() > 0 and all(p.grad is None for p in model.parameters())
+    for a, b in zip(*runs):  # measured 2.6e-6: the traced bicubic resize rounds differently from the eager kernel
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -453,7 +453,10 @@ class PixelGenLoss(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Samplers (official HeunSamplerJiT(exact_henu=True) and EulerSamplerJiT): ODE from t = 0 (noise) to t = 1.
+# Samplers (official HeunSamplerJiT(exact_henu=True), EulerSamplerJiT, AdamLMSamplerJiT(order=2)): t = 0 (noise) -> 1.
+
+SAMPLERS = ("heun", "euler", "adams2")
+
 
 def time_grid(steps, shift=1.0):  # N uniform steps on [0, 1 - 1/N], then 1; shifted towards noise by `shift`
     s = torch.cat([torch.linspace(0.0, 1 - 1.0 / steps, steps), torch.ones(1)])
@@ -464,26 +467,35 @@ def time_grid(steps, shift=1.0):  # N uniform steps on [0, 1 - 1/N], then 1; shi
 def sample(model, noise, y, steps=50, sampler="heun", cfg_scale=1.0, cfg_interval=(0.1, 0.9), time_shift=2.0,
            t_eps=0.05):
     """Integrate dx/dt = v_hat(x, t) from noise (t = 0) to an image (t = 1); returns x in about [-1, 1]."""
-    ts = time_grid(steps, time_shift)               # float32 on the host: the CFG test below needs no sync
-    ts_dev, null = ts.to(noise.device), torch.full_like(y, model.num_classes)  # one copy to the device, not per step
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+    ts, (lo, hi) = time_grid(steps, time_shift), cfg_interval  # float32 on the host: the CFG tests need no sync
+    dts, tn = ts.diff(), ts.clone()  # the steps; the times the net sees
+    if sampler == "adams2":  # NOTE(official): AdamLM feeds the net t_cur, a float32 running sum of dt (not the grid
+        for i in range(steps):  # value), and guides only on the open interval lo < t_cur < hi
+            tn[i + 1] = tn[i] + dts[i]
+    guide = ((tn > lo) & (tn < hi if sampler == "adams2" else tn <= hi) & (cfg_scale != 1.0)).tolist()
+    tn_dev, dts_dev, null = tn.to(noise.device), dts.to(noise.device), torch.full_like(y, model.num_classes)  # once
 
     def velocity(x, t, guide):  # v_hat; with guidance, v = v_u + w (v_c - v_u) in v-space
         tb = t.expand(x.shape[0])
-        if not guide:  # NOTE(official): the official samplers always run both branches, even at scale 1
-            return x_to_v(model(x, tb, y), x, tb, t_eps)
+        if not guide:  # NOTE(official): the official samplers always run both branches, even at scale 1 or outside
+            return x_to_v(model(x, tb, y), x, tb, t_eps)  # the interval
         xx, tt = torch.cat([x, x]), tb.repeat(2)
         v_u, v_c = x_to_v(model(xx, tt, torch.cat([null, y])), xx, tt, t_eps).chunk(2)
         return v_u + cfg_scale * (v_c - v_u)
 
     x = noise
     for i in range(steps):
-        t, t_next, dt = ts_dev[i], ts_dev[i + 1], ts_dev[i + 1] - ts_dev[i]
-        guide = cfg_scale != 1.0 and bool((ts[i] > cfg_interval[0]) & (ts[i] <= cfg_interval[1]))
-        v = velocity(x, t, guide)
-        if sampler == "euler" or i == steps - 1:  # the last step is Euler: the net never sees t = 1
+        v, dt = velocity(x, tn_dev[i], guide[i]), dts_dev[i]
+        if sampler == "heun" and i < steps - 1:  # predict with Euler, correct with the mean of both slopes (same CFG)
+            x = x + (v + velocity(x + v * dt, tn_dev[i + 1], guide[i])) / 2 * dt
+        elif sampler == "adams2" and i > 0:  # AB2: integrate the line through the last two velocities over the step
+            a = dts[i] / dts[i - 1] / 2  # normalised Lagrange weights (-a, 1 + a) of (v_prev, v); uniform: (-0.5, 1.5)
+            x = x + ((1 + a) * v - a * v_prev) * dt
+        else:  # Euler; also adams2's first step and Heun's last (the net never sees t = 1)
             x = x + v * dt
-        else:  # Heun: predict with Euler, correct with the mean of both slopes (same CFG decision as at t)
-            x = x + (v + velocity(x + v * dt, t_next, guide)) / 2 * dt
+        v_prev = v
     return x
 
 
@@ -1198,7 +1210,7 @@ def parse_args(argv=None):
     mode = p.add_argument_group("mode").add_mutually_exclusive_group(required=True)
     for m, text in MODES.items():
         mode.add_argument(f"--{m}", action="store_true", help=text)
-    choices = dict(recipe=["auto", *RECIPES], model=list(MODELS), sampler=["heun", "euler", "adams2"],
+    choices = dict(recipe=["auto", *RECIPES], model=list(MODELS), sampler=list(SAMPLERS),
                    device=["auto", "cpu", "cuda"], perceptual_init=["pretrained", "random"],
                    fid_preprocess=["adm", "pytorch-fid"])
     group, groups = "", {}

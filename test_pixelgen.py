@@ -1125,8 +1125,11 @@ def test_batch_must_split_over_ranks(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(SystemExit):
         pg.parse_args(["--train", "--batch_size", "8"])
-    assert "not divisible by the world size 3" in capsys.readouterr().err
+    assert "does not split into 3 processes x 1 micro-batches" in capsys.readouterr().err
     assert pg.parse_args(["--train", "--batch_size", "9"])[0].batch_size == 9
+    with pytest.raises(SystemExit):
+        pg.parse_args(["--train", "--batch_size", "9", "--grad_accum", "2"])
+    assert "make it a multiple of 6" in capsys.readouterr().err
 
 
 def test_missing_pretrained_weights(tmp_path, monkeypatch):

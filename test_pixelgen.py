@@ -368,6 +368,98 @@ def test_to_uint8_rounding():
     assert pg.to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 128, 191, 255, 255]
 
 
+class Fn(nn.Module):
+    """An analytic x-predictor x_hat = f(x, t, y), t shaped (B, 1, 1, 1); records its calls, rows and times."""
+
+    def __init__(self, f, num_classes=2):
+        super().__init__()
+        self.f, self.num_classes, self.rows, self.times = f, num_classes, 0, []
+
+    def forward(self, x, t, y):
+        self.rows += x.shape[0]
+        self.times.append(t[0].item())
+        return self.f(x, t.view(-1, 1, 1, 1), y)
+
+
+@pytest.mark.parametrize("w, interval, guided", [
+    (1.0, (0.0, 1.0), False),  # scale 1: never guided
+    (3.0, (0.0, 1.0), True),   # lo = 0 is open: t = 0 is not guided, t = 0.5 is
+    (3.0, (0.1, 0.5), False),  # hi = 0.5 is open (heun / euler would guide at t = 0.5)
+    (3.0, (0.5, 0.9), False),  # lo = 0.5 is open
+])
+def test_adams2_two_steps_hand_computed(w, interval, guided):
+    c = torch.rand(3, 3, 4, 4) * 2 - 1  # class 0, class 1, null (2)
+    f = lambda x, t, y: torch.tanh(x) * (1 + t) + c[y]  # noqa: E731
+    noise, y = torch.randn(2, 3, 4, 4), torch.tensor([0, 1])
+
+    def v(x, t, guide):
+        v_c, v_u = (f(x, t, y) - x) / (1 - t), (f(x, t, torch.tensor([2, 2])) - x) / (1 - t)
+        return v_u + w * (v_c - v_u) if guide else v_c
+
+    # Grid 0, 0.5, 1 (shift 1). Step 1 is Euler. Step 2 integrates the line through (0, v0), (0.5, v1) over [0.5, 1]:
+    # int (t - 0.5) / (0 - 0.5) dt = -0.25, int (t - 0) / (0.5 - 0) dt = 0.75; normalised by their sum 0.5: (-0.5, 1.5).
+    v0 = v(noise, 0.0, False)
+    x1 = noise + 0.5 * v0
+    v1 = v(x1, 0.5, guided)
+    x2 = x1 + 0.5 * (-0.5 * v0 + 1.5 * v1)
+    m = Fn(f)
+    out = pg.sample(m, noise, y, steps=2, sampler="adams2", cfg_scale=w, cfg_interval=interval, time_shift=1.0)
+    torch.testing.assert_close(out, x2)
+    assert m.times == [0.0, 0.5] and m.rows == 2 + (4 if guided else 2)
+    assert not torch.allclose(x2, x1 + 0.5 * v1)  # not Euler
+    m = Fn(f)
+    pg.sample(m, noise, y, steps=2, sampler="euler", cfg_scale=3.0, cfg_interval=(0.1, 0.5), time_shift=1.0)
+    assert m.rows == 2 + 4  # euler: closed at hi, guided at t = 0.5
+
+
+def test_adams2_exact_for_velocities_linear_in_t_on_a_shifted_grid():
+    # v = p + q t (x_hat = x + (1 - t) v): after the Euler first step, each step integrates v exactly, on any grid, so
+    # x_N = x_0 + int_0^1 v dt - (Euler's first-step error q h_0^2 / 2) = x_0 + p + q / 2 - q h_0^2 / 2; Euler itself
+    # loses q h_i^2 / 2 on every step.
+    p, q, x0 = torch.randn(3, 3, 4, 4).unbind()
+    m = Fn(lambda x, t, y: x + (1 - t) * (p + q * t))
+    ts = pg.time_grid(10, 3.0)
+    out = pg.sample(m, x0[None], torch.zeros(1, dtype=torch.long), steps=10, sampler="adams2", time_shift=3.0)
+    torch.testing.assert_close(out[0], x0 + p + q / 2 - q * ts[1] ** 2 / 2, atol=1e-5, rtol=1e-5)
+    euler = pg.sample(m, x0[None], torch.zeros(1, dtype=torch.long), steps=10, sampler="euler", time_shift=3.0)
+    torch.testing.assert_close(euler[0], x0 + p + q / 2 - q * (ts.diff() ** 2).sum() / 2, atol=1e-5, rtol=1e-5)
+
+
+def test_adams2_net_time_is_the_float32_running_sum_of_dt():
+    # NOTE(official): AdamLM feeds the net t_cur += dt, not the grid value; they differ (in the last bit) on a few
+    # grids such as 7 steps at shift 3.
+    ts, m = pg.time_grid(7, 3.0), Fn(lambda x, t, y: x)
+    pg.sample(m, torch.zeros(1, 3, 2, 2), torch.zeros(1, dtype=torch.long), steps=7, sampler="adams2", time_shift=3.0)
+    t_cur = [torch.zeros(())]
+    for dt in ts.diff()[:-1]:
+        t_cur.append(t_cur[-1] + dt)
+    assert m.times == torch.stack(t_cur).tolist() and m.times[2] != ts[2].item()
+
+
+def test_adams2_one_call_per_step_and_half_the_official_rows_unguided():
+    B, N = 3, 25  # the T2I setting: 25 steps, shift 3, CFG 4 (there on the interval (0, 1))
+    noise, y = torch.randn(B, 3, 4, 4), torch.zeros(B, dtype=torch.long)
+    m = Fn(lambda x, t, y: x * t)
+    pg.sample(m, noise, y, steps=N, sampler="adams2", cfg_scale=1.0, time_shift=3.0)
+    assert len(m.times) == N and m.rows == B * N == 2 * B * N // 2  # the official sampler always doubles the batch
+    for interval in ((0.0, 1.0), (0.1, 0.9)):
+        m = Fn(lambda x, t, y: x * t)
+        pg.sample(m, noise, y, steps=N, sampler="adams2", cfg_scale=4.0, cfg_interval=interval, time_shift=3.0)
+        guided = sum(interval[0] < t < interval[1] for t in pg.time_grid(N, 3.0)[:N].tolist())
+        assert len(m.times) == N and m.rows == B * (N + guided) and guided == {0.0: N - 1, 0.1: 18}[interval[0]]
+
+
+def test_unknown_sampler_names_are_rejected():
+    m, noise, y = Oracle(torch.zeros(2, 3, 4, 4)), torch.randn(1, 3, 4, 4), torch.zeros(1, dtype=torch.long)
+    for name in ("adams", "Heun", "dpm"):
+        with pytest.raises(ValueError, match=r"unknown sampler .*heun, euler, adams2"):
+            pg.sample(m, noise, y, steps=2, sampler=name)
+    assert m.rows == 0
+    assert pg.parse_args(["--sample", "--sampler", "adams2"])[0].sampler == "adams2"
+    with pytest.raises(SystemExit):
+        pg.parse_args(["--sample", "--sampler", "adams"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Objective (paper Eq. 6-9)
 

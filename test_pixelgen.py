@@ -314,60 +314,6 @@ def test_unguided_heun_runs_half_the_official_rows():
     assert m.rows == B * (2 * N - 1) + B * (2 * guided - (1 if 0.1 < ts[N - 1] <= 0.9 else 0))
 
 
-class Affine(nn.Module):
-    """x_hat = 0.5 x + t c[y]: a velocity that changes along the path, so multistep weights matter; counts rows."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.c, self.num_classes, self.rows = c, c.shape[0] - 1, 0
-
-    def forward(self, x, t, y):
-        self.rows += x.shape[0]
-        return 0.5 * x + t.view(-1, 1, 1, 1) * self.c[y]
-
-
-@pytest.mark.parametrize("w,interval,guided", [(1.0, (0.1, 0.9), False), (3.0, (0.1, 0.9), True),
-                                               (3.0, (0.1, 0.5), False)])  # open interval: t = 0.5 is outside
-def test_adams2_two_steps_by_hand(w, interval, guided):
-    c = torch.randn(3, 3, 4, 4, dtype=torch.float64)  # class 0, class 1, null (2)
-    noise, y = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.tensor([0, 1])
-    v = lambda x, t, k: (0.5 * x + t * c[k] - x) / (1 - t)  # Eqs. (3)-(4) for this net
-    x0 = noise
-    v0 = v(x0, 0.0, y)  # t = 0: never guided
-    x1 = x0 + 0.5 * v0  # first step: Euler
-    v1 = v(x1, 0.5, 2) + w * (v(x1, 0.5, y) - v(x1, 0.5, 2)) if guided else v(x1, 0.5, y)
-    x2 = x1 + 0.5 * (1.5 * v1 - 0.5 * v0)  # the line through (0, v0), (0.5, v1) integrated over [0.5, 1]
-    m = Affine(c)
-    out = pg.sample(m, noise, y, steps=2, sampler="adams2", cfg_scale=w, cfg_interval=interval, time_shift=1.0)
-    torch.testing.assert_close(out, x2)
-    assert m.rows == 2 + (4 if guided else 2)  # one evaluation per step; both branches only when guided
-
-
-def test_adams2_uneven_grid_integrates_the_lagrange_line():
-    c, noise, y = torch.randn(2, 3, 4, 4), torch.randn(1, 3, 4, 4), torch.tensor([0])
-    ts = pg.time_grid(3, 2.0).double()  # uneven steps
-    x, t_cur, vs = noise.double(), 0.0, []
-    for i in range(3):
-        vs.append((0.5 * x + t_cur * c[y].double() - x) / max(1 - t_cur, 0.05))
-        h = (ts[i + 1] - ts[i]).item()
-        slope = (vs[-1] - vs[-2]) / (ts[i] - ts[i - 1]).item() if i else 0
-        x = x + h * vs[-1] + slope * h * h / 2  # exact integral of the interpolating line over [t_i, t_i+1]
-        t_cur += h
-    out = pg.sample(Affine(c), noise, y, steps=3, sampler="adams2", time_shift=2.0)
-    torch.testing.assert_close(out.double(), x, rtol=1e-5, atol=1e-5)
-
-
-def test_unknown_sampler_is_an_error():
-    with pytest.raises(ValueError, match="unknown sampler 'dpm'.*heun, euler, adams2"):
-        pg.sample(Oracle(torch.zeros(2, 3, 4, 4)), torch.randn(1, 3, 4, 4), torch.zeros(1, dtype=torch.long),
-                  sampler="dpm")
-
-
-def test_to_uint8_rounding():
-    x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0, 1.5]).view(1, 1, 1, 6).expand(1, 3, 1, 6)
-    assert pg.to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 128, 191, 255, 255]
-
-
 class Fn(nn.Module):
     """An analytic x-predictor x_hat = f(x, t, y), t shaped (B, 1, 1, 1); records its calls, rows and times."""
 

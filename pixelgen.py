@@ -9,11 +9,11 @@ classifier-free guidance. The paper reaches FID 5.11 on ImageNet-256 without gui
     python pixelgen.py --train                                   # CPU/GPU demo on the built-in toy dataset
     torchrun --nproc_per_node=8 pixelgen.py --train --data_path /data/imagenet/train             # XL/16, 80 ep
     torchrun --nproc_per_node=8 pixelgen.py --train --recipe xl-160ep --data_path /data/imagenet/train
-    torchrun --nproc_per_node=8 pixelgen.py --train --recipe l-200k --data_path /data/imagenet/train
+    torchrun --nproc_per_node=4 pixelgen.py --train --data_path /data/imagenet/train --grad_accum 2  # same update
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_endpoint=HOST:29500 pixelgen.py --train --data_path ...
-    torchrun --nproc_per_node=8 pixelgen.py --sample --ckpt PixelGen_XL_80ep.ckpt --num_samples 50000
+    torchrun --nproc_per_node=8 pixelgen.py --sample --ckpt PixelGen_XL_80ep.ckpt --unsafe_load --num_samples 50000 \
+        --fid_ref VIRTUAL_imagenet256_labeled.npz                          # FID-50K and IS, written to eval.json
     python pixelgen.py --bench --recipe xl-80ep --batch_size 32 --compile   # speed, memory and MFU on one GPU
-    python fid.py runs/pixelgen/samples.npz VIRTUAL_imagenet256_labeled.npz --is --pr
 
 Notation (paper Sec. 3; t = 0 is pure noise, t = 1 is the clean image):
     x      clean image in [-1, 1], (B, 3, H, W)        eps    Gaussian noise, like x
@@ -85,7 +85,7 @@ class Config:
     lpips_weight: float = 0.1         # paper lambda_1
     pdino_weight: float = 0.01        # paper lambda_2
     repa_weight: float = 0.5          # official feat_loss_weight
-    repa_layer: int = -1              # REPA feature: tokens entering this block; -1 = the preset's (official 8 for L, XL)
+    repa_layer: int = -1              # REPA feature: tokens entering this block; -1 = the preset's (REPA_LAYER)
     gate_t: float = 0.3               # noise gate g(t) = 1[t >= gate_t]; official percept_t_threshold; 0 = no gate
     gate_pdino: bool = True           # False reproduces the released code, whose P-DINO is effectively ungated
     adaptive_from: int = -1           # >= 0: adaptive perceptual weight from this step (160-epoch recipe: 400000)
@@ -124,7 +124,7 @@ class Config:
 RECIPES = {
     "xl-80ep": dict(keep_every=100_000),                                # Table 2: FID 5.11, Heun 50, no CFG
     "xl-160ep": dict(epochs=160, cfg_scale=(2.25,), adaptive_from=400_000, keep_every=100_000),  # FID 1.83, CFG 2.25
-    "l-200k": dict(model="PixelGen-L/16", max_steps=200_000, sampler="euler", time_shift=1.0),  # Table 3 ablations
+    "l-200k": dict(model="PixelGen-L/16", max_steps=200_000, sampler="euler", time_shift=1.0),  # Table 5 ablations
     # Laptop demo: a 4M-parameter model on 64 px toy shapes; faster lr and EMA because it trains for minutes.
     "demo": dict(model="PixelGen-T/16", image_size=64, num_classes=10, batch_size=16, lr=1e-3, ema=(0.99,),
                  max_steps=500, num_workers=0, sample_steps=25, time_shift=1.0, cfg_scale=(2.0,), ckpt_every=250,
@@ -284,7 +284,8 @@ class JiT(nn.Module):
         assert input_size % patch_size == 0 and hidden_size % num_heads == 0 and hidden_size % 4 == 0
         assert in_context_len == 0 or in_context_start < depth, "in-context tokens must enter before the last block"
         self.patch_size, self.num_classes, self.in_channels = patch_size, num_classes, in_channels
-        self.in_context_len, self.in_context_start, self.grid = in_context_len, in_context_start, input_size // patch_size
+        self.in_context_len, self.in_context_start = in_context_len, in_context_start
+        self.grid = input_size // patch_size
         self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.grid)[None], requires_grad=False)
         if in_context_len > 0:
             self.in_context_posemb = nn.Parameter(torch.randn(1, in_context_len, hidden_size) * 0.02)
@@ -307,11 +308,9 @@ class JiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        for conv in (self.x_embedder.proj1, getattr(self.x_embedder, "proj2", None)):
-            if conv is not None:
-                nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
-                if conv.bias is not None:
-                    nn.init.zeros_(conv.bias)
+        for conv in (m for m in self.x_embedder.children() if isinstance(m, nn.Conv2d)):  # proj1 (, proj2)
+            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+            nn.init.zeros_(conv.bias) if conv.bias is not None else None
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
@@ -340,7 +339,7 @@ class JiT(nn.Module):
             x = torch.utils.checkpoint.checkpoint(block, x, c, r, use_reentrant=False) if ckpt else block(x, c, r)
         x = self.final_layer(x[:, self.in_context_len:], c)             # (B, N, p*p*3)
         p, g = self.patch_size, self.grid
-        x_hat = x.view(-1, g, g, p, p, self.in_channels).permute(0, 5, 1, 3, 2, 4).reshape(-1, self.in_channels, g * p, g * p)
+        x_hat = x.view(-1, g, g, p, p, self.in_channels).permute(0, 5, 1, 3, 2, 4).flatten(4, 5).flatten(2, 3)
         return x_hat if return_layer is None else (x_hat, h)
 
 
@@ -512,9 +511,7 @@ VGG_FILE, VGG_URL = "vgg16-397923af.pth", "https://download.pytorch.org/models/v
 def hub_file(path, name, url, download=True):
     """An explicit path, else TORCH_HOME/hub/checkpoints/name, downloaded there when online; else a clear error."""
     if path:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"weights file not found: {path}")
-        return path
+        return path  # parse_args checked that it exists
     folder = os.path.join(torch.hub.get_dir(), "checkpoints")
     dest = os.path.join(folder, name)
     if not os.path.isfile(dest) and download:
@@ -561,7 +558,7 @@ def perceptual_nets(cfg, device, log=print):
         if cfg.data_path:
             raise SystemExit(f"error: {e}\n(--perceptual_init random runs without them, for smoke tests only)")
         log("!" * 100 + f"\nWARNING: pretrained perceptual networks unavailable ({e}).\nThe demo continues with "
-            "RANDOMLY INITIALISED LPIPS-VGG and DINOv2: the perceptual losses are then only a regulariser.\n" + "!" * 100)
+            "RANDOMLY INITIALISED LPIPS-VGG and DINOv2: the perceptual losses are only a regulariser.\n" + "!" * 100)
         return rand()
 
 
@@ -598,10 +595,10 @@ class ImageFolderData(torch.utils.data.Dataset):
         if not os.path.isdir(root):
             raise SystemExit(f"error: --data_path {root} is not a folder")
         classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        walk = lambda d: sorted(os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.lower().endswith(IMG_EXT))
-        self.samples = [(p, k) for k, c in enumerate(classes) for p in walk(os.path.join(root, c))]
-        if not classes:  # flat folder
-            self.samples = [(os.path.join(root, f), 0) for f in sorted(os.listdir(root)) if f.lower().endswith(IMG_EXT)]
+        ok = lambda f: f.lower().endswith(IMG_EXT)
+        walk = lambda d: sorted(os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if ok(f))
+        self.samples = [(p, k) for k, c in enumerate(classes) for p in walk(os.path.join(root, c))] if classes else [
+            (os.path.join(root, f), 0) for f in sorted(os.listdir(root)) if ok(f)]  # a flat folder: one class
         if not self.samples:
             raise SystemExit(f"error: no images ({', '.join(IMG_EXT)}) found in {root}")
         self.size, self.num_classes = size, max(1, len(classes))
@@ -637,9 +634,10 @@ class ToyShapes(torch.utils.data.Dataset):
         yy, xx = (np.mgrid[0:s, 0:s] + 0.5) / s
         cy, cx, r = g.uniform(0.4, 0.6), g.uniform(0.4, 0.6), g.uniform(0.22, 0.32)
         dy, dx = yy - cy, xx - cx
-        m = [dx**2 + dy**2 < r**2, np.maximum(abs(dx), abs(dy)) < r * 0.8, (dy < r * 0.7) & (abs(dx) < (dy + r) * 0.6),
-             abs(np.sqrt(dx**2 + dy**2) - r * 0.8) < r * 0.25, (np.minimum(abs(dx), abs(dy)) < r * 0.25) & (np.maximum(abs(dx), abs(dy)) < r),
-             np.sin(yy * 8 * np.pi) > 0, np.sin(xx * 8 * np.pi) > 0, abs(dx) + abs(dy) < r, ((xx * 6).astype(int) + (yy * 6).astype(int)) % 2 == 0,
+        lo, hi = np.minimum(abs(dx), abs(dy)), np.maximum(abs(dx), abs(dy))
+        m = [dx**2 + dy**2 < r**2, hi < r * 0.8, (dy < r * 0.7) & (abs(dx) < (dy + r) * 0.6),
+             abs(np.sqrt(dx**2 + dy**2) - r * 0.8) < r * 0.25, (lo < r * 0.25) & (hi < r), np.sin(yy * 8 * np.pi) > 0,
+             np.sin(xx * 8 * np.pi) > 0, abs(dx) + abs(dy) < r, ((xx * 6).astype(int) + (yy * 6).astype(int)) % 2 == 0,
              np.minimum(np.minimum(xx, 1 - xx), np.minimum(yy, 1 - yy)) < 0.16][y]
         bg = g.uniform(0, 90, size=3)
         fg = np.clip(np.array(colors[y]) + g.normal(0, 15, size=3), 0, 255)
@@ -749,15 +747,13 @@ def save_checkpoint(obj, path, keep=None):
         os.replace(path + ".tmp", path)
         if keep:
             target = keep
-            if os.path.exists(keep):
-                os.remove(keep)
+            os.remove(keep) if os.path.exists(keep) else None
             try:
                 os.link(path, keep)
             except OSError:  # a file system without hard links
                 shutil.copyfile(path, keep)
     except BaseException as e:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
+        os.remove(path + ".tmp") if os.path.exists(path + ".tmp") else None
         if not isinstance(e, Exception):  # KeyboardInterrupt and the like go on as they are
             raise
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**30
@@ -834,7 +830,8 @@ def train(cfg, hook=None):
             step = ck["step"]
         except Exception as e:
             raise SystemExit(f"error: cannot resume from {path}: {str(e)[:400]}\nUse another --out_dir or --no-resume.")
-        log(f"resumed from {path} at step {step}" + "".join(f"; EMA {d} starts now" for d in emas if str(d) not in held))
+        log(f"resumed from {path} at step {step}" + "".join(f"; EMA {d} starts now" for d in emas
+                                                                  if str(d) not in held))
     net = TrainStep(model, loss_fn)
     if ddp:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if cuda else None)
@@ -847,9 +844,9 @@ def train(cfg, hook=None):
     max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     log(f"{max_steps} steps, {steps_per_epoch} per epoch, global batch {B} = {world} processes x {K} micro-batches "
         f"x {b}")
-    batches = iter(torch.utils.data.DataLoader(data, batch_sampler=GlobalBatches(len(data), B, world, rank, K, cfg.seed,
-                                                                                 step), collate_fn=collate,
-                                               num_workers=cfg.num_workers, pin_memory=cuda, worker_init_fn=quiet_worker))
+    sampler = GlobalBatches(len(data), B, world, rank, K, cfg.seed, step)
+    batches = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate, pin_memory=cuda,
+                                               num_workers=cfg.num_workers, worker_init_fn=quiet_worker))
     fid_ctx = fid_setup(cfg, device, rank, world) if cfg.eval_every and cfg.fid_ref else None
     stop, handlers = [], {}
 
@@ -904,8 +901,9 @@ def train(cfg, hook=None):
                     dist.all_reduce(tot)
                 avg = (tot[:5] / (step - t_log)).tolist() + [gate_sum / (step - t_log)]  # the one host sync
                 if not all(math.isfinite(v) for v in avg):
-                    raise SystemExit(f"error: non-finite loss at step {step} ({avg}); last good checkpoint kept: {path}")
-                ips, eta = B * (step - t_log) / (time.time() - t0), (max_steps - step) * (time.time() - t0) / (step - t_log)
+                    raise SystemExit(f"error: non-finite loss at step {step} ({avg}); last good checkpoint: {path}")
+                dt = time.time() - t0
+                ips, eta = B * (step - t_log) / dt, (max_steps - step) * dt / (step - t_log)
                 row = dict(step=step, epoch=round(step / steps_per_epoch, 4), **dict(zip(
                     ("loss", "fm", "lpips", "pdino", "repa", "gate"), avg)), w_ad=loss_fn.percept_weight.item(),
                     lr=cfg.lr, img_per_s=round(ips, 2), **({"peak_mem_gib": round(torch.cuda.max_memory_allocated(
@@ -968,43 +966,46 @@ def load_denoiser(path, unsafe=False, decays=(), use_ema=True):
             raise SystemExit(f"error: {path} holds pickled Python objects besides tensors "
                              f"({str(e).splitlines()[-1][:200]}).\nIf you trust the file, pass --unsafe_load.")
         raise SystemExit(f"error: cannot read checkpoint {path} (corrupt or not a torch file): {str(e)[:300]}")
-    conf, step = (ck.get("config"), ck.get("step", ck.get("global_step"))) if isinstance(ck, dict) else (None, None)
-    if isinstance(ck, dict) and "ema" in ck and "model" in ck:  # ours; files before several EMAs hold one
-        held = {float(d): sd for d, sd in ck["emas"].items()} if "emas" in ck else {(conf or {}).get("ema", "ema"): ck["ema"]}
-    elif isinstance(ck, dict) and "state_dict" in ck:  # official Lightning: denoiser. / ema_denoiser. prefixes
-        sd = ck["state_dict"]
-        held = {0.9999: {k[13:]: v for k, v in sd.items() if k.startswith("ema_denoiser.")}}  # official SimpleEMA decay
-        ck = dict(model={k[9:]: v for k, v in sd.items() if k.startswith("denoiser.")})
+    ck = ck if isinstance(ck, dict) else {}
+    conf, step = ck.get("config"), ck.get("step", ck.get("global_step"))
+    if "ema" in ck and "model" in ck:  # ours; files from before several EMAs hold one
+        held = {float(d): sd for d, sd in ck["emas"].items()} if "emas" in ck else {
+            (conf or {}).get("ema", "ema"): ck["ema"]}
+    elif "state_dict" in ck:  # official Lightning: denoiser. / ema_denoiser. prefixes; SimpleEMA decay 0.9999
+        held = {0.9999: {k[13:]: v for k, v in ck["state_dict"].items() if k.startswith("ema_denoiser.")}}
+        ck = dict(model={k[9:]: v for k, v in ck["state_dict"].items() if k.startswith("denoiser.")})
     else:
         raise SystemExit(f"error: {path} is neither a PixelGen checkpoint (model/ema) nor a Lightning one (state_dict)")
-    missing = [d for d in decays if d not in held]
-    if missing:
-        raise SystemExit(f"error: {path} holds no EMA of decay {', '.join(map(str, missing))}; it holds "
-                         f"{', '.join(map(str, held))}")
+    if any(d not in held for d in decays):
+        raise SystemExit(f"error: {path} holds no EMA of decay {', '.join(str(d) for d in decays if d not in held)}; "
+                         f"it holds {', '.join(map(str, held))}")
     want = {d: held[d] for d in decays or list(held)[:1]} if use_ema else {"raw": ck["model"]}
     sd = next(iter(want.values()))
     try:
-        patch = sd["x_embedder.proj1.weight"].shape[-1]
-        size, classes = math.isqrt(sd["pos_embed"].shape[1]) * patch, sd["y_embedder.embedding_table.weight"].shape[0] - 1
+        p = sd["x_embedder.proj1.weight"].shape[-1]
+        kw = dict(input_size=math.isqrt(sd["pos_embed"].shape[1]) * p, patch_size=p,
+                  num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
     except KeyError as e:
         raise SystemExit(f"error: {path} has no JiT weights (missing {e})")
     report = []
-    for name, kw in MODELS.items():
+    for name, preset in MODELS.items():
         with torch.device("meta"):
-            ref = {k: v.shape for k, v in JiT(**kw, input_size=size, patch_size=patch, num_classes=classes).state_dict().items()}
-        diff = sorted(set(ref) ^ set(sd)) + [f"{k} {tuple(sd[k].shape)} vs {tuple(ref[k])}" for k in ref if k in sd and sd[k].shape != ref[k]]
+            ref = {k: v.shape for k, v in JiT(**preset, **kw).state_dict().items()}
+        diff = sorted(set(ref) ^ set(sd)) + [f"{k} {tuple(sd[k].shape)} vs {tuple(ref[k])}" for k in ref
+                                             if k in sd and sd[k].shape != ref[k]]
         if not diff:
-            models = {d: JiT(**kw, input_size=size, patch_size=patch, num_classes=classes) for d in want}
+            print(f"{path}: {name} at {kw['input_size']}px, {kw['num_classes']} classes, "
+                  f"{'EMA ' + ', '.join(map(str, want)) if use_ema else 'raw'} weights")
+            models = {d: JiT(**preset, **kw).eval() for d in want}
             for d, m in models.items():
                 m.load_state_dict(want[d], strict=True)
-            print(f"{path}: {name} at {size}px, {classes} classes, weights {', '.join(f'EMA {d}' if use_ema else d for d in want)}")
-            return {d: m.eval() for d, m in models.items()}, conf, step
+            return models, conf, step
         report.append(f"  {name}: {len(diff)} differences, e.g. {'; '.join(diff[:3])}")
     raise SystemExit(f"error: the weights in {path} fit no preset:\n" + "\n".join(report))
 
 
 @torch.no_grad()
-def sample_images(model, idx, cfg, device, cfg_scale):  # image i: class i % K, noise from (seed, i) -> (b, H, W, 3) uint8
+def sample_images(model, idx, cfg, device, cfg_scale):  # image i: class i % K, noise from (seed, i) -> (b, H, W, 3)
     size = model.grid * model.patch_size
     noise = seeded_noise((3, size, size), [seed_for(cfg.seed, i) for i in idx], "cpu").to(device)  # any device: same
     with amp(device):
@@ -1135,7 +1136,7 @@ def bench(cfg):
         return (time.perf_counter() - t0) / n * 1e3
 
     def full():  # one training step as in train(): host t and label dropout, per-sample noise, global normalisers
-        t, eps = sample_t(B, cfg.P_mean, cfg.P_std), seeded_noise(x.shape[1:], [seed_for(0, i) for i in range(B)], device)
+        t, eps = sample_t(B, cfg.P_mean, cfg.P_std), seeded_noise(x.shape[1:], [seed_for(i) for i in range(B)], device)
         with amp(device):
             out = loss_fn(model, x, y, t=t, noise=eps, drop=torch.rand(B) < cfg.label_dropout,
                           norm=(B, int((t >= cfg.gate_t).sum())))
@@ -1166,7 +1167,7 @@ def bench(cfg):
         torch.cuda.reset_peak_memory_stats()
     ms = {"step": timeit(full)}
     import resource  # CPU: the process's peak resident memory
-    mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    mem = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     parts = dict(denoiser=denoiser, lpips=lpips_part if lp else None, dino=dino_part if dino else None,
                  **{"opt+ema": lambda: (opt.step(), update_ema(emas, model))})
     ms.update({k: timeit(fn) for k, fn in parts.items() if fn})
@@ -1174,10 +1175,11 @@ def bench(cfg):
     with amp(device):
         ms_sample = timeit(lambda: sample(model_ema, noise, y, cfg.sample_steps, cfg.sampler, cfg.cfg_scale[0],
                                           cfg.cfg_interval, cfg.time_shift), n=1)
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if k != "step")
     print(f"{cfg.model} {S}px batch {B} on {device}{' compiled' if cfg.compile else ''}"
           f"{' grad_ckpt' if cfg.grad_ckpt else ''}: train {B / ms['step'] * 1e3:.1f} img/s ({ms['step']:.1f} ms/step; "
-          + ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if k != "step") + f" ms), peak memory {mem:.2f} GiB; "
-          f"sampling ({cfg.sampler} {cfg.sample_steps}, cfg {cfg.cfg_scale[0]}) {B / ms_sample * 1e3:.2f} img/s")
+          f"{parts} ms), peak memory {mem / 2**30:.2f} GiB; sampling ({cfg.sampler} {cfg.sample_steps}, cfg "
+          f"{cfg.cfg_scale[0]}) {B / ms_sample * 1e3:.2f} img/s")
     if cuda and dino and lp:  # analytic FLOPs of one step: matmuls and attention, x3 for forward + backward
         T, D, gated = model.grid ** 2 + model.in_context_len, model.pos_embed.shape[-1], g.float().mean().item()
         # per-token weights (qkv, proj, SwiGLU); adaLN acts on one vector per image and is left out
@@ -1205,7 +1207,8 @@ MODES = dict(train="train; under torchrun on all processes; resumes from OUT_DIR
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, argument_default=argparse.SUPPRESS, usage="%(prog)s (--train | --sample | --bench) [options]",
+    p = argparse.ArgumentParser(description=__doc__, usage="%(prog)s (--train | --sample | --bench) [options]",
+                                argument_default=argparse.SUPPRESS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_argument_group("mode").add_mutually_exclusive_group(required=True)
     for m, text in MODES.items():

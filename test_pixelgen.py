@@ -1147,6 +1147,14 @@ def test_cli_flags_and_errors(tmp_path, capsys):
     assert not os.listdir(d)  # bad flags write nothing
 
 
+def test_demo_uses_a_gpu_for_a_longer_run(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg, _ = pg.parse_args(["--train"])
+    assert (cfg.batch_size, cfg.max_steps) == (64, 3000) and cfg.model == "PixelGen-T/16"
+    assert pg.parse_args(["--train", "--device", "cpu"])[0].batch_size == 16  # the CPU demo stays as it is
+    assert pg.parse_args(["--train", "--max_steps", "10"])[0].max_steps == 10  # explicit flags win
+
+
 def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit):
         pg.parse_args(["--help"])

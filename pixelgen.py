@@ -96,7 +96,7 @@ class Config:
     sampler: str = "heun"             # heun | euler | adams2
     sample_steps: int = 50            # paper: 50 steps
     cfg_scale: tuple = (1.0,)         # 1.0 = no guidance (FID 5.11); 2.25 for 160 epochs (FID 1.83); several = a sweep
-    cfg_interval: tuple = (0.1, 0.9)  # guidance only while lo < t <= hi
+    cfg_interval: tuple = (0.1, 0.9)  # guidance only while lo < t <= hi (adams2: lo < t < hi, as official)
     time_shift: float = 2.0           # XL: 2.0; L/16 ablations: 1.0
     num_samples: int = 64             # --sample: images per setting (FID-50K: 50000, 50 per class)
     save_pngs: bool = False           # --sample: also write one PNG per image

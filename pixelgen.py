@@ -130,7 +130,7 @@ RECIPES = {
                  max_steps=500, num_workers=0, sample_steps=25, time_shift=1.0, cfg_scale=(2.0,), ckpt_every=250,
                  log_every=25, sample_every=250, out_dir="runs/demo", num_samples=40),
 }
-DEMO_CUDA = dict(batch_size=64, max_steps=3000, log_every=100, ckpt_every=1000, sample_every=1000)  # same minutes
+DEMO_CUDA = dict(batch_size=64, max_steps=3000, log_every=100, ckpt_every=1000, sample_every=1000)  # GPU: not timed
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model: JiT, "Just image Transformer" (arXiv 2511.13720), as in official src/models/transformer/JiT.py.

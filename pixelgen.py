@@ -510,8 +510,10 @@ VGG_FILE, VGG_URL = "vgg16-397923af.pth", "https://download.pytorch.org/models/v
 
 def hub_file(path, name, url, download=True):
     """An explicit path, else TORCH_HOME/hub/checkpoints/name, downloaded there when online; else a clear error."""
+    if path and not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
     if path:
-        return path  # parse_args checked that it exists
+        return path
     folder = os.path.join(torch.hub.get_dir(), "checkpoints")
     dest = os.path.join(folder, name)
     if not os.path.isfile(dest) and download:
@@ -893,8 +895,8 @@ def train(cfg, hook=None):
                 flag = torch.tensor(len(stop))
                 dist.all_reduce(flag, dist.ReduceOp.MAX, group=ctrl)
                 stop += ["a signal to another process"] if flag and not stop else []
-            end = step == max_steps or bool(stop)
-            save = step % cfg.ckpt_every == 0 or end or (cfg.keep_every and step % cfg.keep_every == 0)
+            keep = cfg.keep_every and step % cfg.keep_every == 0  # also a snapshot ckpt_{step}.pt
+            save = step % cfg.ckpt_every == 0 or step == max_steps or bool(stop) or keep
             if step % cfg.log_every == 0 or save:
                 tot = torch.cat([sums, sums.new_tensor([bad_images])])
                 if ddp:
@@ -913,7 +915,6 @@ def train(cfg, hook=None):
                     f"{eta / 60:.1f} min bad_images {int(tot[5])}", row)
                 sums, gate_sum, bad_images, t0, t_log = None, 0.0, 0, time.time(), step
             if save and master:
-                keep = cfg.keep_every and step % cfg.keep_every == 0
                 save_checkpoint(dict(model=model.state_dict(), ema=emas[cfg.ema[0]].state_dict(), emas={
                     str(d): e.state_dict() for d, e in emas.items()}, loss=loss_fn.state_dict(), opt=opt.state_dict(),
                     step=step, config=dataclasses.asdict(cfg)), path,
@@ -1048,6 +1049,7 @@ def evaluate(emas, n, cfg, device, rank, world, out_dir=None, fid_ctx=None):
         for w in cfg.cfg_scale:
             tag = "" if len(emas) * len(cfg.cfg_scale) == 1 else f"_ema{d}_cfg{w:g}"
             stats, imgs = fid.Stats(n) if net else None, []
+            os.makedirs(os.path.join(out_dir, f"images{tag}"), exist_ok=True) if out_dir and cfg.save_pngs else None
             for j in tqdm(range(0, len(mine), bs), disable=rank != 0, desc=f"sampling{tag}", leave=False):
                 idx = mine[j: j + bs]
                 im = sample_images(model, idx, cfg, device, w)
@@ -1056,7 +1058,6 @@ def evaluate(emas, n, cfg, device, rank, world, out_dir=None, fid_ctx=None):
                 if out_dir:
                     imgs.append(im)
                     for i, a in zip(idx, im if cfg.save_pngs else []):
-                        os.makedirs(os.path.join(out_dir, f"images{tag}"), exist_ok=True)
                         Image.fromarray(a).save(os.path.join(out_dir, f"images{tag}", f"{i:06d}.png"))
             if out_dir:
                 write_samples(imgs, mine, n, os.path.join(out_dir, f"samples{tag}.npz"), model, rank, world)

@@ -1,6 +1,6 @@
 """Frozen DINOv2 ViT-B/14, written from scratch, for PixelGen's perceptual and REPA losses.
 
-PixelGen uses DINOv2 in two places (SPEC section 4):
+PixelGen uses DINOv2 in two places:
   * P-DINO loss: per sample mean over patches of 1 - cos(f(x_hat), f(x)), with gradients flowing through the
     frozen network into the predicted image x_hat;
   * REPA loss: the JiT tokens entering block 8 are projected and aligned (cosine) with f(x) of the clean image.
@@ -115,6 +115,10 @@ class DINOv2(nn.Module):
         self.patch_embed = PatchEmbed(self.patch_size, embed_dim)
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.embed_dim = embed_dim
+        # ImageNet normalisation as buffers (not in the state dict): no host-to-device copy per call
+        self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)         # official random init (weights are normally loaded)
         nn.init.normal_(self.cls_token, std=1e-6)
         self.requires_grad_(False)
@@ -193,11 +197,12 @@ class DINOv2(nn.Module):
         """PixelGen's DINO feature f(x): images in [-1, 1] (B, 3, H, W) -> (B, (H/p)*(W/p), D) tokens of the last
         block after the final LayerNorm, p = `patch_size` of the pixel model. As the official PixelGen
         encoder wrapper: [0, 1], ImageNet mean/std, bicubic resize (no antialias) to 14*H/p x 14*W/p so that
-        the DINO token grid equals the JiT token grid. No torch.no_grad here: callers wrap the target."""
+        the DINO token grid equals the JiT token grid. The normalisation runs in float32 whatever the input dtype:
+        under bf16 autocast a bf16 x_hat and a float32 x then meet the same exact constants, so f(x_hat) = f(x)
+        when x_hat = x. No torch.no_grad here: callers wrap the target. Call the module, `dino(x, p)`, rather
+        than this method, so that a compiled module runs compiled."""
         H, W = x.shape[-2:]
-        mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        x = ((x + 1) / 2 - mean) / std                          # (B, 3, H, W)
+        x = ((x.float() + 1) / 2 - self.mean) / self.std       # (B, 3, H, W) float32
         x = F.interpolate(x, size=(int(14 * H / patch_size), int(14 * W / patch_size)), mode='bicubic')
         return self.get_intermediate_layers(x, n=1)[0]          # (B, h*w, D), h = H/p, w = W/p
 

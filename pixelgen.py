@@ -1,10 +1,10 @@
 """
 PixelGen (arXiv 2602.02493) in one file: pixel-space diffusion with perceptual supervision.
 
-A patch-16 JiT transformer predicts the clean image from a noisy one (x-prediction), is trained with the
-flow-matching velocity loss plus noise-gated perceptual losses (LPIPS for local texture, P-DINO on frozen
-DINOv2 features for global semantics) and REPA feature alignment, and is sampled with a Heun ODE solver and
-classifier-free guidance. The paper reaches FID 5.11 on ImageNet-256 without guidance after 80 epochs.
+A patch-16 JiT transformer predicts the clean image from a noisy one (x-prediction). It is trained with the
+flow-matching velocity loss plus noise-gated perceptual losses (LPIPS for local texture, P-DINO on frozen DINOv2
+features for global semantics) and REPA feature alignment, and sampled with a Heun ODE solver and classifier-free
+guidance. The paper reaches FID 5.11 on ImageNet-256 without guidance after 80 epochs.
 
     python pixelgen.py --train                                   # CPU/GPU demo on the built-in toy dataset
     torchrun --nproc_per_node=8 pixelgen.py --train --data_path /data/imagenet/train             # XL/16, 80 ep
@@ -12,7 +12,7 @@ classifier-free guidance. The paper reaches FID 5.11 on ImageNet-256 without gui
     torchrun --nproc_per_node=4 pixelgen.py --train --data_path /data/imagenet/train --grad_accum 2  # same update
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_endpoint=HOST:29500 pixelgen.py --train --data_path ...
     torchrun --nproc_per_node=8 pixelgen.py --sample --ckpt PixelGen_XL_80ep.ckpt --unsafe_load --num_samples 50000 \
-        --fid_ref VIRTUAL_imagenet256_labeled.npz                          # FID-50K and IS, written to eval.json
+        --fid_ref VIRTUAL_imagenet256_labeled.npz                          # FID-50K and friends, written to eval.json
     python pixelgen.py --bench --recipe xl-80ep --batch_size 32 --compile   # speed, memory and MFU on one GPU
 
 Notation (paper Sec. 3; t = 0 is pure noise, t = 1 is the clean image):
@@ -20,13 +20,18 @@ Notation (paper Sec. 3; t = 0 is pure noise, t = 1 is the clean image):
     t      time in [0, 1]                              y      class label; y = num_classes is the null class
     x_t    = t x + (1 - t) eps                 Eq. (2) x_hat  = net(x_t, t, y), the predicted clean image  Eq. (1)
     v      = (x - x_t) / (1 - t)               Eq. (3) v_hat  = (x_hat - x_t) / (1 - t)                    Eq. (4)
-The technical contract is SPEC.md of the project; every deliberate difference from the official code
-(github Zehong-Ma/PixelGen) is marked `NOTE(official)`.
+
+The method comes first and needs nothing below it: the JiT denoiser `JiT` (Eq. 1), the flow `sample_t`,
+`interpolate` (Eq. 2) and `x_to_v` (Eqs. 3-4), the objective `PixelGenLoss` (Eqs. 5-9: `terms` computes the four
+losses, `forward` adds them as Eq. 6) and the ODE samplers `sample`. Below the banner is the engineering: Config and
+recipes, pretrained weights, data, training, sampling and evaluation, benchmark, CLI. Every deliberate difference
+from the released code (github Zehong-Ma/PixelGen) is marked `NOTE(official)`.
 """
 import argparse
 import contextlib
 import copy
 import dataclasses
+import datetime
 import importlib.util
 import inspect
 import itertools
@@ -39,6 +44,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -48,93 +54,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-# ----------------------------------------------------------------------------------------------------------------
-# Config: every field is a CLI flag (--name); a recipe (below) overrides a few defaults; explicit flags win.
-
-
-@dataclass
-class Config:
-    # what to run
-    recipe: str = "auto"              # xl-80ep | xl-160ep | l-200k | demo; auto: demo without --data_path, else xl-80ep
-    model: str = "PixelGen-XL/16"     # a key of MODELS; official configs_c2i/PixelGen_XL.yaml
-    image_size: int = 256             # paper: ImageNet 256x256
-    num_classes: int = 1000           # ImageNet-1k; the demo dataset has 10
-    data_path: str = ""               # ImageFolder layout (class subfolders) or a flat folder; "" = demo dataset
-    flip: bool = False                # random horizontal flip: off in PixelGen, on in JiT's recipe
-    out_dir: str = "runs/pixelgen"    # checkpoints, logs, metrics, grids, samples, eval.json
-    device: str = "auto"              # auto (cuda if available) | cpu | cuda
-    seed: int = 1234                  # official seed_everything: 1234
-    # optimisation (official PixelGen_XL.yaml)
-    batch_size: int = 256             # global batch B, split over processes x grad_accum micro-batches; paper 256
-    grad_accum: int = 1               # micro-batches per process and step: any split gives the same update
-    lr: float = 1e-4                  # AdamW, constant, no warmup
-    beta1: float = 0.9                # AdamW beta1: torch default, as official
-    beta2: float = 0.999              # AdamW beta2: torch default, as official
-    weight_decay: float = 0.0         # official weight_decay: 0.0
-    epochs: int = 80                  # paper: 80 epochs ~ 400k steps at batch 256
-    max_steps: int = 0                # > 0 overrides epochs
-    ema: tuple = (0.9999,)            # EMA decay(s), fp32, every step; official SimpleEMA 0.9999 (JiT also 0.9996)
-    num_workers: int = 8              # data loader workers per process
-    compile: bool = False             # torch.compile the denoiser and the frozen nets (CUDA; see --bench)
-    grad_ckpt: bool = False           # activation checkpointing of the JiT blocks: less memory, one more forward
-    # objective (paper Eq. 6-9; official training_repa_JiT_LPIPS_DINO_NoiseGating.py); a weight of 0 skips its net
-    P_mean: float = -0.8              # logit-normal t = sigmoid(P_mean + P_std n): official P_mean
-    P_std: float = 0.8                # official P_std
-    t_eps: float = 0.05               # clamp of 1 - t in x -> v
-    label_dropout: float = 0.1        # official null_condition_p
-    lpips_weight: float = 0.1         # paper lambda_1
-    pdino_weight: float = 0.01        # paper lambda_2
-    repa_weight: float = 0.5          # official feat_loss_weight
-    repa_layer: int = -1              # REPA feature: tokens entering this block; -1 = the preset's (REPA_LAYER)
-    gate_t: float = 0.3               # noise gate g(t) = 1[t >= gate_t]; official percept_t_threshold; 0 = no gate
-    gate_pdino: bool = True           # False reproduces the released code, whose P-DINO is effectively ungated
-    adaptive_from: int = -1           # >= 0: adaptive perceptual weight from this step (160-epoch recipe: 400000)
-    perceptual_init: str = "pretrained"  # pretrained | random (explicit opt-in for smoke runs without weights)
-    dino_path: str = ""               # dinov2_vitb14_pretrain.pth; "" = torch hub cache
-    vgg_path: str = ""                # vgg16-397923af.pth for LPIPS; "" = torch hub cache
-    # sampling and evaluation (paper Sec. 4; official HeunSamplerJiT in PixelGen_XL.yaml)
-    sampler: str = "heun"             # heun | euler | adams2
-    sample_steps: int = 50            # paper: 50 steps
-    cfg_scale: tuple = (1.0,)         # 1.0 = no guidance (FID 5.11); 2.25 for 160 epochs (FID 1.83); several = a sweep
-    cfg_interval: tuple = (0.1, 0.9)  # guidance only while lo < t <= hi (adams2: lo < t < hi, as official)
-    time_shift: float = 2.0           # XL: 2.0; L/16 ablations: 1.0
-    num_samples: int = 64             # --sample: images per setting (FID-50K: 50000, 50 per class)
-    save_pngs: bool = False           # --sample: also write one PNG per image
-    ckpt: str = ""                    # --sample: our checkpoint or an official Lightning .ckpt; "" = OUT_DIR/ckpt.pt
-    ema_decay: tuple = ()             # --sample: EMA decay(s) of the checkpoint to sample; () = its first
-    unsafe_load: bool = False         # allow unpickling arbitrary objects (trusted official files only)
-    fid_ref: str = ""                 # FID/IS against an ADM reference batch, a statistics npz or an image folder
-    fid_weights: str = ""             # pt_inception-2015-12-05-6726825d.pth; "" = torch hub cache
-    fid_preprocess: str = "adm"       # adm (ADM suite, torch-fidelity) | pytorch-fid
-    eval_every: int = 0               # --train: evaluate the EMA model(s) every N steps and at the end; 0 = never
-    eval_samples: int = 50000         # --train: images per online evaluation (official validation: 50000)
-    # bookkeeping
-    resume: bool = True               # continue from OUT_DIR/ckpt.pt when it exists
-    ckpt_every: int = 5000            # steps between writes of OUT_DIR/ckpt.pt
-    keep_every: int = 0               # also keep OUT_DIR/ckpt_{step:07d}.pt every N steps (official: 100000); 0 = off
-    log_every: int = 100              # steps between log lines (the only host-device syncs)
-    sample_every: int = 10000         # steps between sample grids (0 = never)
-    wandb: bool = False               # also log to Weights & Biases (needs the wandb package; not a dependency)
-    wandb_project: str = "pixelgen"   # official WandbLogger project: universal_flow_JiT_XL_bs256
-    wandb_name: str = ""              # run name; "" = the out_dir's name
-    bench_steps: int = 5              # --bench: timed steps after warm-up
-
-
-# One flag selects a paper run; each entry states only what differs from the Config defaults.
-RECIPES = {
-    "xl-80ep": dict(keep_every=100_000),                                # Table 2: FID 5.11, Heun 50, no CFG
-    "xl-160ep": dict(epochs=160, cfg_scale=(2.25,), adaptive_from=400_000, keep_every=100_000),  # FID 1.83, CFG 2.25
-    "l-200k": dict(model="PixelGen-L/16", max_steps=200_000, sampler="euler", time_shift=1.0),  # Table 5 ablations
-    # Laptop demo: a 4M-parameter model on 64 px toy shapes; faster lr and EMA because it trains for minutes.
-    "demo": dict(model="PixelGen-T/16", image_size=64, num_classes=10, batch_size=16, lr=1e-3, ema=(0.99,),
-                 max_steps=500, num_workers=0, sample_steps=25, time_shift=1.0, cfg_scale=(2.0,), ckpt_every=250,
-                 log_every=25, sample_every=250, out_dir="runs/demo", num_samples=40),
-}
-DEMO_CUDA = dict(batch_size=64, max_steps=3000, log_every=100, ckpt_every=1000, sample_every=1000)  # GPU: not timed
+import fid
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model: JiT, "Just image Transformer" (arXiv 2511.13720), as in official src/models/transformer/JiT.py.
-# Constructor keywords are the official ones, so an official YAML's denoiser.init_args can be passed as-is.
+# Model: JiT, "Just image Transformer" (arXiv 2511.13720), as in official src/models/transformer/JiT.py. A plain ViT
+# on 16x16 pixel patches that outputs the clean image; constructor keywords are the official ones, so an official
+# YAML's denoiser.init_args can be passed as-is.
 
 MODELS = {  # preset -> constructor keywords (input_size and num_classes come from the config)
     "JiT-B/16": dict(depth=12, hidden_size=768, num_heads=12, bottleneck_dim=128, in_context_start=4),
@@ -174,8 +99,10 @@ def rope_2d(grid, head_dim, n_prefix, theta=10000.0):
     return torch.cat([torch.ones(n_prefix, d), ang.cos()]), torch.cat([torch.zeros(n_prefix, d), ang.sin()])
 
 
-def apply_rope(x, rope):  # x (B, heads, N, head_dim); rope (N, head_dim/2) complex: (x0 + i x1) e^(i angle)
-    return torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * rope).flatten(-2)
+def apply_rope(x, cos, sin):  # x (B, heads, N, head_dim); cos, sin (N, head_dim/2): each pair (x0, x1) turns by its angle
+    # Real arithmetic, as the official t * cos + rotate_half(t) * sin (the compiler generates no code for complex).
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)              # (B, heads, N, head_dim/2) each
+    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).flatten(-2)  # (B, heads, N, head_dim)
 
 
 class Attention(nn.Module):
@@ -188,7 +115,7 @@ class Attention(nn.Module):
     def forward(self, x, rope):
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, D/h)
-        q, k = apply_rope(self.q_norm(q), rope), apply_rope(self.k_norm(k), rope)
+        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, D)))  # (B, N, D)
 
@@ -291,8 +218,7 @@ class JiT(nn.Module):
             self.in_context_posemb = nn.Parameter(torch.randn(1, in_context_len, hidden_size) * 0.02)
         self.t_embedder, self.y_embedder = TimestepEmbedder(hidden_size), LabelEmbedder(num_classes, hidden_size)
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size, bottleneck_dim if use_bottleneck else None)
-        # Dropout only in the middle half of the blocks, as official `depth // 4 * 3 > i >= depth // 4` (SPEC writes
-        # 3 * depth // 4: the same for every depth that is a multiple of 4).
+        # Dropout only in the middle half of the blocks, as official `depth // 4 * 3 > i >= depth // 4`
         mid = lambda i, p: p if depth // 4 <= i < depth // 4 * 3 else 0.0
         self.blocks = nn.ModuleList(Block(hidden_size, num_heads, mlp_ratio, mid(i, attn_drop), mid(i, proj_drop))
                                     for i in range(depth))
@@ -325,7 +251,6 @@ class JiT(nn.Module):
         y_emb = self.y_embedder(y)
         c = self.t_embedder(t) + y_emb                                 # (B, D)
         x = self.x_embedder(x_t) + self.pos_embed                      # (B, N, D)
-        rope, rope_ic = torch.complex(self.rope_cos, self.rope_sin), torch.complex(self.rope_ic_cos, self.rope_ic_sin)
         h = None
         # Activation checkpointing: keep only each block's inputs, rerun the block in backward (dropout masks are
         # replayed: checkpoint restores the RNG state). Only when a backward will come: eval/no_grad run plainly.
@@ -335,120 +260,159 @@ class JiT(nn.Module):
                 h = x[:, self.in_context_len:] if i > self.in_context_start else x
             if self.in_context_len > 0 and i == self.in_context_start:  # prepend the class tokens
                 x = torch.cat([y_emb[:, None] + self.in_context_posemb, x], 1)  # (B, L + N, D)
-            r = rope_ic if self.in_context_len > 0 and i >= self.in_context_start else rope
-            x = torch.utils.checkpoint.checkpoint(block, x, c, r, use_reentrant=False) if ckpt else block(x, c, r)
+            in_context = self.in_context_len > 0 and i >= self.in_context_start  # their angle is 0: no rotation
+            rope = (self.rope_ic_cos, self.rope_ic_sin) if in_context else (self.rope_cos, self.rope_sin)
+            x = torch.utils.checkpoint.checkpoint(block, x, c, rope, use_reentrant=False) if ckpt else block(x, c, rope)
         x = self.final_layer(x[:, self.in_context_len:], c)             # (B, N, p*p*3)
-        p, g = self.patch_size, self.grid
-        x_hat = x.view(-1, g, g, p, p, self.in_channels).permute(0, 5, 1, 3, 2, 4).flatten(4, 5).flatten(2, 3)
+        p, grid = self.patch_size, self.grid                               # N = grid * grid patches of p x p pixels
+        x = x.view(-1, grid, grid, p, p, self.in_channels)                 # (B, rows, cols, p, p, 3)
+        x_hat = x.permute(0, 5, 1, 3, 2, 4).reshape(-1, self.in_channels, grid * p, grid * p)  # (B, 3, H, W)
         return x_hat if return_layer is None else (x_hat, h)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Flow math (paper Eqs. 1-5). One x_to_v serves the loss and the samplers.
+# Flow (paper Eqs. 1-5): the straight path from noise (t = 0) to the image (t = 1); one x_to_v serves the loss and
+# the samplers.
 
-def sample_t(batch, P_mean=-0.8, P_std=0.8, generator=None):  # logit-normal training time (on the CPU: see loss)
-    return torch.sigmoid(torch.randn(batch, generator=generator) * P_std + P_mean)
+def sample_t(n, P_mean=-0.8, P_std=0.8, generator=None):  # logit-normal training time
+    # NOTE(official): drawn on the host (official: on the GPU), so the gate g(t) is known without a device sync
+    return torch.sigmoid(torch.randn(n, generator=generator) * P_std + P_mean)
 
 
-def x_t(x, eps, t):  # Eq. (2)
+def interpolate(x, eps, t):  # Eq. (2): x_t = t x + (1 - t) eps
     t = t.view(-1, 1, 1, 1)
     return t * x + (1 - t) * eps
 
 
-def x_to_v(x_hat, x_t, t, t_eps=0.05):  # Eqs. (3)-(4): velocity from a clean-image estimate, 1 - t clamped
+def x_to_v(x_hat, x_t, t, t_eps=0.05):  # Eqs. (3)-(4): the velocity that carries x_t to x_hat by t = 1; 1 - t clamped
     return (x_hat - x_t) / (1 - t.view(-1, 1, 1, 1)).clamp_min(t_eps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Objective (paper Eq. 6): L = L_FM + g(t) (0.1 L_LPIPS + 0.01 L_PDINO) + 0.5 L_REPA, g(t) = 1[t >= 0.3].
+# Objective (paper Eqs. 5-9):  L = L_FM + g(t) (0.1 L_LPIPS + 0.01 L_PDINO) + 0.5 L_REPA,  g(t) = 1[t >= 0.3].
+
+class Draws(NamedTuple):
+    """A batch's per-sample randomness, on the device: time t (b,), noise eps (b, 3, H, W), label dropout drop (b,),
+    and the indices `gated` of the samples with g(t) = 1. The loss terms are means over a global batch of B samples,
+    G of them gated, of which this batch's b samples are a part (B = b for a batch of its own)."""
+    t: torch.Tensor
+    eps: torch.Tensor
+    drop: torch.Tensor
+    gated: torch.Tensor
+    B: int
+    G: int
+
+
+def to_device(u, device):  # a host tensor to the device without blocking the host (from pinned memory on CUDA)
+    return (u.pin_memory() if device.type == "cuda" else u).to(device, non_blocking=True)
+
+
+def make_draws(t, drop, eps, gate_t, norm=None):
+    """Draws from t (b,) and drop (b,) drawn on the host, where the gate is found without asking the GPU, and noise
+    eps on the device; norm = (B, G) of the global batch. Host tensors travel with non-blocking copies."""
+    gated = (t >= gate_t).nonzero()[:, 0]                                         # g(t) = 1[t >= gate_t], Eq. (7)
+    return Draws(to_device(t, eps.device), eps, to_device(drop, eps.device), to_device(gated, eps.device),
+                 *(norm or (len(t), len(gated))))
+
 
 class PixelGenLoss(nn.Module):
-    """Owns the trainable REPA projector; uses (does not own) the frozen DINOv2 and LPIPS networks. A term whose
-    weight is 0 runs no network (DINOv2 not at all when P-DINO and REPA are both off; then `dino` may be None)."""
+    """The PixelGen objective of a denoiser. Owns the trainable REPA projector and the adaptive weight w_ad; uses (does
+    not own) the frozen DINOv2 and LPIPS networks. A term whose weight is 0 runs no network (DINOv2 not at all when
+    P-DINO and REPA are both off; then `dino` may be None)."""
+    adapt_every = 50  # steps between updates of the adaptive weight (official)
 
-    def __init__(self, hidden_size, dino, lpips, *, lpips_weight=0.1, pdino_weight=0.01, repa_weight=0.5,
-                 repa_layer=8, gate_t=0.3, P_mean=-0.8, P_std=0.8, t_eps=0.05, label_dropout=0.1, num_classes=1000,
-                 gate_pdino=True, adaptive_from=-1):
+    def __init__(self, hidden_size, dino, lpips, *, patch_size=16, lpips_weight=0.1, pdino_weight=0.01,
+                 repa_weight=0.5, repa_layer=8, gate_t=0.3, t_eps=0.05, num_classes=1000, gate_pdino=True,
+                 adaptive_from=-1):
         super().__init__()
         self.lpips_weight, self.pdino_weight, self.repa_weight = lpips_weight, pdino_weight, repa_weight
-        self.repa_layer, self.gate_t, self.P_mean, self.P_std, self.t_eps = repa_layer, gate_t, P_mean, P_std, t_eps
-        self.label_dropout, self.num_classes, self.gate_pdino = label_dropout, num_classes, gate_pdino
-        self.adaptive_from = adaptive_from
+        self.repa_layer, self.gate_t, self.t_eps, self.patch_size = repa_layer, gate_t, t_eps, patch_size
+        self.num_classes, self.gate_pdino, self.adaptive_from = num_classes, gate_pdino, adaptive_from
+        width = dino.embed_dim if repa_weight else 0  # REPA predicts DINOv2 features (768 for ViT-B)
         self.proj = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size),
-                                  nn.SiLU(), nn.Linear(hidden_size, 768)) if repa_weight else None  # to DINOv2-B width
-        self.register_buffer("percept_weight", torch.ones(()))  # adaptive weight w_ad of the 160-epoch recipe
+                                  nn.SiLU(), nn.Linear(hidden_size, width)) if repa_weight else None
+        self.register_buffer("percept_weight", torch.ones(()))  # w_ad, the adaptive weight (1 unless adapted)
         # The frozen nets stay outside the module tree: not in state_dict(), not trained, not seen by DDP.
         frozen = lambda net, used: net.eval().requires_grad_(False) if used else None
         self.__dict__.update(dino=frozen(dino, pdino_weight or repa_weight), lpips=frozen(lpips, lpips_weight))
 
-    def forward(self, model, x, y, t=None, noise=None, step=0, drop=None, norm=None, adapt=True):
-        """The loss of one batch, or of one micro-batch of a global batch when norm = (samples, gated samples) of
-        the global batch: then every term is this micro-batch's share of the global mean (SPEC 8.1), and the shares
-        of all micro-batches add up to the loss of the global batch."""
-        B, device = x.shape[0], x.device
-        if t is None:  # drawn on the host, so the gate below is known without a device sync
-            t = sample_t(B, self.P_mean, self.P_std)  # NOTE(official): same law, drawn on the GPU there
-        gate = (t >= self.gate_t).cpu()                                          # g(t), Eq. (7)
-        idx = gate.nonzero()[:, 0]
-        n, n_gated = norm or (B, len(idx))
-        t = t.to(device, non_blocking=True)
-        eps = torch.randn_like(x) if noise is None else noise
-        if self.training and self.label_dropout > 0:  # CFG: replace labels by the null class at rate 0.1
-            drop = torch.rand(B, device=device) < self.label_dropout if drop is None else drop.to(device)
-            y = torch.where(drop, self.num_classes, y)
-        xt = x_t(x, eps, t)
-        repa_on = self.proj is not None
-        out = model(xt, t, y, return_layer=self.repa_layer if repa_on else None)      # Eq. (1)
-        x_hat, h = out if repa_on else (out, None)
-        fm = (x_to_v(x_hat, xt, t, self.t_eps) - x_to_v(x, xt, t, self.t_eps)).pow(2).mean()  # Eq. (5)
-        p, zero, z = model.patch_size, x_hat.new_zeros(()).float(), None
-        lp = pd = repa = zero
-        # NOTE(official): DINO resizes by the model's patch (official: always 16), so REPA tokens align for any patch.
-        tokens = lambda u: self.dino.patch_tokens(u, p).float()  # DINOv2 last-block patch tokens, (b, N, 768)
-        if repa_on:
+    def forward(self, model, x, y, d, adapt=False):
+        """The loss of a batch x (B, 3, H, W) with labels y (B,) and Draws d, and its terms (detached, for logs).
+        With d.B and d.G of a global batch each term is this micro-batch's share of the global mean, so the losses of
+        the micro-batches add up to the loss of the global batch, however it is split. adapt: update w_ad first."""
+        x_t = interpolate(x, d.eps, d.t)                                          # Eq. (2)
+        y = torch.where(d.drop, self.num_classes, y)                              # CFG: some labels become null
+        repa = self.proj is not None
+        out = model(x_t, d.t, y, return_layer=self.repa_layer if repa else None)  # Eq. (1), and REPA's tokens h
+        x_hat, h = out if repa else (out, None)
+        L = self.terms(x, x_t, x_hat, h, d)
+        if adapt:
+            self.adapt(model, L)
+        L = {k: v * self.shares(d)[k] for k, v in L.items()}
+        loss = L["fm"] + self.percept_weight * (self.lpips_weight * L["lpips"] + self.pdino_weight * L["pdino"]) \
+            + self.repa_weight * L["repa"]                                        # Eq. (6)
+        return dict(loss=loss, **{k: v.detach() for k, v in L.items()})
+
+    def terms(self, x, x_t, x_hat, h, d):
+        """The four losses of Eq. (6), each a mean over this batch: FM (Eq. 5) and REPA (Eq. 9) over all samples,
+        LPIPS (Eq. 7) and P-DINO (Eq. 8) over the gated ones: the gate g(t) keeps the perceptual losses away from high
+        noise, where no sharp image can be predicted. Zero where a weight is 0 or no sample is gated."""
+        fm = (x_to_v(x_hat, x_t, d.t, self.t_eps) - x_to_v(x, x_t, d.t, self.t_eps)).pow(2).mean()    # Eq. (5)
+        lp = pd = repa = zero = fm.new_zeros((), dtype=torch.float32)
+        cos = lambda a, b: (1 - F.cosine_similarity(a, b, dim=-1)).mean()    # mean over samples and tokens
+        z = None
+        if self.proj is not None:  # REPA: the tokens entering block 8, projected, against DINOv2 tokens of x
             with torch.no_grad():
-                z = tokens(x)                                                   # targets of x, (B, N, 768)
-            repa = (1 - F.cosine_similarity(self.proj(h).float(), z, dim=-1)).mean()  # Eq. (9), not gated
-        # Perceptual terms only on the gated samples (NOTE(official): the official code runs both nets on the whole
-        # batch and masks; this is the same loss and gradient at about half the cost).
-        if len(idx):
-            idx = idx.to(device, non_blocking=True)
+                z = self.features(x)                                             # (B, N, 768)
+            repa = cos(self.proj(h).float(), z)                                  # Eq. (9), not gated
+        if len(d.gated):  # NOTE(official): the nets see only the gated samples (official: all, masked): same loss
+            x_hat_g, x_g = x_hat[d.gated], x[d.gated]
             if self.lpips is not None:
-                a, b = x_hat[idx], x[idx]
-                if p != 16:  # LPIPS sees the image at patch-16 scale, as official
-                    size = x.shape[-1] * 16 // p
-                    a, b = (F.interpolate(u, size=(size, size), mode="bilinear", antialias=True) for u in (a, b))
-                lp = self.lpips(a, b).float().mean()                          # Eq. (7): mean over gated samples
-            if self.pdino_weight and self.gate_pdino:                            # Eq. (8): likewise
+                lp = self.lpips(self.lpips_scale(x_hat_g), self.lpips_scale(x_g)).float().mean()  # Eq. (7)
+            if self.pdino_weight and self.gate_pdino:
                 with torch.no_grad():
-                    zg = z[idx] if repa_on else tokens(x[idx])
-                pd = (1 - F.cosine_similarity(tokens(x_hat[idx]), zg, dim=-1)).mean()
+                    z_g = z[d.gated] if z is not None else self.features(x_g)
+                pd = cos(self.features(x_hat_g), z_g)                            # Eq. (8)
         if self.pdino_weight and not self.gate_pdino:
-            # NOTE(official): the released P-DINO mask broadcasts (B,N) x (B,1,1), so it averages 1 - cos over the
-            # whole batch whenever any sample is gated, and is the constant 1 when none is. Reproduced on request.
-            if n_gated:
-                with torch.no_grad():
-                    z = z if repa_on else tokens(x)
-            pd = (1 - F.cosine_similarity(tokens(x_hat), z, dim=-1)).mean() if n_gated else zero + 1
-        percept = self.lpips_weight * lp + self.pdino_weight * pd
-        # NOTE(official): w_ad is a buffer, so it is checkpointed (official: a per-rank float that restarts at 1 on
-        # resume); over several processes it is the mean of their estimates, so every process uses the same value.
-        if self.training and 0 <= self.adaptive_from <= step and step % 50 == 0 and adapt and \
-                (self.lpips is not None or self.pdino_weight):
-            W = model.final_layer.linear.weight  # balance |grad L_FM| and |grad L_perc| at the last layer
-            g_fm = torch.autograd.grad(fm, W, retain_graph=True)[0].norm()
-            g_p = torch.autograd.grad(percept, W, retain_graph=True)[0].norm() if percept.requires_grad else 0.0
-            w = (g_fm / (g_p + 1e-4)).clamp(0, 100).detach()  # official: also when nothing is gated (g_p = 0)
-            if dist.is_initialized():
-                dist.all_reduce(w)
-                w /= dist.get_world_size()
-            self.percept_weight.mul_(0.8).add_(0.2 * w)
-        sb, sg = B / n, (len(idx) / n_gated if n_gated else 0.0)  # this batch's shares of the global means
-        pd_share = sg if self.gate_pdino else sb
-        loss = sb * fm + self.percept_weight * (self.lpips_weight * sg * lp + self.pdino_weight * pd_share * pd) \
-            + self.repa_weight * sb * repa                                     # Eq. (6)
-        return dict(loss=loss, fm=sb * fm.detach(), lpips=sg * lp.detach(), pdino=pd_share * pd.detach(),
-                    repa=sb * repa.detach(), gate=gate.float().mean(), percept_weight=self.percept_weight.clone())
+            pd = self.released_pdino(x, x_hat, z, d.G) if d.G else zero + 1
+        return dict(fm=fm, lpips=lp, pdino=pd, repa=repa)
+
+    def features(self, u):  # f(u): DINOv2 last-block patch tokens, (b, N, 768) float32, one per JiT token
+        # NOTE(official): DINO resizes by the model's patch (official: always 16), so REPA tokens align for any patch.
+        return self.dino(u, self.patch_size).float()
+
+    def lpips_scale(self, u):  # LPIPS sees the image at patch-16 scale, as official (unchanged for patch 16)
+        size = u.shape[-1] * 16 // self.patch_size
+        return u if size == u.shape[-1] else F.interpolate(u, size=(size, size), mode="bilinear", antialias=True)
+
+    def released_pdino(self, x, x_hat, z, G):
+        """NOTE(official): the released P-DINO mask broadcasts (B, N) x (B, 1, 1), so it averages 1 - cos over the
+        whole batch whenever any sample is gated, and is the constant 1 when none is (G = 0). On request only."""
+        with torch.no_grad():
+            z = z if z is not None else self.features(x)
+        return (1 - F.cosine_similarity(self.features(x_hat), z, dim=-1)).mean()
+
+    def shares(self, d):  # this batch's share of each global-batch mean: b/B over all samples, g/G over gated ones
+        s, s_gated = len(d.t) / d.B, (len(d.gated) / d.G if d.G else 0.0)
+        return dict(fm=s, repa=s, lpips=s_gated, pdino=s_gated if self.gate_pdino else s)
+
+    def adapt_due(self, step):  # the 160-epoch recipe's adaptive weight: every 50 steps from step `adaptive_from`
+        return 0 <= self.adaptive_from <= step and step % self.adapt_every == 0 and \
+            (self.lpips is not None or bool(self.pdino_weight))
+
+    def adapt(self, model, L):
+        """w_ad <- 0.8 w_ad + 0.2 w, w = |grad_W L_FM| / (|grad_W L_perc| + 1e-4) clamped to [0, 100], at the last
+        linear layer W: it keeps the perceptual gradient in proportion to the FM gradient late in training.
+        NOTE(official): w_ad is checkpointed (official: a per-GPU float that restarts at 1 on resume), and over several
+        processes it is the mean of their estimates, so every process uses the same value."""
+        W, percept = model.final_layer.linear.weight, self.lpips_weight * L["lpips"] + self.pdino_weight * L["pdino"]
+        g_fm = torch.autograd.grad(L["fm"], W, retain_graph=True)[0].norm()
+        g_p = torch.autograd.grad(percept, W, retain_graph=True)[0].norm() if percept.requires_grad else 0.0
+        w = (g_fm / (g_p + 1e-4)).clamp(0, 100).detach()  # official: also when nothing is gated (g_p = 0)
+        if dist.is_initialized():
+            dist.all_reduce(w)
+            w /= dist.get_world_size()
+        self.percept_weight.mul_(0.8).add_(0.2 * w)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -469,37 +433,125 @@ def sample(model, noise, y, steps=50, sampler="heun", cfg_scale=1.0, cfg_interva
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     ts, (lo, hi) = time_grid(steps, time_shift), cfg_interval  # float32 on the host: the CFG tests need no sync
-    dts, tn = ts.diff(), ts.clone()  # the steps; the times the net sees
-    if sampler == "adams2":  # NOTE(official): AdamLM feeds the net t_cur, a float32 running sum of dt (not the grid
-        for i in range(steps):  # value), and guides only on the open interval lo < t_cur < hi
-            tn[i + 1] = tn[i] + dts[i]
-    guide = ((tn > lo) & (tn < hi if sampler == "adams2" else tn <= hi) & (cfg_scale != 1.0)).tolist()
-    tn_dev, dts_dev, null = tn.to(noise.device), dts.to(noise.device), torch.full_like(y, model.num_classes)  # once
+    dts = ts.diff()                                             # the steps dt
+    if sampler == "adams2":  # NOTE(official): AdamLM feeds the net t_cur, a float32 running sum of dt, rather than
+        for i in range(steps):  # the grid value, and guides only on the open interval lo < t_cur < hi
+            ts[i + 1] = ts[i] + dts[i]
+    guided = ((ts > lo) & (ts < hi if sampler == "adams2" else ts <= hi) & (cfg_scale != 1.0)).tolist()
+    ts_dev, dts_dev, null = ts.to(noise.device), dts.to(noise.device), torch.full_like(y, model.num_classes)  # once
 
     def velocity(x, t, guide):  # v_hat; with guidance, v = v_u + w (v_c - v_u) in v-space
-        tb = t.expand(x.shape[0])
+        t = t.expand(len(x))
         if not guide:  # NOTE(official): the official samplers always run both branches, even at scale 1 or outside
-            return x_to_v(model(x, tb, y), x, tb, t_eps)  # the interval
-        xx, tt = torch.cat([x, x]), tb.repeat(2)
-        v_u, v_c = x_to_v(model(xx, tt, torch.cat([null, y])), xx, tt, t_eps).chunk(2)
+            return x_to_v(model(x, t, y), x, t, t_eps)  # the interval
+        x2, t2 = torch.cat([x, x]), t.repeat(2)
+        v_u, v_c = x_to_v(model(x2, t2, torch.cat([null, y])), x2, t2, t_eps).chunk(2)
         return v_u + cfg_scale * (v_c - v_u)
 
-    x = noise
+    x, v_prev = noise, None
     for i in range(steps):
-        v, dt = velocity(x, tn_dev[i], guide[i]), dts_dev[i]
-        if sampler == "heun" and i < steps - 1:  # predict with Euler, correct with the mean of both slopes (same CFG)
-            x = x + (v + velocity(x + v * dt, tn_dev[i + 1], guide[i])) / 2 * dt
-        elif sampler == "adams2" and i > 0:  # AB2: integrate the line through the last two velocities over the step
-            a = dts[i] / dts[i - 1] / 2  # normalised Lagrange weights (-a, 1 + a) of (v_prev, v); uniform: (-0.5, 1.5)
-            x = x + ((1 + a) * v - a * v_prev) * dt
-        else:  # Euler; also adams2's first step and Heun's last (the net never sees t = 1)
-            x = x + v * dt
-        v_prev = v
+        v = slope = velocity(x, ts_dev[i], guided[i])
+        if sampler == "heun" and i < steps - 1:  # Heun: average with the slope at the end of the Euler step (same CFG)
+            slope = (v + velocity(x + v * dts_dev[i], ts_dev[i + 1], guided[i])) / 2
+        elif sampler == "adams2" and i > 0:  # Adams-Bashforth 2: the line through the last two slopes, over the step
+            a = dts[i] / dts[i - 1] / 2  # normalised Lagrange weights (-a, 1 + a); on a uniform grid (-1/2, 3/2)
+            slope = (1 + a) * v - a * v_prev
+        x, v_prev = x + slope * dts_dev[i], v  # Euler otherwise, Heun's last step too: the net never sees t = 1
     return x
 
 
 def to_uint8(x):  # (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded as official fp2uint8
     return ((x.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+# ================================================================================================================
+# Engineering: what runs the method above on real machines. Config and recipes, pretrained weights, data, training
+# (DDP, global batches, checkpoints, preemption), sampling and evaluation, benchmark, command line.
+# ================================================================================================================
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: every field is a CLI flag (--name); a recipe (below) overrides a few defaults; explicit flags win.
+
+
+@dataclass
+class Config:
+    # what to run
+    recipe: str = "auto"              # xl-80ep | xl-160ep | l-200k | demo; auto: demo without --data_path, else xl-80ep
+    model: str = "PixelGen-XL/16"     # a key of MODELS; official configs_c2i/PixelGen_XL.yaml
+    image_size: int = 256             # paper: ImageNet 256x256
+    num_classes: int = 1000           # ImageNet-1k; the demo dataset has 10
+    data_path: str = ""               # ImageFolder layout (class subfolders) or a flat folder; "" = demo dataset
+    flip: bool = False                # random horizontal flip: off in PixelGen, on in JiT's recipe
+    out_dir: str = "runs/pixelgen"    # checkpoints, logs, metrics, grids, samples, eval.json
+    device: str = "auto"              # auto (cuda if available) | cpu | cuda
+    seed: int = 1234                  # official seed_everything: 1234
+    # optimisation (official PixelGen_XL.yaml)
+    batch_size: int = 256             # global batch B, split over processes x grad_accum micro-batches; paper 256
+    grad_accum: int = 1               # micro-batches per process and step: any split gives the same update
+    lr: float = 1e-4                  # AdamW, constant, no warmup
+    beta1: float = 0.9                # AdamW beta1: torch default, as official
+    beta2: float = 0.999              # AdamW beta2: torch default, as official
+    weight_decay: float = 0.0         # official weight_decay: 0.0
+    epochs: int = 80                  # paper: 80 epochs ~ 400k steps at batch 256
+    max_steps: int = 0                # > 0 overrides epochs
+    ema: tuple = (0.9999,)            # EMA decay(s), fp32, every step; official SimpleEMA 0.9999 (JiT also 0.9996)
+    num_workers: int = 8              # data loader workers per process
+    compile: bool = False             # torch.compile the denoiser and the frozen nets (CUDA; see --bench)
+    grad_ckpt: bool = False           # activation checkpointing of the JiT blocks: less memory, one more forward
+    # objective (paper Eq. 6-9; official training_repa_JiT_LPIPS_DINO_NoiseGating.py); a weight of 0 skips its net
+    P_mean: float = -0.8              # logit-normal t = sigmoid(P_mean + P_std n): official P_mean
+    P_std: float = 0.8                # official P_std
+    t_eps: float = 0.05               # clamp of 1 - t in x -> v
+    label_dropout: float = 0.1        # official null_condition_p
+    lpips_weight: float = 0.1         # paper lambda_1
+    pdino_weight: float = 0.01        # paper lambda_2
+    repa_weight: float = 0.5          # official feat_loss_weight
+    repa_layer: int = -1              # REPA feature: tokens entering this block; -1 = the preset's (REPA_LAYER)
+    gate_t: float = 0.3               # noise gate g(t) = 1[t >= gate_t]; official percept_t_threshold; 0 = no gate
+    gate_pdino: bool = True           # False reproduces the released code, whose P-DINO is effectively ungated
+    adaptive_from: int = -1           # >= 0: adaptive perceptual weight from this step (160-epoch recipe: 400000)
+    perceptual_init: str = "pretrained"  # pretrained | random (explicit opt-in for smoke runs without weights)
+    dino_path: str = ""               # dinov2_vitb14_pretrain.pth; "" = torch hub cache
+    vgg_path: str = ""                # vgg16-397923af.pth for LPIPS; "" = torch hub cache
+    # sampling and evaluation (paper Sec. 4; official HeunSamplerJiT in PixelGen_XL.yaml)
+    sampler: str = "heun"             # heun | euler | adams2
+    sample_steps: int = 50            # paper: 50 steps
+    cfg_scale: tuple = (1.0,)         # 1.0 = no guidance (FID 5.11); 2.25 for 160 epochs (FID 1.83); several = a sweep
+    cfg_interval: tuple = (0.1, 0.9)  # guidance only while lo < t <= hi (adams2: lo < t < hi, as official)
+    time_shift: float = 2.0           # XL: 2.0; L/16 ablations: 1.0
+    num_samples: int = 64             # --sample: images per setting (FID-50K: 50000, 50 per class)
+    save_pngs: bool = False           # --sample: also write one PNG per image
+    ckpt: str = ""                    # --sample: our checkpoint or an official Lightning .ckpt; "" = OUT_DIR/ckpt.pt
+    ema_decay: tuple = ()             # --sample: EMA decay(s) of the checkpoint to sample; () = its first
+    unsafe_load: bool = False         # allow unpickling arbitrary objects (trusted official files only)
+    fid_ref: str = ""                 # FID/IS against an ADM reference batch, a statistics npz or an image folder
+    fid_weights: str = ""             # pt_inception-2015-12-05-6726825d.pth; "" = torch hub cache
+    fid_preprocess: str = "adm"       # adm (ADM suite, torch-fidelity) | pytorch-fid
+    eval_every: int = 0               # --train: evaluate the EMA model(s) every N steps and at the end; 0 = never
+    eval_samples: int = 50000         # --train: images per online evaluation (official validation: 50000)
+    # bookkeeping
+    resume: bool = True               # continue from OUT_DIR/ckpt.pt when it exists
+    ckpt_every: int = 5000            # steps between writes of OUT_DIR/ckpt.pt
+    keep_every: int = 0               # also keep OUT_DIR/ckpt_{step:07d}.pt every N steps (official: 100000); 0 = off
+    log_every: int = 100              # steps between log lines (the only host-device syncs)
+    sample_every: int = 10000         # steps between sample grids (0 = never)
+    wandb: bool = False               # also log to Weights & Biases (needs the wandb package; not a dependency)
+    wandb_project: str = "pixelgen"   # official WandbLogger project: universal_flow_JiT_XL_bs256
+    wandb_name: str = ""              # run name; "" = the out_dir's name
+    bench_steps: int = 5              # --bench: timed steps after warm-up
+
+
+# One flag selects a paper run; each entry states only what differs from the Config defaults.
+RECIPES = {
+    "xl-80ep": dict(keep_every=100_000),                                # Table 2: FID 5.11, Heun 50, no CFG
+    "xl-160ep": dict(epochs=160, cfg_scale=(2.25,), adaptive_from=400_000, keep_every=100_000),  # FID 1.83, CFG 2.25
+    "l-200k": dict(model="PixelGen-L/16", max_steps=200_000, sampler="euler", time_shift=1.0),  # Table 5 ablations
+    # Laptop demo: a 4M-parameter model on 64 px toy shapes; faster lr and EMA because it trains for minutes.
+    "demo": dict(model="PixelGen-T/16", image_size=64, num_classes=10, batch_size=16, lr=1e-3, ema=(0.99,),
+                 max_steps=500, num_workers=0, sample_steps=25, time_shift=1.0, cfg_scale=(2.0,), ckpt_every=250,
+                 log_every=25, sample_every=250, out_dir="runs/demo", num_samples=40),
+}
+DEMO_CUDA = dict(batch_size=64, max_steps=3000, log_every=100, ckpt_every=1000, sample_every=1000)  # GPU: not timed
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -530,11 +582,11 @@ def hub_file(path, name, url, download=True):
 
 def make_lpips(pretrained=True, path="", download=True):
     import lpips  # imported here so `import pixelgen` stays light
+    f = hub_file(path, VGG_FILE, VGG_URL, download) if pretrained else None  # a missing file stops us before building
     with warnings.catch_warnings():  # torchvision's deprecation notes about lpips' `pretrained=` call
         warnings.simplefilter("ignore", UserWarning)
         net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)  # v0.1 heads ship in the wheel
     if pretrained:  # the VGG16 trunk from torchvision's file, mapped onto lpips' slices (slice2.5.w <- features.5.w)
-        f = hub_file(path, VGG_FILE, VGG_URL, download)
         try:
             sd = torch.load(f, map_location="cpu", weights_only=True)
             net.net.load_state_dict({k: sd[f"features.{k.split('.', 1)[1]}"] for k in net.net.state_dict()})
@@ -683,10 +735,11 @@ def quiet_worker(_):  # data workers ignore the stop signals: the main process f
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training: AdamW, fp32 EMAs, bf16 autocast on CUDA, DDP under torchrun. A step is defined on the global batch: its
-# data, each sample's t, eps and label dropout, and every loss normaliser depend only on (seed, step, position in the
-# global batch), so any split over processes and micro-batches, and a resumed run, train the same weights.
+# data, each sample's t, eps, label dropout and flip, and every loss normaliser depend only on (seed, step, position in
+# the global batch), so any split over processes and micro-batches, and a resumed run, train the same weights.
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # end the run after the step (preemption, Ctrl-C)
+HOST_WAIT = datetime.timedelta(hours=2)  # how long a process waits on the host for the others (rank 0's writes)
 
 
 def seed_for(*keys):  # a 32-bit seed that mixes non-negative integer keys (CPU generators use 32 bits of a seed)
@@ -694,50 +747,157 @@ def seed_for(*keys):  # a 32-bit seed that mixes non-negative integer keys (CPU 
 
 
 def seeded_noise(shape, seeds, device):  # (len(seeds), *shape) N(0, I), sample i drawn from its own seed seeds[i]
-    g = torch.Generator(device)
-    return torch.stack([torch.randn(shape, generator=g.manual_seed(s), device=device) for s in seeds])
+    gen = torch.Generator(device)
+    return torch.stack([torch.randn(shape, generator=gen.manual_seed(s), device=device) for s in seeds])
 
 
-class TrainStep(nn.Module):  # the denoiser and the REPA projector under one DDP wrapper
-    def __init__(self, model, loss_fn):
-        super().__init__()
-        self.model, self.loss_fn = model, loss_fn
+class Procs(NamedTuple):
+    """This process among the others. The training step's collectives run on the device (NCCL on CUDA). Decisions
+    that change which collectives run next (stopping, an evaluation's outcome) are agreed on the host first, through
+    `ctrl`, a gloo group, and so are waits for rank 0's slow work (a checkpoint write, a merge of 50k samples): their
+    timeout is HOST_WAIT, not the 10 minutes of NCCL's watchdog, so slow storage cannot kill the run."""
+    ddp: bool
+    rank: int
+    world: int
+    device: torch.device
+    ctrl: object = None  # the gloo group (None in a single process)
 
-    def forward(self, x, y, step, **kw):
-        return self.loss_fn(self.model, x, y, step=step, **kw)
+    def agree(self, flag):  # the largest of the processes' integer flags, on the host; every process must call it
+        flag = torch.tensor(int(flag))
+        if self.ctrl is not None:
+            dist.all_reduce(flag, dist.ReduceOp.MAX, group=self.ctrl)
+        return int(flag)
 
+    def together(self, fn, *args):
+        """fn(*args) on every process, then the outcome is agreed: if fn raised anywhere, it raises everywhere (the
+        error itself where it happened), so no process goes on to a collective that another one skips."""
+        try:
+            out, err = fn(*args), None
+        except (Exception, SystemExit) as e:
+            out, err = None, e
+            print(f"[process {self.rank}] {e!r}", file=sys.stderr) if self.rank else None
+        failed = self.agree(self.rank + 1 if err else 0)
+        if failed:
+            raise err or RuntimeError(f"it failed on process {failed - 1} (see its stderr)")
+        return out
 
-@torch.no_grad()
-def update_ema(emas, model):  # each ema <- d ema + (1 - d) model, one fused op; NOTE(official): lerp, not mul + add
-    params = list(model.parameters())
-    torch._foreach_lerp_([p for e in emas.values() for p in e.parameters()], params * len(emas),
-                         [1 - d for d in emas for _ in params])
+    def all_sum(self, tensors):  # sum host tensors over the processes, in place, on the host
+        for u in tensors if self.ctrl is not None else ():
+            dist.all_reduce(u, group=self.ctrl)
 
 
 def setup_dist(cfg):
     ddp = int(os.environ.get("RANK", -1)) != -1
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
-    if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, torch.device("cuda" if cuda else "cpu")
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA (cuDNN convolutions use TF32 by default)
-    return ddp, rank, world, device
+    if not ddp:
+        return Procs(False, 0, 1, torch.device("cuda" if cuda else "cpu"))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return Procs(True, dist.get_rank(), dist.get_world_size(), device,
+                 dist.new_group(backend="gloo", timeout=HOST_WAIT))
 
 
 def amp(device):  # bf16 autocast on CUDA, plain fp32 on the CPU; wraps forward passes only
     return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
 
 
-def all_sum(tensors, device):  # sum CPU tensors over the processes, in place (NCCL reduces device tensors)
-    for t in tensors if dist.is_initialized() else ():
-        u = t.to(device)
-        dist.all_reduce(u)
-        t.copy_(u)
+class Log:
+    """Rank 0's record of a run: stdout (above the progress bar), OUT_DIR/log.txt, rows to metrics.jsonl and wandb.
+    Nothing reaches the run folder before `start()`, which the run calls once every check has passed, so a failed
+    start leaves no trace; what was logged before is written then."""
+
+    def __init__(self, cfg, master):
+        self.cfg, self.master, self.files, self.pending, self.wandb = cfg, master, None, [], None
+
+    def start(self):
+        if self.master:
+            os.makedirs(self.cfg.out_dir, exist_ok=True)
+            self.files = [open(os.path.join(self.cfg.out_dir, f), "a") for f in ("log.txt", "metrics.jsonl")]
+            self.wandb = start_wandb(self.cfg) if self.cfg.wandb else None
+            for msg, row in self.pending:
+                self.write(msg, row)
+
+    def __call__(self, msg, row=None):
+        if self.master:
+            tqdm.write(msg)
+            self.write(msg, row) if self.files else self.pending.append((msg, row))
+
+    def write(self, msg, row):
+        self.files[0].write(msg + "\n")
+        self.files[1].write(json.dumps(row) + "\n" if row else "")
+        for f in self.files:
+            f.flush()
+        if row and self.wandb:
+            self.wandb.log(row, step=row["step"])
+
+    def close(self):
+        for f in self.files or ():
+            f.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def start_wandb(cfg):  # optional: imported only when --wandb asks; one wandb run per out_dir, resumed with it
+    import wandb
+    id_file = os.path.join(cfg.out_dir, "wandb_id.txt")
+    run_id = open(id_file).read().strip() if os.path.isfile(id_file) else wandb.util.generate_id()
+    with open(id_file, "w") as f:
+        f.write(run_id)
+    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_name or os.path.basename(os.path.abspath(cfg.out_dir)),
+                      id=run_id, resume="allow", config=dataclasses.asdict(cfg), dir=cfg.out_dir)
+
+
+LOSS_ARGS = ("lpips_weight", "pdino_weight", "repa_weight", "repa_layer", "gate_t", "t_eps", "num_classes",
+             "gate_pdino", "adaptive_from")  # the Config fields PixelGenLoss takes
+
+
+def build(cfg, device, log=print):  # a run's denoiser, its EMAs, the objective (with the frozen nets) and AdamW
+    torch.manual_seed(cfg.seed)  # identical initial weights on every process
+    model = JiT(**MODELS[cfg.model], input_size=cfg.image_size, num_classes=cfg.num_classes).to(device)
+    model.grad_ckpt = cfg.grad_ckpt
+    emas = {d: copy.deepcopy(model).requires_grad_(False).eval() for d in cfg.ema}  # fp32, sampled from
+    dino, lp = perceptual_nets(cfg, device, log)
+    kw = {k: getattr(cfg, k) for k in LOSS_ARGS} | dict(repa_layer=REPA_LAYER[cfg.model] if cfg.repa_layer < 0 else
+                                                        cfg.repa_layer)  # -1: the preset's
+    loss_fn = PixelGenLoss(model.final_layer.linear.in_features, dino, lp, patch_size=model.patch_size, **kw).to(device)
+    params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                            fused=device.type == "cuda" or None)
+    if cfg.compile:  # what runs every step and the EMAs that sample; DINOv2 and LPIPS are called as modules
+        if cfg.adaptive_from >= 0:  # w_ad backpropagates twice through one graph (retain_graph), which a compiled
+            importlib.import_module("torch._functorch.config").donated_buffer = False  # backward allows only
+            # without donated buffers (a small memory saving)
+        for m in (model, *emas.values(), dino, lp):
+            m.compile() if m is not None else None
+    return model, emas, loss_fn, opt
+
+
+def resume(cfg, model, emas, loss_fn, opt):
+    """The step to continue from (0 for a new run) and the EMA decays new to the run, after loading OUT_DIR/ckpt.pt:
+    weights, EMAs, REPA head and w_ad, AdamW. The file is memory-mapped on the host and copied into the run's tensors,
+    so no copy of it stays in memory (on the GPU it would hold the model and every EMA again: 2.7 GB each for XL)."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if not (cfg.resume and os.path.isfile(path)):
+        return 0, ()
+    try:  # a checkpoint from another config or a damaged file: say so, touch nothing
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        for obj, k in ((model, "model"), (loss_fn, "loss"), (opt, "opt")):
+            obj.load_state_dict(ck[k])
+        held = ck.get("emas", {str(cfg.ema[0]): ck["ema"]})
+        for d, e in emas.items():  # an EMA decay new to this run starts from the current weights
+            e.load_state_dict(held.get(str(d), model.state_dict()))
+    except Exception as e:
+        raise SystemExit(f"error: cannot resume from {path}: {str(e)[:400]}\nUse another --out_dir or --no-resume.")
+    return ck["step"], [d for d in emas if str(d) not in held]
+
+
+def checkpoint(model, emas, loss_fn, opt, step, cfg):  # one plain dict; torch.save shares the EMAs' storage with emas
+    return dict(model=model.state_dict(), ema=emas[cfg.ema[0]].state_dict(), emas={
+        str(d): e.state_dict() for d, e in emas.items()}, loss=loss_fn.state_dict(), opt=opt.state_dict(), step=step,
+        config=dataclasses.asdict(cfg))
 
 
 def save_checkpoint(obj, path, keep=None):
@@ -765,191 +925,205 @@ def save_checkpoint(obj, path, keep=None):
                          f"then rerun the same command to continue.")
 
 
-LOSS_ARGS = ("lpips_weight", "pdino_weight", "repa_weight", "repa_layer", "gate_t", "P_mean", "P_std", "t_eps",
-             "label_dropout", "num_classes", "gate_pdino", "adaptive_from")  # Config fields PixelGenLoss takes
+def loader(data, cfg, procs, step):  # this process's micro-batches of uint8 images, from `step` on, without end
+    sampler = GlobalBatches(len(data), cfg.batch_size, procs.world, procs.rank, cfg.grad_accum, cfg.seed, step)
+    return iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                                            pin_memory=procs.device.type == "cuda", worker_init_fn=quiet_worker))
 
 
-def build(cfg, device, log=print):  # a run's denoiser, its EMAs, the frozen nets, the objective and AdamW
-    torch.manual_seed(cfg.seed)  # identical initial weights on every process
-    model = JiT(**MODELS[cfg.model], input_size=cfg.image_size, num_classes=cfg.num_classes).to(device)
-    model.grad_ckpt = cfg.grad_ckpt
-    emas = {d: copy.deepcopy(model).requires_grad_(False).eval() for d in cfg.ema}  # fp32, sampled from
-    dino, lp = perceptual_nets(cfg, device, log)
-    loss_fn = PixelGenLoss(model.final_layer.linear.in_features, dino, lp,
-                           **{k: getattr(cfg, k) for k in LOSS_ARGS}).to(device)
-    params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                            fused=device.type == "cuda" or None)
-    for m in (model, dino, lp) if cfg.compile else ():
-        m.compile() if m is not None else None
-    return model, emas, dino, lp, loss_fn, opt
+class StopSignals:
+    """SIGTERM, SIGUSR1 and SIGINT ask the run to stop after the current step (preemption, Ctrl-C); a second signal
+    acts at once. A context manager: the previous handlers come back on exit."""
+
+    def __enter__(self):
+        self.received, self.previous = [], {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
+        return self
+
+    def handle(self, sig, frame):
+        self.received.append(signal.Signals(sig).name)
+        signal.signal(sig, self.previous[sig])
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
 
 
-def start_wandb(cfg):  # optional: imported only when --wandb asks; one wandb run per out_dir, resumed with it
-    import wandb
-    id_file = os.path.join(cfg.out_dir, "wandb_id.txt")
-    run_id = open(id_file).read().strip() if os.path.isfile(id_file) else wandb.util.generate_id()
-    with open(id_file, "w") as f:
-        f.write(run_id)
-    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_name or os.path.basename(os.path.abspath(cfg.out_dir)),
-                      id=run_id, resume="allow", config=dataclasses.asdict(cfg), dir=cfg.out_dir)
+class TrainStep(nn.Module):  # the denoiser and the REPA projector under one DDP wrapper
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, x, y, draws, adapt=False):
+        return self.loss_fn(self.model, x, y, draws, adapt)
+
+
+@torch.no_grad()
+def update_ema(emas, model):  # each ema <- d ema + (1 - d) model, one fused op; NOTE(official): lerp, not mul + add
+    params = list(model.parameters())
+    torch._foreach_lerp_([p for e in emas.values() for p in e.parameters()], params * len(emas),
+                         [1 - d for d in emas for _ in params])
+
+
+class Meter:
+    """What the log reports, summed since its last line: the loss terms on the device (read at the log step, the one
+    host sync of training), the gated fraction and the unreadable images on the host."""
+    TERMS = ("loss", "fm", "lpips", "pdino", "repa")
+
+    def __init__(self):
+        self.sums, self.gate, self.bad, self.steps, self.t0 = 0.0, 0.0, 0, 0, time.time()
+
+    def add(self, out, bad):  # one micro-batch's terms: its shares of the global means, detached from the graph
+        self.sums, self.bad = self.sums + torch.stack([out[k].detach().float() for k in self.TERMS]), self.bad + bad
+
+    def read(self, procs):  # (means per step, unreadable images, steps, seconds) since the last read, all processes
+        total = torch.cat([self.sums, self.sums.new_tensor([self.bad])])
+        if procs.ddp:
+            dist.all_reduce(total)
+        *sums, bad = total.tolist()
+        means = dict(zip(self.TERMS, (s / self.steps for s in sums)), gate=self.gate / self.steps)
+        out = means, int(bad), self.steps, time.time() - self.t0
+        self.__init__()
+        return out
+
+
+def train_step(net, opt, emas, batches, step, cfg, procs, meter):
+    """One AdamW step on the global batch: this process's K micro-batches, their gradients summed (DDP averages them
+    over the processes on the last one), then the EMA update. Nothing here waits for the device: the per-sample
+    draws are made on the host and sent with non-blocking copies, the gate is known on the host and the meter adds up
+    on the device."""
+    loss_fn, model = (net.module if procs.ddp else net).loss_fn, (net.module if procs.ddp else net).model
+    B, K, device = cfg.batch_size, cfg.grad_accum, procs.device
+    b, first = B // (procs.world * K), procs.rank * (B // procs.world)  # micro-batch; this process's first position
+    gen = torch.Generator().manual_seed(seed_for(cfg.seed, step))  # t, label dropout and flips of the global batch
+    t, drop = sample_t(B, cfg.P_mean, cfg.P_std, gen), torch.rand(B, generator=gen) < cfg.label_dropout
+    flip, norm = (torch.rand(B, generator=gen) < 0.5) & cfg.flip, (B, int((t >= cfg.gate_t).sum()))
+    for k in range(K):
+        img, y, bad = next(batches)
+        pos = slice(first + k * b, first + (k + 1) * b)  # this micro-batch's positions in the global batch
+        x = img.to(device, non_blocking=True).float() / 127.5 - 1  # uint8 -> [-1, 1]
+        x = torch.where(to_device(flip[pos], device).view(-1, 1, 1, 1), x.flip(-1), x) if cfg.flip else x
+        eps = seeded_noise(x.shape[1:], [seed_for(cfg.seed, step, i) for i in range(pos.start, pos.stop)], device)
+        draws = make_draws(t[pos], drop[pos], eps, cfg.gate_t, norm)
+        torch.manual_seed(seed_for(cfg.seed, step, procs.rank, k))  # dropout masks
+        with net.no_sync() if procs.ddp and k < K - 1 else contextlib.nullcontext():  # DDP syncs on the last one
+            with amp(device):
+                out = net(x, y.to(device, non_blocking=True), draws, adapt=k == 0 and loss_fn.adapt_due(step))
+            (out["loss"] * procs.world).backward()  # DDP averages over processes; the shares add up
+        meter.add(out, bad)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    update_ema(emas, model)
+    meter.gate, meter.steps = meter.gate + norm[1] / B, meter.steps + 1
+
+
+def due(cfg, step, max_steps, stopping):  # what this step ends with; the same decision on every process
+    keep = bool(cfg.keep_every) and step % cfg.keep_every == 0  # also a snapshot ckpt_{step}.pt
+    save = step % cfg.ckpt_every == 0 or step == max_steps or bool(stopping) or keep
+    every = lambda n: bool(n) and (step % n == 0 or step == max_steps) and not stopping
+    return argparse.Namespace(log=step % cfg.log_every == 0 or save, save=save, keep=keep,
+                              eval=every(cfg.eval_every), grid=every(cfg.sample_every))
+
+
+def log_metrics(log, meter, procs, step, max_steps, steps_per_epoch, cfg, w_ad):
+    m, bad, steps, secs = meter.read(procs)
+    if not all(math.isfinite(v) for v in m.values()):
+        raise SystemExit(f"error: non-finite loss at step {step} ({m}); the last good checkpoint is "
+                         f"{os.path.join(cfg.out_dir, 'ckpt.pt')}")
+    ips = cfg.batch_size * steps / secs
+    row = dict(step=step, epoch=round(step / steps_per_epoch, 4), **m, w_ad=w_ad, lr=cfg.lr, img_per_s=round(ips, 2),
+               **({"peak_mem_gib": round(torch.cuda.max_memory_allocated(procs.device) / 2**30, 2)}
+                  if procs.device.type == "cuda" else {}))
+    log(f"step {step}/{max_steps} " + " ".join(f"{k} {m[k]:.4f}" for k in Meter.TERMS) + f" gate {m['gate']:.2f} "
+        f"w_ad {w_ad:.3f} lr {cfg.lr:g} img/s {ips:.1f} eta {(max_steps - step) * cfg.batch_size / ips / 60:.1f} min "
+        f"bad_images {bad}", row)
 
 
 def train(cfg, hook=None):
-    ddp, rank, world, device = setup_dist(cfg)
-    cfg = dataclasses.replace(cfg, repa_layer=REPA_LAYER[cfg.model] if cfg.repa_layer < 0 else cfg.repa_layer)
-    master, cuda = rank == 0, device.type == "cuda"
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    files = [open(os.path.join(cfg.out_dir, f), "a") for f in ("log.txt", "metrics.jsonl")] if master else []
-    wandb_run = start_wandb(cfg) if master and cfg.wandb else None
-
-    def log(msg, row=None):  # rank 0: stdout (above the progress bar) and log.txt; a row to metrics.jsonl and wandb
-        if master:
-            tqdm.write(msg)
-            files[0].write(msg + "\n")
-            files[1].write(json.dumps(row) + "\n" if row else "")
-            for f in files:
-                f.flush()
-            if row and wandb_run:
-                wandb_run.log(row, step=row["step"])
-
-    log(f"config: {dataclasses.asdict(cfg)}")
+    """The training program (--train), on every process under torchrun. hook(step, model, emas) runs after each step
+    (for tests)."""
+    procs = setup_dist(cfg)
+    log = Log(cfg, procs.rank == 0)
     data = ImageFolderData(cfg.data_path, cfg.image_size) if cfg.data_path else ToyShapes(cfg.image_size)
     if data.num_classes > cfg.num_classes:
         raise SystemExit(f"error: the data has {data.num_classes} classes but --num_classes is {cfg.num_classes}")
-    model, emas, dino, lp, loss_fn, opt = build(cfg, device, log)
-    log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"{len(data)} images, {data.num_classes} classes, {world} processes, device {device}")
-    step, path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.resume and os.path.isfile(path):
-        try:  # a checkpoint from another config or a damaged file: say so, touch nothing
-            ck = torch.load(path, map_location=device, weights_only=True)
-            for obj, k in ((model, "model"), (loss_fn, "loss"), (opt, "opt")):
-                obj.load_state_dict(ck[k])
-            held = ck.get("emas", {str(cfg.ema[0]): ck["ema"]})
-            for d, e in emas.items():  # an EMA decay new to this run starts from the current weights
-                e.load_state_dict(held.get(str(d), model.state_dict()))
-            step = ck["step"]
-        except Exception as e:
-            raise SystemExit(f"error: cannot resume from {path}: {str(e)[:400]}\nUse another --out_dir or --no-resume.")
-        log(f"resumed from {path} at step {step}" + "".join(f"; EMA {d} starts now" for d in emas
-                                                                  if str(d) not in held))
-    net = TrainStep(model, loss_fn)
-    if ddp:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if cuda else None)
-        ctrl = dist.new_group(backend="gloo")  # agreement on stopping, on the host: no device sync
-    B, K = cfg.batch_size, cfg.grad_accum
-    b, first = B // (world * K), rank * (B // world)  # micro-batch size; this process's first position in a batch
-    steps_per_epoch = len(data) // B
+    steps_per_epoch = len(data) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(data)} images are fewer than one global batch of {B}")
+        raise SystemExit(f"error: {len(data)} images are fewer than one global batch of {cfg.batch_size}")
     max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    log(f"{max_steps} steps, {steps_per_epoch} per epoch, global batch {B} = {world} processes x {K} micro-batches "
-        f"x {b}")
-    sampler = GlobalBatches(len(data), B, world, rank, K, cfg.seed, step)
-    batches = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate, pin_memory=cuda,
-                                               num_workers=cfg.num_workers, worker_init_fn=quiet_worker))
-    fid_ctx = fid_setup(cfg, device, rank, world) if cfg.eval_every and cfg.fid_ref else None
-    stop, handlers = [], {}
-
-    def on_signal(sig, frame):  # finish the step, write ckpt.pt, stop; a second signal acts at once
-        stop.append(signal.Signals(sig).name)
-        signal.signal(sig, handlers[sig])
-
-    handlers.update({s: signal.signal(s, on_signal) for s in STOP_SIGNALS})
-    sums, gate_sum, bad_images, t0, t_log = None, 0.0, 0, time.time(), step
-    bar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
+    model, emas, loss_fn, opt = build(cfg, procs.device, log)
+    step, new_emas = resume(cfg, model, emas, loss_fn, opt)
+    fid_ctx = fid_setup(cfg, procs) if cfg.eval_every and cfg.fid_ref else None
+    log.start()  # every check has passed: from here on the run folder is written
+    log(f"config: {dataclasses.asdict(cfg)}")
+    log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(data)} images, "
+        f"{data.num_classes} classes, {procs.world} processes, device {procs.device}")
+    if step:
+        log(f"resumed from {cfg.out_dir}/ckpt.pt at step {step}" + "".join(f"; EMA {d} starts now" for d in new_emas))
+    log(f"{max_steps} steps, {steps_per_epoch} per epoch, global batch {cfg.batch_size} = {procs.world} processes x "
+        f"{cfg.grad_accum} micro-batches x {cfg.batch_size // (procs.world * cfg.grad_accum)}")
+    net = TrainStep(model, loss_fn)
+    net = nn.parallel.DistributedDataParallel(net, device_ids=[procs.device.index] if procs.device.type == "cuda" else None) \
+        if procs.ddp else net
+    batches, meter = loader(data, cfg, procs, step), Meter()
+    bar = tqdm(total=max_steps, initial=step, disable=procs.rank != 0, dynamic_ncols=True)
     model.train()
     loss_fn.train()
     try:
-        while step < max_steps:
-            g = torch.Generator().manual_seed(seed_for(cfg.seed, step))  # t, label dropout, flips of the global batch
-            t_all, drop_all = sample_t(B, cfg.P_mean, cfg.P_std, g), torch.rand(B, generator=g) < cfg.label_dropout
-            flip_all = (torch.rand(B, generator=g) < 0.5) & cfg.flip
-            norm = (B, int((t_all >= cfg.gate_t).sum()))  # the global batch's samples and gated samples
-            for k in range(K):
-                img, y, bad = next(batches)
-                pos = slice(first + k * b, first + (k + 1) * b)  # this micro-batch's positions in the global batch
-                x = img.to(device, non_blocking=True).float() / 127.5 - 1  # uint8 -> [-1, 1]
-                x = torch.where(flip_all[pos].to(device).view(-1, 1, 1, 1), x.flip(-1), x) if cfg.flip else x
-                eps = seeded_noise(x.shape[1:], [seed_for(cfg.seed, step, i) for i in range(pos.start, pos.stop)],
-                                   device)
-                torch.manual_seed(seed_for(cfg.seed, step, rank, k))  # dropout masks
-                with net.no_sync() if ddp and k < K - 1 else contextlib.nullcontext():  # DDP syncs on the last one
-                    with amp(device):
-                        out = net(x, y.to(device, non_blocking=True), step, t=t_all[pos], noise=eps,
-                                  drop=drop_all[pos], norm=norm, adapt=k == 0)
-                    (out["loss"] * world).backward()  # DDP averages over processes; the shares add up
-                vals = torch.stack([out[n].float() for n in ("loss", "fm", "lpips", "pdino", "repa")])  # on the device
-                sums = vals if sums is None else sums + vals
-                bad_images += bad
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            update_ema(emas, model)
-            step += 1
-            gate_sum += norm[1] / B
-            bar.update(1)
-            if hook:
-                hook(step, model, emas)
-            if ddp:  # every process stops at the same step
-                flag = torch.tensor(len(stop))
-                dist.all_reduce(flag, dist.ReduceOp.MAX, group=ctrl)
-                stop += ["a signal to another process"] if flag and not stop else []
-            keep = cfg.keep_every and step % cfg.keep_every == 0  # also a snapshot ckpt_{step}.pt
-            save = step % cfg.ckpt_every == 0 or step == max_steps or bool(stop) or keep
-            if step % cfg.log_every == 0 or save:
-                tot = torch.cat([sums, sums.new_tensor([bad_images])])
-                if ddp:
-                    dist.all_reduce(tot)
-                avg = (tot[:5] / (step - t_log)).tolist() + [gate_sum / (step - t_log)]  # the one host sync
-                if not all(math.isfinite(v) for v in avg):
-                    raise SystemExit(f"error: non-finite loss at step {step} ({avg}); last good checkpoint: {path}")
-                dt = time.time() - t0
-                ips, eta = B * (step - t_log) / dt, (max_steps - step) * dt / (step - t_log)
-                row = dict(step=step, epoch=round(step / steps_per_epoch, 4), **dict(zip(
-                    ("loss", "fm", "lpips", "pdino", "repa", "gate"), avg)), w_ad=loss_fn.percept_weight.item(),
-                    lr=cfg.lr, img_per_s=round(ips, 2), **({"peak_mem_gib": round(torch.cuda.max_memory_allocated(
-                        device) / 2**30, 2)} if cuda else {}))
-                log(f"step {step}/{max_steps} loss {avg[0]:.4f} fm {avg[1]:.4f} lpips {avg[2]:.4f} pdino {avg[3]:.4f} "
-                    f"repa {avg[4]:.4f} gate {avg[5]:.2f} w_ad {row['w_ad']:.3f} lr {cfg.lr:g} img/s {ips:.1f} eta "
-                    f"{eta / 60:.1f} min bad_images {int(tot[5])}", row)
-                sums, gate_sum, bad_images, t0, t_log = None, 0.0, 0, time.time(), step
-            if save and master:
-                save_checkpoint(dict(model=model.state_dict(), ema=emas[cfg.ema[0]].state_dict(), emas={
-                    str(d): e.state_dict() for d, e in emas.items()}, loss=loss_fn.state_dict(), opt=opt.state_dict(),
-                    step=step, config=dataclasses.asdict(cfg)), path,
-                    os.path.join(cfg.out_dir, f"ckpt_{step:07d}.pt") if keep else None)
-                log(f"saved {path}" + (f" and ckpt_{step:07d}.pt" if keep else ""))
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == max_steps) and not stop:
-                t1 = time.time()
-                try:  # an evaluation that fails never costs the run its checkpoint or its progress
-                    rows = evaluate(emas, cfg.eval_samples, cfg, device, rank, world,
-                                    None if fid_ctx else os.path.join(cfg.out_dir, f"eval_{step:07d}"), fid_ctx)
-                    for r in rows:
-                        log(f"eval step {step} ema {r['ema']} cfg {r['cfg_scale']:g}: FID {r['fid']:.3f} "
-                            f"IS {r['inception_score']:.2f} ({time.time() - t1:.0f} s)",
-                            dict(step=step, **r, eval_seconds=round(time.time() - t1, 1)))
-                except Exception as e:
-                    log(f"evaluation at step {step} failed, training goes on: {e!r}")
-            if master and cfg.sample_every and (step % cfg.sample_every == 0 or step == max_steps) and not stop:
-                grid = os.path.join(cfg.out_dir, f"grid_{step:07d}.png")
-                save_grid(sample_images(emas[cfg.ema[0]], range(min(cfg.num_samples, 64)), cfg, device,
-                                        cfg.cfg_scale[0]), grid, cfg.num_classes)
-                log(f"sample grid: {grid}")
-            if stop:
-                log(f"stopped by {stop[0]} after step {step}; {path} is written: run the same command to continue")
-                break
+        with StopSignals() as stop:
+            while step < max_steps:
+                train_step(net, opt, emas, batches, step, cfg, procs, meter)
+                step += 1
+                bar.update(1)
+                if hook:
+                    hook(step, model, emas)
+                stopping = procs.agree(bool(stop.received))  # decided once per step, by every process together
+                now = due(cfg, step, max_steps, stopping)
+                if now.log:
+                    log_metrics(log, meter, procs, step, max_steps, steps_per_epoch, cfg, loss_fn.percept_weight.item())
+                if now.save:
+                    save_and_snapshot(model, emas, loss_fn, opt, step, cfg, procs, log, now.keep)
+                if now.eval:
+                    evaluate_online(emas, cfg, procs, step, log, fid_ctx)
+                if now.grid:
+                    procs.together(lambda: grid(emas, cfg, procs, step, log) if procs.rank == 0 else None)
+                if stopping:
+                    log(f"stopped by {stop.received[0] if stop.received else 'a signal to another process'} after "
+                        f"step {step}; {cfg.out_dir}/ckpt.pt is written: run the same command to continue")
+                    break
     finally:
         bar.close()
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        for f in files:
-            f.close()
-        if wandb_run:
-            wandb_run.finish()
-        if ddp:
+        log.close()
+        if procs.ddp:
             dist.destroy_process_group()
     return model, emas
+
+
+def save_and_snapshot(model, emas, loss_fn, opt, step, cfg, procs, log, keep):  # rank 0 writes; the others wait
+    path, snap = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, f"ckpt_{step:07d}.pt")
+    if procs.rank == 0:  # a failed write stops every process (the error says why, on rank 0)
+        procs.together(save_checkpoint, checkpoint(model, emas, loss_fn, opt, step, cfg), path, snap if keep else None)
+        log(f"saved {path}" + (f" and {os.path.basename(snap)}" if keep else ""))
+    else:
+        procs.together(lambda: None)
+
+
+def evaluate_online(emas, cfg, procs, step, log, fid_ctx):  # a failure (on any process) is logged; training goes on
+    t0 = time.time()
+    try:
+        rows = evaluate(emas, cfg.eval_samples, cfg, procs, None if fid_ctx else
+                        os.path.join(cfg.out_dir, f"eval_{step:07d}"), fid_ctx)
+    except Exception as e:
+        return log(f"evaluation at step {step} failed, training goes on: {e!r}")
+    for r in rows:
+        log(f"eval step {step} ema {r['ema']} cfg {r['cfg_scale']:g}: FID {r['fid']:.3f} IS {r['inception_score']:.2f} "
+            f"({time.time() - t0:.0f} s)", dict(step=step, **r, eval_seconds=round(time.time() - t0, 1)))
+
+
+def grid(emas, cfg, procs, step, log):  # a sample grid from the first EMA, one column per class
+    path = os.path.join(cfg.out_dir, f"grid_{step:07d}.png")
+    save_grid(sample_images(emas[cfg.ema[0]], range(min(cfg.num_samples, 64)), cfg, procs.device, cfg.cfg_scale[0]),
+              path, cfg.num_classes)
+    log(f"sample grid (EMA {cfg.ema[0]}): {path}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1025,82 +1199,92 @@ def save_grid(imgs, path, classes):  # (B, H, W, 3) uint8 -> one PNG; one column
     Image.fromarray(grid).save(path)
 
 
-def fid_setup(cfg, device, rank, world):  # (FID Inception, kept on the CPU; reference (mu, sigma)), once per run
-    import fid
+
+def fid_setup(cfg, procs):  # (FID Inception, kept on the CPU; reference (mu, sigma)), once per run, sharded
     try:
-        net = fid.load_inception(cfg.fid_weights or None, device)
-        ref = fid.reference_stats(cfg.fid_ref, net, cfg.fid_preprocess, shard=(rank, world),
-                                  reduce=lambda ts: all_sum(ts, device))
+        net = fid.load_inception(cfg.fid_weights or None, procs.device)
+        ref = fid.reference_stats(cfg.fid_ref, net, cfg.fid_preprocess, shard=(procs.rank, procs.world),
+                                  reduce=procs.all_sum)
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {str(e).replace('(--weights)', '(--fid_weights)')}")
     return net.cpu(), ref
 
 
-def evaluate(emas, n, cfg, device, rank, world, out_dir=None, fid_ctx=None):
+def evaluate(emas, n, cfg, procs, out_dir=None, fid_ctx=None):
     """The sampling loop of --sample, online evaluation and sweeps. For every EMA model and CFG scale: n images, image
     i of class i % K from noise seeded by (seed, i) (the same for every setting), sharded over the processes (rank
     i mod world). With out_dir, writes each setting's samples (ADM npz, grid, PNGs with --save_pngs); with fid_ctx =
-    (Inception, reference stats), returns a row of FID and IS per setting, from features sharded like the images."""
-    import fid
-    mine, bs, rows = list(range(rank, n, world)), max(1, cfg.batch_size // world), []
-    net = fid_ctx[0].to(device) if fid_ctx else None
-    os.makedirs(out_dir, exist_ok=True) if out_dir else None
-    for d, model in emas.items():
-        for w in cfg.cfg_scale:
-            tag = "" if len(emas) * len(cfg.cfg_scale) == 1 else f"_ema{d}_cfg{w:g}"
-            stats, imgs = fid.Stats(n) if net else None, []
-            os.makedirs(os.path.join(out_dir, f"images{tag}"), exist_ok=True) if out_dir and cfg.save_pngs else None
-            for j in tqdm(range(0, len(mine), bs), disable=rank != 0, desc=f"sampling{tag}", leave=False):
-                idx = mine[j: j + bs]
-                im = sample_images(model, idx, cfg, device, w)
+    (Inception, reference stats), returns a row of FID and IS per setting, from features sharded like the images.
+    Each process's work is checked by all before the next collective: a failure anywhere raises everywhere."""
+    rows, net = [], fid_ctx[0].to(procs.device) if fid_ctx else None
+    try:
+        for d, model in emas.items():
+            for w in cfg.cfg_scale:
+                tag = "" if len(emas) * len(cfg.cfg_scale) == 1 else f"_ema{d}_cfg{w:g}"
+                stats = procs.together(sample_shard, model, w, n, tag, cfg, procs, out_dir, net)
+                if out_dir:  # rank 0 merges the shards while the others wait on the host
+                    procs.together(merge_samples, n, os.path.join(out_dir, f"samples{tag}.npz"), model, procs)
                 if net:
-                    stats.add(*fid.get_features(net, im, cfg.fid_preprocess, return_logits=True), index=idx)
-                if out_dir:
-                    imgs.append(im)
-                    for i, a in zip(idx, im if cfg.save_pngs else []):
-                        Image.fromarray(a).save(os.path.join(out_dir, f"images{tag}", f"{i:06d}.png"))
-            if out_dir:
-                write_samples(imgs, mine, n, os.path.join(out_dir, f"samples{tag}.npz"), model, rank, world)
-            if net:
-                all_sum(stats.tensors, device)
-                rows.append(dict(ema=d, cfg_scale=w, sampler=cfg.sampler, sample_steps=cfg.sample_steps,
-                                 time_shift=cfg.time_shift, num_samples=n, fid=fid.frechet_distance(
-                                     *stats.mu_sigma(), *fid_ctx[1]), inception_score=stats.inception_score()))
-    if net:
-        net.cpu()  # the Inception does not stay in GPU memory between evaluations
+                    procs.all_sum(stats.tensors)
+                    rows.append(dict(ema=d, cfg_scale=w, sampler=cfg.sampler, sample_steps=cfg.sample_steps,
+                                     time_shift=cfg.time_shift, num_samples=n, fid=fid.frechet_distance(
+                                         *stats.mu_sigma(), *fid_ctx[1]), inception_score=stats.inception_score()))
+    finally:
+        if net:
+            net.cpu()  # the Inception does not stay in GPU memory between evaluations
     return rows
 
 
-def write_samples(imgs, mine, n, path, model, rank, world):  # shards -> one ADM npz in index order (+ a grid)
+def sample_shard(model, w, n, tag, cfg, procs, out_dir, net):
+    """This process's images of one setting (i = rank, rank + world, ...): Inception statistics with `net`, and with
+    out_dir a shard file (and PNGs) for merge_samples. Local work only: no collective."""
+    mine, bs = list(range(procs.rank, n, procs.world)), max(1, cfg.batch_size // procs.world)
+    stats, imgs = fid.Stats(n) if net else None, []
+    pngs = os.path.join(out_dir, f"images{tag}") if out_dir and cfg.save_pngs else None
+    if out_dir:
+        os.makedirs(pngs or out_dir, exist_ok=True)
+    for j in tqdm(range(0, len(mine), bs), disable=procs.rank != 0, desc=f"sampling{tag}", leave=False):
+        idx = mine[j: j + bs]
+        im = sample_images(model, idx, cfg, procs.device, w)
+        if net:
+            stats.add(*fid.get_features(net, im, cfg.fid_preprocess, return_logits=True), index=idx)
+        imgs += [im] if out_dir else []
+        for i, a in zip(idx, im if pngs else []):
+            Image.fromarray(a).save(os.path.join(pngs, f"{i:06d}.png"))
+    if out_dir:
+        size = model.grid * model.patch_size
+        np.savez(os.path.join(out_dir, f"samples{tag}_rank{procs.rank}.npz"), idx=mine,
+                 arr_0=np.concatenate(imgs) if imgs else np.zeros((0, size, size, 3), np.uint8))
+    return stats
+
+
+def merge_samples(n, path, model, procs):  # rank 0: the shards -> one ADM npz in index order (+ its grid)
+    if procs.rank:
+        return
     size, K = model.grid * model.patch_size, model.num_classes
-    shard = path.replace(".npz", f"_rank{rank}.npz")
-    np.savez(shard, arr_0=np.concatenate(imgs) if imgs else np.zeros((0, size, size, 3), np.uint8), idx=mine)
-    if world > 1:
-        dist.barrier()
-    if rank == 0:  # merged in index order, so the file does not depend on the number of processes
-        out = np.zeros((n, size, size, 3), np.uint8)
-        for r in range(world):
-            f = path.replace(".npz", f"_rank{r}.npz")
-            with np.load(f) as s:
-                out[s["idx"]] = s["arr_0"]
-            os.remove(f)
-        np.savez(path, arr_0=out, arr_1=np.arange(n) % K)
-        save_grid(out[:100], path.replace("samples", "grid").replace(".npz", ".png"), K)
-        print(f"wrote {path} ({n} images) and its grid")
+    out = np.zeros((n, size, size, 3), np.uint8)
+    for r in range(procs.world):  # in index order, so the file does not depend on the number of processes
+        shard = path.replace(".npz", f"_rank{r}.npz")
+        with np.load(shard) as s:
+            out[s["idx"]] = s["arr_0"]
+        os.remove(shard)
+    np.savez(path, arr_0=out, arr_1=np.arange(n) % K)
+    save_grid(out[:100], path.replace("samples", "grid").replace(".npz", ".png"), K)
+    print(f"wrote {path} ({n} images) and its grid")
 
 
 @torch.no_grad()
 def sample_main(cfg):
-    ddp, rank, world, device = setup_dist(cfg)
+    """The sampling program (--sample): a checkpoint's EMA model(s) -> samples, grids and, with --fid_ref, eval.json."""
+    procs = setup_dist(cfg)
     path = cfg.ckpt or os.path.join(cfg.out_dir, "ckpt.pt")
     models, _, step = load_denoiser(path, cfg.unsafe_load, cfg.ema_decay)
     for m in models.values():
-        m.to(device).compile() if cfg.compile else m.to(device)
-    fid_ctx = fid_setup(cfg, device, rank, world) if cfg.fid_ref else None
+        m.to(procs.device).compile() if cfg.compile else m.to(procs.device)
+    fid_ctx = fid_setup(cfg, procs) if cfg.fid_ref else None
     os.makedirs(cfg.out_dir, exist_ok=True)
-    rows = [dict(ckpt=path, step=step, **r) for r in evaluate(models, cfg.num_samples, cfg, device, rank, world,
-                                                                cfg.out_dir, fid_ctx)]
-    if rank == 0 and rows:  # eval.json: a list of rows, appended to; the table marks the best FID
+    rows = [dict(ckpt=path, step=step, **r) for r in evaluate(models, cfg.num_samples, cfg, procs, cfg.out_dir, fid_ctx)]
+    if procs.rank == 0 and rows:  # eval.json: a list of rows, appended to; the table marks the best FID
         out = os.path.join(cfg.out_dir, "eval.json")
         with open(out + ".tmp", "w") as f:
             json.dump((json.load(open(out)) if os.path.isfile(out) else []) + rows, f, indent=1)
@@ -1111,21 +1295,24 @@ def sample_main(cfg):
             print(f"{r['ema']!s:>8} {r['cfg_scale']:>6g} {r['fid']:>9.3f} {r['inception_score']:>9.2f}"
                   + ("  <- best FID" if r is best and len(rows) > 1 else ""))
         print(f"appended {len(rows)} row(s) to {out}")
-    if ddp:
+    if procs.ddp:
         dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Benchmark: full training steps and sampling, split by component, with analytic FLOPs and MFU on CUDA.
+# Benchmark: the training step of train() and sampling, split by component, with analytic FLOPs and MFU on CUDA.
 
 def bench(cfg):
-    _, _, _, device = setup_dist(cfg)
-    cuda, B, S = device.type == "cuda", cfg.batch_size, cfg.image_size
-    model, emas, dino, lp, loss_fn, opt = build(dataclasses.replace(cfg, perceptual_init="random"), device,
-                                                log=lambda m: None)  # random perceptual weights: the same cost
-    x, y = torch.rand(B, 3, S, S, device=device) * 2 - 1, torch.randint(0, cfg.num_classes, (B,), device=device)
-    g = (torch.rand(B) < 0.52).to(device)  # the gated share under logit-normal t
-    xg, p, model_ema = x[g].detach().requires_grad_(True), model.patch_size, next(iter(emas.values()))
+    procs = setup_dist(cfg)
+    device, cuda, B, S = procs.device, procs.device.type == "cuda", cfg.batch_size, cfg.image_size
+    model, emas, loss_fn, opt = build(dataclasses.replace(cfg, perceptual_init="random"), device,
+                                      log=lambda m: None)  # random perceptual weights: the same cost
+    dino, lp, p = loss_fn.dino, loss_fn.lpips, model.patch_size
+    img, y = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8), torch.randint(0, cfg.num_classes, (B,))
+    batches, net, meter = itertools.repeat((img.pin_memory() if cuda else img, y, 0)), TrainStep(model, loss_fn), Meter()
+    x, y = img.to(device).float() / 127.5 - 1, y.to(device)
+    gated = (torch.rand(B) < 0.52).to(device)  # the gated share under logit-normal t
+    x_gated = x[gated].detach().requires_grad_(True)
 
     def timeit(fn, n=cfg.bench_steps):  # ms per call after two warm-up calls
         for i in range(n + 2):
@@ -1136,16 +1323,6 @@ def bench(cfg):
         torch.cuda.synchronize() if cuda else None
         return (time.perf_counter() - t0) / n * 1e3
 
-    def full():  # one training step as in train(): host t and label dropout, per-sample noise, global normalisers
-        t, eps = sample_t(B, cfg.P_mean, cfg.P_std), seeded_noise(x.shape[1:], [seed_for(i) for i in range(B)], device)
-        with amp(device):
-            out = loss_fn(model, x, y, t=t, noise=eps, drop=torch.rand(B) < cfg.label_dropout,
-                          norm=(B, int((t >= cfg.gate_t).sum())))
-        out["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        update_ema(emas, model)
-
     def denoiser():  # forward + backward of the denoiser and the REPA head
         with amp(device):
             x_hat, h = model(x, torch.rand(B, device=device), y, return_layer=loss_fn.repa_layer)
@@ -1154,41 +1331,37 @@ def bench(cfg):
 
     def lpips_part():  # forward on the gated share, input-gradient backward
         with amp(device):
-            l = lp(xg, x[g]).float().mean()
+            l = lp(x_gated, x[gated]).float().mean()
         l.backward()
 
     def dino_part():  # targets of the whole batch, then forward + input-gradient backward on the gated share
         with amp(device):
             with torch.no_grad():
-                dino.patch_tokens(x, p)
-            l = dino.patch_tokens(xg, p).float().pow(2).mean()
+                dino(x, p)
+            l = dino(x_gated, p).float().pow(2).mean()
         l.backward()
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    ms = {"step": timeit(full)}
+    torch.cuda.reset_peak_memory_stats() if cuda else None
+    ms = {"step": timeit(lambda: train_step(net, opt, emas, batches, 0, cfg, procs, meter))}  # exactly train()'s step
     import resource  # CPU: the process's peak resident memory
     mem = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     parts = dict(denoiser=denoiser, lpips=lpips_part if lp else None, dino=dino_part if dino else None,
                  **{"opt+ema": lambda: (opt.step(), update_ema(emas, model))})
     ms.update({k: timeit(fn) for k, fn in parts.items() if fn})
-    noise = torch.randn(B, 3, S, S, device=device)
-    with amp(device):
-        ms_sample = timeit(lambda: sample(model_ema, noise, y, cfg.sample_steps, cfg.sampler, cfg.cfg_scale[0],
-                                          cfg.cfg_interval, cfg.time_shift), n=1)
+    ms_sample = timeit(lambda: sample_images(next(iter(emas.values())), range(B), cfg, device, cfg.cfg_scale[0]), n=1)
     parts = ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if k != "step")
-    print(f"{cfg.model} {S}px batch {B} on {device}{' compiled' if cfg.compile else ''}"
-          f"{' grad_ckpt' if cfg.grad_ckpt else ''}: train {B / ms['step'] * 1e3:.1f} img/s ({ms['step']:.1f} ms/step; "
-          f"{parts} ms), peak memory {mem / 2**30:.2f} GiB; sampling ({cfg.sampler} {cfg.sample_steps}, cfg "
-          f"{cfg.cfg_scale[0]}) {B / ms_sample * 1e3:.2f} img/s")
+    ran = "compiled (denoiser, EMA, DINOv2, LPIPS)" if cfg.compile else "eager"
+    print(f"{cfg.model} {S}px batch {B} on {device}, {ran}{', grad_ckpt' if cfg.grad_ckpt else ''}: train "
+          f"{B / ms['step'] * 1e3:.1f} img/s ({ms['step']:.1f} ms/step; {parts} ms), peak memory {mem / 2**30:.2f} GiB; "
+          f"sampling ({cfg.sampler} {cfg.sample_steps}, cfg {cfg.cfg_scale[0]}) {B / ms_sample * 1e3:.2f} img/s")
     if cuda and dino and lp:  # analytic FLOPs of one step: matmuls and attention, x3 for forward + backward
-        T, D, gated = model.grid ** 2 + model.in_context_len, model.pos_embed.shape[-1], g.float().mean().item()
+        T, D, share = model.grid ** 2 + model.in_context_len, model.pos_embed.shape[-1], gated.float().mean().item()
         # per-token weights (qkv, proj, SwiGLU); adaLN acts on one vector per image and is left out
         lin = sum(w.numel() for n, w in model.named_parameters() if w.dim() == 2 and "blocks" in n and "adaLN" not in n)
         f_den = 3 * (2 * lin * T + len(model.blocks) * 4 * T * T * D) * B
         Nd, dp = (S // p) ** 2 + 1, sum(w.numel() for w in dino.parameters() if w.dim() == 2)
-        f_dino = (1 + 2 * gated) * B * (2 * dp * Nd + 12 * 4 * Nd * Nd * 768)  # targets; gated fwd + input-grad bwd
-        f_vgg = 3 * gated * B * 2 * 15.35e9 * (S * 16 // p / 224) ** 2  # VGG16 convs: 15.35 GMAC at 224 px
+        f_dino = (1 + 2 * share) * B * (2 * dp * Nd + 12 * 4 * Nd * Nd * 768)  # targets; gated fwd + input-grad bwd
+        f_vgg = 3 * share * B * 2 * 15.35e9 * (S * 16 // p / 224) ** 2  # VGG16 convs: 15.35 GMAC at 224 px
         a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
         peak = 2 * 8192**3 / timeit(lambda: a @ a, n=20) * 1e3  # the card's dense bf16 rate, measured
         flops = (f_den + f_dino + f_vgg) / ms["step"] * 1e3
@@ -1277,6 +1450,10 @@ def parse_args(argv=None):
     return cfg, next(m for m in MODES if args.get(m))
 
 
-if __name__ == "__main__":
-    cfg, mode = parse_args()
+def main(argv=None):
+    cfg, mode = parse_args(argv)
     {"train": train, "sample": sample_main, "bench": bench}[mode](cfg)
+
+
+if __name__ == "__main__":
+    main()

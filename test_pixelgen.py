@@ -1,10 +1,15 @@
-"""Offline CPU tests of pixelgen.py, dino.py and fid.py: random weights, no downloads, minutes in all.
+"""Offline CPU tests of pixelgen.py, dino.py and fid.py: random weights, no downloads, at most 3 minutes on 2 cores.
 
 Equality with the official code (github Zehong-Ma/PixelGen, facebookresearch/dinov2, pytorch-fid, torch-fidelity) was
 checked beside this repository (see the README); these tests pin closed forms, hand-computed values, and the facts
-that make that equality hold."""
+that make that equality hold. They follow the order of the code: pixelgen.py's method (model, flow, objective,
+samplers), then its engineering (config and CLI, pretrained weights, data, training in one and in two processes,
+sampling and evaluation, benchmark), then dino.py and fid.py. Training runs use small random perceptual networks
+(`small_perceptual_nets`), since their size does not matter there."""
+import contextlib
 import copy
 import functools
+import gc
 import json
 import math
 import os
@@ -12,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -26,6 +32,26 @@ import fid
 import pixelgen as pg
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+REAL_PERCEPTUAL_NETS = pg.perceptual_nets
+
+
+def small_perceptual_nets(cfg, device, log=print):
+    """pg.perceptual_nets for training runs in the tests: random DINOv2 (32 wide, 1 block) and LPIPS on SqueezeNet,
+    built in milliseconds with fixed weights (the global RNG is left alone); real-size nets for --perceptual_init
+    pretrained, whose tests need them."""
+    if cfg.perceptual_init != "random":
+        return REAL_PERCEPTUAL_NETS(cfg, device, log)
+    import lpips
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        d = dino.DINOv2(embed_dim=32, depth=1, num_heads=2) if cfg.pdino_weight or cfg.repa_weight else None
+        lp = lpips.LPIPS(net="squeeze", pretrained=True, pnet_rand=True, verbose=False) if cfg.lpips_weight else None
+    return tuple(n.to(device).eval().requires_grad_(False) if n is not None else None for n in (d, lp))
+
+
+@pytest.fixture(autouse=True)
+def _small_nets(monkeypatch):
+    monkeypatch.setattr(pg, "perceptual_nets", small_perceptual_nets)
 
 
 def tiny_jit(**kw):  # every code path of the real model at toy width
@@ -44,8 +70,87 @@ def randomize(model, std=0.05, seed=0):  # wake up the zero-initialised layers s
     return model
 
 
+@functools.lru_cache(maxsize=None)
+def frozen_nets():  # the objective's tests: DINOv2 at its real width (REPA targets are 768-d), LPIPS-VGG
+    import lpips
+    torch.manual_seed(0)
+    d = dino.DINOv2(embed_dim=768, depth=2, num_heads=12)  # 2 blocks for speed
+    with torch.no_grad():
+        for n, p in d.named_parameters():
+            if "gamma" in n:
+                p.normal_(0, 0.3)
+    return d, lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval().requires_grad_(False)
+
+
+class Recorder(nn.Module):  # wraps a frozen net and records the batch shapes it sees
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls, self.embed_dim = net, [], getattr(net, "embed_dim", None)
+
+    def forward(self, *a):
+        self.calls.append(tuple(a[0].shape))
+        return self.net(*a)
+
+
+def make_loss(**kw):
+    d, lp = frozen_nets()
+    args = dict(repa_layer=2, num_classes=10)
+    args.update(kw)
+    return pg.PixelGenLoss(64, Recorder(d), Recorder(lp), **args)
+
+
+def batch(B=4, S=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(B, 3, S, S, generator=g) * 2 - 1, torch.randint(0, 10, (B,), generator=g),
+            torch.randn(B, 3, S, S, generator=g))
+
+
+def loss_of(loss_fn, model, x, y, t, eps, drop=None, norm=None, adapt=False):  # the loss on given draws
+    drop = torch.zeros(len(t), dtype=torch.bool) if drop is None else drop
+    return loss_fn(model, x, y, pg.make_draws(t, drop, eps, loss_fn.gate_t, norm), adapt)
+
+
+def small_cfg(out_dir, **kw):  # a tiny demo run: 32 px, batch 4, 4 steps, log and metrics every step
+    base = {**pg.dataclasses.asdict(pg.Config()), **pg.RECIPES["demo"]}
+    base.update(out_dir=str(out_dir), image_size=32, batch_size=4, perceptual_init="random", log_every=1,
+                ckpt_every=2, sample_every=0, max_steps=4, cfg_interval=(0.1, 0.9))
+    base.update(kw)
+    return pg.Config(**base)
+
+
+def flat(d):  # nested state dicts -> list of leaves, in a fixed order
+    if isinstance(d, dict):
+        return [x for k in sorted(d, key=str) for x in flat(d[k])]
+    if isinstance(d, (list, tuple)):
+        return [x for v in d for x in flat(v)]
+    return [d]
+
+
+def same(a, b):
+    fa, fb = flat(a), flat(b)
+    return len(fa) == len(fb) and all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(fa, fb))
+
+
+def ckpt(path):
+    return torch.load(path, weights_only=True)
+
+
+def aot_eager(monkeypatch, graphs=None):
+    """torch.compile with the aot_eager backend (the compiler front end and autograd, no code generation: fast on a
+    CPU), everywhere pixelgen compiles; the graphs it builds are appended to `graphs`."""
+    compile_ = torch.compile
+
+    def backend(gm, inputs):
+        graphs.append(gm) if graphs is not None else None
+        from torch._dynamo.backends.common import aot_autograd
+        return aot_autograd(fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g)(gm, inputs)
+
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: compile_(fn, **{**kw, "backend": backend}))
+    torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Model (issue: checkpoint compatibility)
+# Model: JiT
 
 # Official PixelGen-XL/16 and -L/16 state dicts, in order: the non-block keys, then per-block keys for each block.
 BLOCK_KEYS = [("norm1.weight", ("D",)), ("attn.q_norm.weight", ("hd",)), ("attn.k_norm.weight", ("hd",)),
@@ -118,16 +223,38 @@ def test_rope_is_relative_and_in_context_is_identity():
     i = L + 1 * g + 2
     want = torch.tensor([1.0, 10000 ** -0.5, 2.0, 2 * 10000 ** -0.5])
     torch.testing.assert_close(torch.atan2(sin[i], cos[i]), want)
-    rope = torch.complex(cos, sin)
     x = torch.randn(hd)
-    rx = pg.apply_rope(x[None, None, None], rope[i][None])[0, 0, 0]
+    rx = pg.apply_rope(x[None, None, None], cos[i][None], sin[i][None])[0, 0, 0]
     c, s_ = math.cos(1.0), math.sin(1.0)  # first pair by hand: (x0 c - x1 s, x0 s + x1 c)
     torch.testing.assert_close(rx[:2], torch.stack([x[0] * c - x[1] * s_, x[0] * s_ + x[1] * c]))
     q, k = torch.randn(hd), torch.randn(hd)
-    dot = lambda a, b: (pg.apply_rope(q[None, None, None], rope[a][None]) * pg.apply_rope(k[None, None, None], rope[b][None])).sum()
+    rot = lambda u, j: pg.apply_rope(u[None, None, None], cos[j][None], sin[j][None])
+    dot = lambda a, b: (rot(q, a) * rot(k, b)).sum()
     # the same relative offset (+1 row, +1 col) gives the same score: RoPE encodes relative positions
     torch.testing.assert_close(dot(L + 0, L + 4), dot(L + 4, L + 8))
     torch.testing.assert_close(dot(0, 1), (q * k).sum())  # in-context tokens are not rotated
+
+
+def test_rope_in_real_arithmetic_equals_the_complex_rotation_and_traces_no_complex_ops():
+    """The compiler generates no code for complex tensors, so RoPE turns each pair with real cos / sin, as the official
+    t * cos + rotate_half(t) * sin. It equals the complex product (x0 + i x1) e^(i angle) of the previous version."""
+    cos, sin = pg.rope_2d(4, 16, 3)  # 3 in-context tokens + 16 image tokens, 8 pairs per head
+    x = torch.randn(2, 4, 19, 16)
+    want = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * torch.complex(cos, sin)).flatten(-2)
+    torch.testing.assert_close(pg.apply_rope(x, cos, sin), want, rtol=1e-6, atol=1e-6)
+    from torch.utils._python_dispatch import TorchDispatchMode
+    dtypes = set()
+
+    class Dtypes(TorchDispatchMode):  # every dtype of every tensor an op returns, forward and backward
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            dtypes.update(o.dtype for o in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(o))
+            return out
+
+    model = randomize(tiny_jit())
+    with Dtypes():
+        model(torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 10])).pow(2).mean().backward()
+    assert torch.float32 in dtypes and not any(d.is_complex for d in dtypes)
 
 
 def test_return_layer_feature_is_tokens_entering_block():
@@ -166,7 +293,7 @@ def _loss_and_grads(model, loss_fn, x, y, t, eps, seed=0, bf16=False):
     hooks = [b.register_forward_pre_hook(lambda *a: calls.append(1)) for b in model.blocks]
     torch.manual_seed(seed)  # dropout masks
     with _saving(saved), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-        out = loss_fn(model, x, y, t=t, noise=eps)
+        out = loss_of(loss_fn, model, x, y, t, eps)
     out["loss"].backward()
     [h.remove() for h in hooks]
     named = list(model.named_parameters()) + [("proj." + n, p) for n, p in loss_fn.proj.named_parameters()]
@@ -188,12 +315,12 @@ def test_grad_ckpt_same_loss_and_gradients_with_dropout_and_repa():
     # it did checkpoint: every block ran twice (forward, then recomputed in backward), and autograd kept less
     assert (calls_ref, calls) == (4, 8) and saved < saved_ref
     model.zero_grad(set_to_none=True)
-    xt = pg.x_t(x, eps, t)
+    x_t = pg.interpolate(x, eps, t)
     sizes = {}
     for ckpt in (False, True):  # the denoiser alone: activations kept for backward, in bytes
         model.grad_ckpt, n = ckpt, []
         with _saving(n):
-            model(xt, t, y, return_layer=2)
+            model(x_t, t, y, return_layer=2)
         sizes[ckpt] = sum(n)
     assert sizes[True] < sizes[False] / 4  # measured 0.41 MB vs 2.51 MB
     # dropout really acts (so the equality above is about masks), and the seed picks the masks
@@ -202,6 +329,239 @@ def test_grad_ckpt_same_loss_and_gradients_with_dropout_and_repa():
     model.eval()  # eval / no_grad ignore grad_ckpt: no recomputation to pay for when there is no backward
     model.grad_ckpt = True
     assert _loss_and_grads(model, loss_fn, x, y, t, eps)[3] == 4
+
+
+@pytest.mark.parametrize("grad_ckpt", [False, True])
+def test_jit_compiles_fullgraph_with_repa_feature(grad_ckpt):
+    """torch.compile(fullgraph=True) traces the whole denoiser, RoPE and checkpointed blocks included, into
+    one graph (aot_eager: the compiler front end and autograd without code generation, fast on a CPU)."""
+    # 2 blocks keep compilation short: block 0 adds the class tokens, the REPA feature (block 1) drops them again
+    model = randomize(tiny_jit(depth=2, in_context_start=0)).train()
+    model.grad_ckpt = grad_ckpt
+    x, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 10])
+    runs = []
+    for net in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
+        model.zero_grad(set_to_none=True)
+        x_hat, h = net(x, t, y, return_layer=1)
+        (x_hat.pow(2).mean() + h.pow(2).mean()).backward()
+        runs.append([x_hat, h] + [p.grad for p in model.parameters() if p.requires_grad])
+    assert h.shape == (2, 4, 64) and all(a is not None for a in runs[1])
+    for a, b in zip(*runs):  # measured: bitwise equal on CPU float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flow
+
+def test_time_grid_hand_computed():
+    torch.testing.assert_close(pg.time_grid(4, 1.0), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
+    # t = s / (s + 2 (1 - s)): 0, 1/7, 1/3, 3/5, 1
+    torch.testing.assert_close(pg.time_grid(4, 2.0), torch.tensor([0.0, 1 / 7, 1 / 3, 0.6, 1.0]))
+    assert len(pg.time_grid(50, 2.0)) == 51 and pg.time_grid(50, 2.0)[-2] < 1
+
+
+def test_flow_math():
+    x, eps, t = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4), torch.tensor([0.0, 0.5, 0.99])
+    x_t = pg.interpolate(x, eps, t)
+    torch.testing.assert_close(x_t[1], 0.5 * x[1] + 0.5 * eps[1])
+    v = pg.x_to_v(x, x_t, t, 0.05)
+    torch.testing.assert_close(v[:2], (x - eps)[:2])                  # v = x - eps away from t = 1
+    torch.testing.assert_close(v[2], (x[2] - x_t[2]) / 0.05)           # 1 - t clamped at t_eps
+    g = torch.Generator().manual_seed(0)
+    t = pg.sample_t(200_000, -0.8, 0.8, generator=g)
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean() + 0.8) < 0.01 and abs(logit.std() - 0.8) < 0.01
+    assert 0.50 < (t >= 0.3).float().mean() < 0.54  # about 52% of samples pass the gate
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Objective (paper Eqs. 5-9)
+
+def test_loss_terms_against_direct_computation():
+    model, loss_fn = randomize(tiny_jit()), make_loss()
+    x, y, eps = batch()
+    t = torch.tensor([0.1, 0.5, 0.29, 0.9])
+    out = loss_of(loss_fn, model, x, y, t, eps)
+    d, lp = frozen_nets()
+    xt = t.view(-1, 1, 1, 1) * x + (1 - t.view(-1, 1, 1, 1)) * eps
+    x_hat, h = model(xt, t, y, return_layer=2)
+    v_hat, v = (x_hat - xt) / (1 - t.view(-1, 1, 1, 1)), (x - xt) / (1 - t.view(-1, 1, 1, 1))
+    fm = ((v_hat - v) ** 2).mean()
+    z = d(x, 16)
+    repa = (1 - F.cosine_similarity(loss_fn.proj(h), z, dim=-1)).mean()
+    gated = [1, 3]
+    lpips_v = torch.stack([lp(x_hat[i:i + 1], x[i:i + 1]).squeeze() for i in gated]).mean()
+    pdino = torch.stack([(1 - F.cosine_similarity(d(x_hat[i:i + 1], 16), z[i:i + 1], dim=-1)).mean()
+                         for i in gated]).mean()
+    for k, want in [("fm", fm), ("repa", repa), ("lpips", lpips_v), ("pdino", pdino),
+                    ("loss", fm + 0.1 * lpips_v + 0.01 * pdino + 0.5 * repa)]:
+        torch.testing.assert_close(out[k].detach(), want.detach(), rtol=1e-5, atol=1e-6, msg=k)
+    assert lpips_v > 0 and pdino > 0
+
+
+@pytest.mark.parametrize("ts,n_gated", [([0.1, 0.2, 0.29, 0.0], 0), ([0.3, 0.5, 0.99, 0.31], 4), ([0.1, 0.3, 0.2, 0.7], 2)])
+def test_gate_edge_cases_run_nets_on_gated_samples_only(ts, n_gated):
+    model, loss_fn = randomize(tiny_jit()), make_loss()
+    x, y, eps = batch()
+    draws = pg.make_draws(torch.tensor(ts), torch.zeros(4, dtype=torch.bool), eps, 0.3)
+    out = loss_fn(model, x, y, draws)
+    out["loss"].backward()
+    assert (draws.B, draws.G) == (4, n_gated) and torch.isfinite(out["loss"])
+    assert loss_fn.lpips.calls == ([(n_gated, 3, 32, 32)] if n_gated else [])
+    assert loss_fn.dino.calls == [(4, 3, 32, 32)] + ([(n_gated, 3, 32, 32)] if n_gated else [])  # target + gated
+    if not n_gated:
+        assert out["lpips"] == 0 and out["pdino"] == 0
+
+
+def test_subset_equals_full_batch_masking_loss_and_gradients():
+    x, y, eps = batch(6)
+    t = torch.tensor([0.1, 0.5, 0.29, 0.9, 0.31, 0.05])
+    d, lp = frozen_nets()
+    m1 = randomize(tiny_jit())
+    m2 = copy.deepcopy(m1)
+    loss_fn = make_loss()
+    out = loss_of(loss_fn, m1, x, y, t, eps)
+    out["loss"].backward()
+    # the official way: both nets on the whole batch, per-sample values masked, sum / count
+    proj = loss_fn.proj
+    x_t = pg.interpolate(x, eps, t)
+    x_hat, h = m2(x_t, t, y, return_layer=2)
+    mask = (t >= 0.3).float()
+    z = d.patch_tokens(x, 16)
+    fm = (pg.x_to_v(x_hat, x_t, t) - pg.x_to_v(x, x_t, t)).pow(2).mean()
+    lp_all = (lp(x_hat, x).view(6) * mask).sum() / mask.sum()
+    pd_all = ((1 - F.cosine_similarity(d.patch_tokens(x_hat, 16), z, dim=-1)).mean(1) * mask).sum() / mask.sum()
+    loss = fm + 0.1 * lp_all + 0.01 * pd_all + 0.5 * (1 - F.cosine_similarity(proj(h), z, dim=-1)).mean()
+    loss.backward()
+    torch.testing.assert_close(out["loss"].detach(), loss.detach(), rtol=1e-6, atol=1e-6)
+    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_gradients_reach_model_through_perceptual_nets_only_trainables_get_grads():
+    model = randomize(tiny_jit())
+    x, y, eps = batch()
+    t = torch.tensor([0.5, 0.6, 0.7, 0.8])
+    for w in [dict(lpips_weight=1.0, pdino_weight=0.0), dict(lpips_weight=0.0, pdino_weight=1.0)]:
+        model.zero_grad()
+        loss_fn = make_loss(repa_weight=0.0, **w)
+        out = loss_of(loss_fn, model, x, y, t, eps)
+        (out["loss"] - out["fm"]).backward()  # only the perceptual term
+        assert model.final_layer.linear.weight.grad.abs().sum() > 0, w
+    d, lp = frozen_nets()
+    assert all(p.grad is None and not p.requires_grad for p in list(d.parameters()) + list(lp.parameters()))
+    loss_fn = make_loss()
+    loss_of(loss_fn, model, x, y, t, eps)["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loss_fn.proj.parameters())  # REPA trains
+    want = {"percept_weight"} | {f"proj.{i}.{k}" for i in (0, 2, 4) for k in ("weight", "bias")}
+    assert set(loss_fn.state_dict()) == want
+
+
+def test_label_dropout_to_the_null_class():
+    seen = []
+
+    class Spy(nn.Module):  # records the labels the denoiser receives
+        def forward(self, x, t, y, return_layer=None):
+            seen.append(y.clone())
+            return x * 0
+
+    loss_fn = pg.PixelGenLoss(64, None, None, lpips_weight=0, pdino_weight=0, repa_weight=0, num_classes=10)
+    x, drop = torch.zeros(6, 3, 32, 32), torch.tensor([True, False, False, True, True, False])
+    loss_fn(Spy(), x, torch.arange(6), pg.make_draws(torch.full((6,), 0.5), drop, torch.zeros_like(x), 0.3))
+    assert seen[0].tolist() == [10, 1, 2, 10, 10, 5]  # the dropped labels become the null class num_classes
+
+
+def test_lpips_resize_rule_when_patch_is_not_16():
+    model, loss_fn = randomize(tiny_jit(patch_size=8, in_context_start=1)), make_loss(patch_size=8)
+    x, y, eps = batch(2, 32)
+    out = loss_of(loss_fn, model, x, y, torch.tensor([0.5, 0.9]), eps)
+    assert loss_fn.lpips.calls == [(2, 3, 64, 64)]  # H * 16 // patch
+    assert out["repa"] > 0 and torch.isfinite(out["loss"])  # DINO tokens (32/8)^2 = 16 align with the model's
+
+
+def test_released_pdino_behaviour_on_request():
+    model = randomize(tiny_jit())
+    x, y, eps = batch()
+    d, _ = frozen_nets()
+    for ts in ([0.1, 0.5, 0.2, 0.9], [0.1, 0.1, 0.1, 0.1]):
+        t = torch.tensor(ts)
+        out = loss_of(make_loss(gate_pdino=False), model, x, y, t, eps)
+        x_hat = model(pg.interpolate(x, eps, t), t, y)
+        ungated = (1 - F.cosine_similarity(d.patch_tokens(x_hat, 16), d.patch_tokens(x, 16), dim=-1)).mean()
+        want = ungated if max(ts) >= 0.3 else torch.tensor(1.0)  # released code: constant 1 when nothing is gated
+        torch.testing.assert_close(out["pdino"], want.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_adaptive_perceptual_weight():
+    model = randomize(tiny_jit())
+    x, y, eps = batch()
+    t = torch.tensor([0.5, 0.6, 0.2, 0.8])
+    loss_fn = make_loss(adaptive_from=100)
+    assert [loss_fn.adapt_due(s) for s in (50, 99, 100, 150, 151)] == [False, False, True, True, False]  # every 50
+    loss_of(loss_fn, model, x, y, t, eps)  # not this step: unchanged
+    assert loss_fn.percept_weight == 1.0
+    out = loss_of(loss_fn, model, x, y, t, eps, adapt=True)
+    W = model.final_layer.linear.weight
+    g_fm = torch.autograd.grad(_fm(model, x, y, t, eps), W)[0].norm()
+    perc = 0.1 * out["lpips"] + 0.01 * out["pdino"]
+    assert perc > 0
+    g_p = torch.autograd.grad(_perc(model, x, y, t, eps), W)[0].norm()
+    want = 0.8 * 1.0 + 0.2 * torch.clamp(g_fm / (g_p + 1e-4), 0, 100)
+    torch.testing.assert_close(loss_fn.percept_weight, want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out["loss"], out["fm"] + want * perc + 0.5 * out["repa"], rtol=1e-4, atol=1e-6)
+    assert not make_loss(adaptive_from=0, lpips_weight=0, pdino_weight=0).adapt_due(0)  # nothing to balance
+
+
+def _fm(model, x, y, t, eps):
+    x_t = pg.interpolate(x, eps, t)
+    return (pg.x_to_v(model(x_t, t, y), x_t, t) - pg.x_to_v(x, x_t, t)).pow(2).mean()
+
+
+def _perc(model, x, y, t, eps):
+    d, lp = frozen_nets()
+    x_hat = model(pg.interpolate(x, eps, t), t, y)  # as the loss computes it, without labels dropped
+    g = (t >= 0.3).nonzero()[:, 0]
+    lp_v = lp(x_hat[g], x[g]).mean()
+    pd = (1 - F.cosine_similarity(d.patch_tokens(x_hat[g], 16), d.patch_tokens(x[g], 16), dim=-1)).mean()
+    return 0.1 * lp_v + 0.01 * pd
+
+
+def test_loss_finite_and_trains_a_tiny_model():
+    torch.manual_seed(0)
+    model, loss_fn = tiny_jit(), make_loss()
+    opt = torch.optim.AdamW(list(model.parameters()) + list(loss_fn.proj.parameters()), lr=1e-3)
+    x, y, eps = batch(4)
+    losses = []
+    for _ in range(5):  # one fixed batch, t and noise: the loss must fall
+        out = loss_of(loss_fn, model, x, y, torch.tensor([0.2, 0.4, 0.6, 0.8]), eps)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["fm"].item())
+        assert all(torch.isfinite(v).all() for v in out.values())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("gate_pdino", [True, False])
+def test_micro_batch_shares_add_up_to_the_global_batch(gate_pdino):
+    x, y, eps = batch(6)
+    t = torch.tensor([0.1, 0.5, 0.29, 0.9, 0.31, 0.05])  # gated: 1 of the first half, 2 of the second
+    m1 = randomize(tiny_jit())
+    m2 = copy.deepcopy(m1)
+    loss_fn = make_loss(gate_pdino=gate_pdino)
+    whole = loss_of(loss_fn, m1, x, y, t, eps)
+    whole["loss"].backward()
+    parts = [loss_of(loss_fn, m2, x[s], y[s], t[s], eps[s], norm=(6, 3)) for s in (slice(0, 3), slice(3, 6))]
+    sum(p["loss"] for p in parts).backward()
+    for k in ("loss", "fm", "lpips", "pdino", "repa"):
+        torch.testing.assert_close(sum(p[k] for p in parts).detach(), whole[k].detach(), rtol=1e-5, atol=1e-7, msg=k)
+    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=n)
+    # the old per-micro-batch means weight the one gated sample of the first half like the two of the second
+    local = [loss_of(loss_fn, m2, x[s], y[s], t[s], eps[s]) for s in (slice(0, 3), slice(3, 6))]
+    assert abs(sum(p["lpips"] for p in local) / 2 - whole["lpips"]) > 1e-4
 
 
 def test_bf16_autocast_objective_close_to_fp32():
@@ -222,48 +582,31 @@ def test_bf16_autocast_objective_close_to_fp32():
         assert F.cosine_similarity(g[n].flatten(), g_ref[n].flatten(), dim=0) > 0.99, n
 
 
-@pytest.mark.parametrize("grad_ckpt", [False, True])
-def test_jit_compiles_fullgraph_with_repa_feature(grad_ckpt):
-    """torch.compile(fullgraph=True) traces the whole denoiser, complex RoPE and checkpointed blocks included, into
-    one graph (aot_eager: the compiler front end and autograd without code generation, fast on a CPU)."""
-    # 2 blocks keep compilation short: block 0 adds the class tokens, the REPA feature (block 1) drops them again
-    model = randomize(tiny_jit(depth=2, in_context_start=0)).train()
-    model.grad_ckpt = grad_ckpt
-    x, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 10])
-    runs = []
-    for net in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
-        model.zero_grad(set_to_none=True)
-        x_hat, h = net(x, t, y, return_layer=1)
-        (x_hat.pow(2).mean() + h.pow(2).mean()).backward()
-        runs.append([x_hat, h] + [p.grad for p in model.parameters() if p.requires_grad])
-    assert h.shape == (2, 4, 64) and all(a is not None for a in runs[1])
-    for a, b in zip(*runs):  # measured: bitwise equal on CPU float32
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+def test_dino_features_are_normalised_in_float32_under_bf16_autocast():
+    """Under autocast x_hat is bf16 and x float32; both meet the exact ImageNet constants in float32, so P-DINO compares
+    like with like: f(x_hat) = f(x) when x_hat = x (in bf16 the constants round, 0.485 -> 0.484375)."""
+    torch.manual_seed(0)
+    d = dino.DINOv2(embed_dim=64, depth=1, num_heads=4)
+    x = (torch.rand(2, 3, 32, 32) * 2 - 1).bfloat16().float()  # values a bf16 x_hat holds exactly
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(d(x.bfloat16(), 16), d(x, 16))
+
+
+def test_a_compiled_dinov2_runs_compiled_in_the_loss(monkeypatch):
+    """Module.compile() compiles the module's call: the loss must call DINOv2 as a module, not a method of it."""
+    graphs = []
+    aot_eager(monkeypatch, graphs)
+    torch.manual_seed(0)
+    d = dino.DINOv2(embed_dim=64, depth=1, num_heads=4)
+    d.compile()
+    loss_fn = pg.PixelGenLoss(64, d, None, lpips_weight=0, repa_layer=2, num_classes=10)
+    x, y, eps = batch()
+    loss_of(loss_fn, randomize(tiny_jit()), x, y, torch.tensor([0.1, 0.5, 0.2, 0.9]), eps)["loss"].backward()
+    assert graphs and all("ls1" in gm.code for gm in graphs)  # DINOv2's graphs (its LayerScale), nothing else
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Flow math and samplers
-
-def test_time_grid_hand_computed():
-    torch.testing.assert_close(pg.time_grid(4, 1.0), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
-    # t = s / (s + 2 (1 - s)): 0, 1/7, 1/3, 3/5, 1
-    torch.testing.assert_close(pg.time_grid(4, 2.0), torch.tensor([0.0, 1 / 7, 1 / 3, 0.6, 1.0]))
-    assert len(pg.time_grid(50, 2.0)) == 51 and pg.time_grid(50, 2.0)[-2] < 1
-
-
-def test_flow_math():
-    x, eps, t = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4), torch.tensor([0.0, 0.5, 0.99])
-    xt = pg.x_t(x, eps, t)
-    torch.testing.assert_close(xt[1], 0.5 * x[1] + 0.5 * eps[1])
-    v = pg.x_to_v(x, xt, t, 0.05)
-    torch.testing.assert_close(v[:2], (x - eps)[:2])                  # v = x - eps away from t = 1
-    torch.testing.assert_close(v[2], (x[2] - xt[2]) / 0.05)            # 1 - t clamped at t_eps
-    g = torch.Generator().manual_seed(0)
-    t = pg.sample_t(200_000, -0.8, 0.8, generator=g)
-    logit = torch.log(t / (1 - t))
-    assert abs(logit.mean() + 0.8) < 0.01 and abs(logit.std() - 0.8) < 0.01
-    assert 0.50 < (t >= 0.3).float().mean() < 0.54  # SPEC: about 52% of samples pass the gate
-
+# Samplers
 
 class Oracle(nn.Module):
     """A perfect x-predictor for a one-image dataset per class: x_hat = target[y]; counts network rows."""
@@ -406,250 +749,303 @@ def test_unknown_sampler_names_are_rejected():
         pg.parse_args(["--sample", "--sampler", "adams"])
 
 
+# ===============================================================================================================
+# Engineering
 # ---------------------------------------------------------------------------------------------------------------
-# Objective (paper Eq. 6-9)
+# Config and CLI
 
-@functools.lru_cache(maxsize=None)
-def frozen_nets():
-    import dino
-    import lpips
-    torch.manual_seed(0)
-    d = dino.DINOv2(embed_dim=768, depth=2, num_heads=12)  # real width (REPA targets are 768-d), 2 blocks for speed
-    with torch.no_grad():
-        for n, p in d.named_parameters():
-            if "gamma" in n:
-                p.normal_(0, 0.3)
-    return d, lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
-
-
-class Recorder(nn.Module):  # wraps a frozen net and records the batch shapes it sees
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.calls = net, []
-
-    def forward(self, *a):
-        self.calls.append(tuple(a[0].shape))
-        return self.net(*a)
-
-    def patch_tokens(self, x, p):
-        self.calls.append(tuple(x.shape))
-        return self.net.patch_tokens(x, p)
-
-
-def make_loss(**kw):
-    d, lp = frozen_nets()
-    args = dict(repa_layer=2, label_dropout=0.0, num_classes=10)
-    args.update(kw)
-    return pg.PixelGenLoss(64, Recorder(d), Recorder(lp), **args)
-
-
-def batch(B=4, S=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(B, 3, S, S, generator=g) * 2 - 1, torch.randint(0, 10, (B,), generator=g),
-            torch.randn(B, 3, S, S, generator=g))
+def test_cli_flags_and_errors(tmp_path, capsys):
+    d = str(tmp_path)
+    cfg, mode = pg.parse_args(["--train"])
+    assert mode == "train" and cfg.recipe == "demo" and cfg.model == "PixelGen-T/16" and cfg.repa_layer == 2
+    cfg, _ = pg.parse_args(["--train", "--data_path", d])
+    assert (cfg.recipe, cfg.model, cfg.batch_size, cfg.lr, cfg.epochs, cfg.ema, cfg.sampler, cfg.time_shift) == \
+        ("xl-80ep", "PixelGen-XL/16", 256, 1e-4, 80, (0.9999,), "heun", 2.0)
+    assert (cfg.repa_layer, cfg.keep_every, cfg.grad_accum, cfg.eval_every) == (8, 100_000, 1, 0)
+    cfg, _ = pg.parse_args(["--train", "--data_path", d, "--recipe", "xl-160ep"])
+    assert cfg.epochs == 160 and cfg.cfg_scale == (2.25,) and cfg.adaptive_from == 400_000
+    cfg, _ = pg.parse_args(["--train", "--data_path", d, "--recipe", "l-200k", "--lr", "2e-4", "--cfg_interval", "0", "1"])
+    assert cfg.model == "PixelGen-L/16" and cfg.max_steps == 200_000 and cfg.sampler == "euler" and cfg.lr == 2e-4
+    assert cfg.cfg_interval == (0.0, 1.0)
+    cfg, _ = pg.parse_args(["--sample", "--ema_decay", "0.9999", "0.9996", "--cfg_scale", "1", "1.5", "--ema", "0.99"])
+    assert cfg.ema_decay == (0.9999, 0.9996) and cfg.cfg_scale == (1.0, 1.5) and cfg.ema == (0.99,)
+    # each preset trains with its own REPA layer, so a small model needs no --repa_layer
+    assert pg.parse_args(["--train", "--data_path", d, "--model", "PixelGen-T/16"])[0].repa_layer == 2
+    assert pg.parse_args(["--train", "--data_path", d, "--model", "PixelGen-S/16"])[0].repa_layer == 4
+    for bad, msg in [(["--model", "PixelGen-XXL/16"], "invalid choice"), (["--sample_steps", "0"], "must be positive"),
+                     (["--batch_size", "-2"], "must be positive"), (["--sample"], "not allowed with"),
+                     (["--lr", "0"], "--lr > 0"), (["--no-such-flag"], "unrecognized"),
+                     (["--cfg_interval", "0.9", "0.1"], "LO <= HI"), (["--time_shift", "0"], "--time_shift > 0"),
+                     (["--repa_layer", "6"], "--repa_layer < depth"), (["--grad_accum", "0"], "must be positive"),
+                     (["--keep_every", "-1"], "0 or more"), (["--ema", "0.999", "1.0"], "in [0, 1)"),
+                     (["--batch_size", "16", "--grad_accum", "3"], "3 micro-batches"),
+                     (["--eval_every", "10", "--eval_samples", "1"], "at least 2 samples"),
+                     (["--fid_ref", d + "/none.npz"], "no such file"), (["--data_path", d + "/none"], "no such file")]:
+        with pytest.raises(SystemExit):
+            pg.parse_args(["--train"] + bad)
+        assert msg in capsys.readouterr().err, bad
+    assert not os.listdir(d)  # bad flags write nothing
 
 
-def test_loss_terms_against_direct_computation():
-    model, loss_fn = randomize(tiny_jit()), make_loss()
-    x, y, eps = batch()
-    t = torch.tensor([0.1, 0.5, 0.29, 0.9])
-    out = loss_fn(model, x, y, t=t, noise=eps)
-    d, lp = frozen_nets()
-    xt = t.view(-1, 1, 1, 1) * x + (1 - t.view(-1, 1, 1, 1)) * eps
-    x_hat, h = model(xt, t, y, return_layer=2)
-    v_hat, v = (x_hat - xt) / (1 - t.view(-1, 1, 1, 1)), (x - xt) / (1 - t.view(-1, 1, 1, 1))
-    fm = ((v_hat - v) ** 2).mean()
-    z = d.patch_tokens(x, 16)
-    repa = (1 - F.cosine_similarity(loss_fn.proj(h), z, dim=-1)).mean()
-    gated = [1, 3]
-    lpips_v = torch.stack([lp(x_hat[i:i + 1], x[i:i + 1]).squeeze() for i in gated]).mean()
-    pdino = torch.stack([(1 - F.cosine_similarity(d.patch_tokens(x_hat[i:i + 1], 16), z[i:i + 1], dim=-1)).mean()
-                         for i in gated]).mean()
-    for k, want in [("fm", fm), ("repa", repa), ("lpips", lpips_v), ("pdino", pdino),
-                    ("loss", fm + 0.1 * lpips_v + 0.01 * pdino + 0.5 * repa)]:
-        torch.testing.assert_close(out[k].detach(), want.detach(), rtol=1e-5, atol=1e-6, msg=k)
-    assert out["gate"] == 0.5 and lpips_v > 0 and pdino > 0
+def test_demo_uses_a_gpu_for_a_longer_run(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg, _ = pg.parse_args(["--train"])
+    assert (cfg.batch_size, cfg.max_steps) == (64, 3000) and cfg.model == "PixelGen-T/16"
+    assert pg.parse_args(["--train", "--device", "cpu"])[0].batch_size == 16  # the CPU demo stays as it is
+    assert pg.parse_args(["--train", "--max_steps", "10"])[0].max_steps == 10  # explicit flags win
 
 
-@pytest.mark.parametrize("ts,n_gated", [([0.1, 0.2, 0.29, 0.0], 0), ([0.3, 0.5, 0.99, 0.31], 4), ([0.1, 0.3, 0.2, 0.7], 2)])
-def test_gate_edge_cases_run_nets_on_gated_samples_only(ts, n_gated):
-    model, loss_fn = randomize(tiny_jit()), make_loss()
-    x, y, eps = batch()
-    out = loss_fn(model, x, y, t=torch.tensor(ts), noise=eps)
-    out["loss"].backward()
-    assert out["gate"] == n_gated / 4 and torch.isfinite(out["loss"])
-    assert loss_fn.lpips.calls == ([(n_gated, 3, 32, 32)] if n_gated else [])
-    assert loss_fn.dino.calls == [(4, 3, 32, 32)] + ([(n_gated, 3, 32, 32)] if n_gated else [])  # target + gated
-    if not n_gated:
-        assert out["lpips"] == 0 and out["pdino"] == 0
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        pg.parse_args(["--help"])
+    out = capsys.readouterr().out
+    for f in pg.dataclasses.fields(pg.Config):
+        assert f"--{f.name}" in out, f.name
+    for text in ("optimisation", "objective", "sampling and evaluation", "bookkeeping", "global batch B",
+                 "micro-batches per process", "official percept_t_threshold", "default: 0.3", "demo: PixelGen-T/16",
+                 "sample a checkpoint", "time the training step"):
+        assert text in " ".join(out.split()), text
 
 
-def test_subset_equals_full_batch_masking_loss_and_gradients():
-    x, y, eps = batch(6)
-    t = torch.tensor([0.1, 0.5, 0.29, 0.9, 0.31, 0.05])
-    d, lp = frozen_nets()
-    m1 = randomize(tiny_jit())
-    m2 = copy.deepcopy(m1)
-    loss_fn = make_loss()
-    out = loss_fn(m1, x, y, t=t, noise=eps)
-    out["loss"].backward()
-    # the official way: both nets on the whole batch, per-sample values masked, sum / count
-    proj = loss_fn.proj
-    xt = pg.x_t(x, eps, t)
-    x_hat, h = m2(xt, t, y, return_layer=2)
-    mask = (t >= 0.3).float()
-    z = d.patch_tokens(x, 16)
-    fm = (pg.x_to_v(x_hat, xt, t) - pg.x_to_v(x, xt, t)).pow(2).mean()
-    lp_all = (lp(x_hat, x).view(6) * mask).sum() / mask.sum()
-    pd_all = ((1 - F.cosine_similarity(d.patch_tokens(x_hat, 16), z, dim=-1)).mean(1) * mask).sum() / mask.sum()
-    loss = fm + 0.1 * lp_all + 0.01 * pd_all + 0.5 * (1 - F.cosine_similarity(proj(h), z, dim=-1)).mean()
-    loss.backward()
-    torch.testing.assert_close(out["loss"].detach(), loss.detach(), rtol=1e-6, atol=1e-6)
-    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
-        if a.grad is not None:
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7, msg=n)
+def test_batch_must_split_over_ranks(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit):
+        pg.parse_args(["--train", "--batch_size", "8"])
+    assert "does not split into 3 processes x 1 micro-batches" in capsys.readouterr().err
+    assert pg.parse_args(["--train", "--batch_size", "9"])[0].batch_size == 9
+    with pytest.raises(SystemExit):
+        pg.parse_args(["--train", "--batch_size", "9", "--grad_accum", "2"])
+    assert "make it a multiple of 6" in capsys.readouterr().err
 
 
-def test_gradients_reach_model_through_perceptual_nets_only_trainables_get_grads():
-    model = randomize(tiny_jit())
-    x, y, eps = batch()
-    t = torch.tensor([0.5, 0.6, 0.7, 0.8])
-    for w in [dict(lpips_weight=1.0, pdino_weight=0.0), dict(lpips_weight=0.0, pdino_weight=1.0)]:
-        model.zero_grad()
-        loss_fn = make_loss(repa_weight=0.0, **w)
-        out = loss_fn(model, x, y, t=t, noise=eps)
-        (out["loss"] - out["fm"]).backward()  # only the perceptual term
-        assert model.final_layer.linear.weight.grad.abs().sum() > 0, w
-    d, lp = frozen_nets()
-    assert all(p.grad is None and not p.requires_grad for p in list(d.parameters()) + list(lp.parameters()))
-    loss_fn = make_loss()
-    loss_fn(model, x, y, t=t, noise=eps)["loss"].backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loss_fn.proj.parameters())  # REPA trains
-    assert set(loss_fn.state_dict()) == {"percept_weight"} | {f"proj.{i}.{k}" for i in (0, 2, 4) for k in ("weight", "bias")}
+# ---------------------------------------------------------------------------------------------------------------
+# Pretrained weights
+
+def test_missing_pretrained_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth.*download.pytorch.org.*hub/checkpoints"):
+        pg.make_lpips(True, download=False)
+    cfg = pg.Config(data_path="/some/imagenet", perceptual_init="pretrained")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(SystemExit, match="dinov2_vitb14_pretrain.pth"):
+        pg.perceptual_nets(cfg, "cpu")
+    msgs = []  # the demo (no data path) goes on with random nets and says so
+    monkeypatch.setattr(dino, "DINOv2", lambda: frozen_nets()[0])  # (their size does not matter here)
+    monkeypatch.setattr(pg, "make_lpips", lambda pretrained, *a, **k: frozen_nets()[1])
+    d, lp = pg.perceptual_nets(pg.Config(perceptual_init="pretrained"), "cpu", log=msgs.append)
+    assert "RANDOMLY INITIALISED" in msgs[0] and not any(p.requires_grad for p in d.parameters())
 
 
-def test_label_dropout_rate_and_null_class():
+def test_lpips_loads_torchvision_vgg_file(tmp_path):
+    import torchvision
+    with torch.device("meta"):  # torchvision's layout, with random values: only the conv trunk is read
+        vgg = torchvision.models.vgg16()
+    vgg.features.to_empty(device="cpu").apply(lambda m: [nn.init.normal_(p) for p in m.parameters(recurse=False)])
+    torch.save({"features." + k: v for k, v in vgg.features.state_dict().items()}, tmp_path / "vgg.pth")
+    lp = pg.make_lpips(True, str(tmp_path / "vgg.pth"))
+    torch.testing.assert_close(getattr(lp.net.slice3, '10').weight, vgg.features[10].weight)  # conv3_1 lands in slice3
+    torch.testing.assert_close(getattr(lp.net.slice5, '28').weight, vgg.features[28].weight)
+    (tmp_path / "bad.pth").write_bytes(b"truncated")
+    with pytest.raises(RuntimeError, match="bad.pth is not a readable torchvision VGG16"):
+        pg.make_lpips(True, str(tmp_path / "bad.pth"))
+
+
+def test_unused_networks_are_not_built_or_run(monkeypatch):
+    import dino as dino_lib
+    built, (d, lp) = [], frozen_nets()
+    monkeypatch.setattr(pg, "make_lpips", lambda *a, **k: built.append("lpips") or lp)
+    monkeypatch.setattr(dino_lib, "DINOv2", lambda *a, **k: built.append("dino") or d)
+    for weights, want in [(dict(), ["dino", "lpips"]), (dict(lpips_weight=0.0), ["dino"]),
+                          (dict(pdino_weight=0.0, repa_weight=0.0), ["lpips"]),
+                          (dict(lpips_weight=0.0, pdino_weight=0.0, repa_weight=0.0), [])]:
+        built.clear()
+        nets = REAL_PERCEPTUAL_NETS(pg.Config(perceptual_init="random", **weights), "cpu", log=lambda m: None)
+        assert sorted(built) == want and [n is not None for n in nets] == ["dino" in want, "lpips" in want]
+    model, (x, y, eps) = randomize(tiny_jit()), batch()
+    t = torch.tensor([0.5, 0.6, 0.1, 0.9])
+    for weights, lpips_calls, dino_calls in [
+            (dict(lpips_weight=0.0), 0, 2),                      # REPA targets + gated P-DINO
+            (dict(pdino_weight=0.0), 1, 1),                      # LPIPS + REPA targets only
+            (dict(repa_weight=0.0), 1, 2),                       # gated targets + gated P-DINO
+            (dict(pdino_weight=0.0, repa_weight=0.0), 1, 0)]:    # no DINOv2 at all
+        loss_fn = make_loss(**weights)
+        out = loss_of(loss_fn, model, x, y, t, eps)
+        out["loss"].backward()
+        assert len(loss_fn.lpips.calls if loss_fn.lpips else []) == lpips_calls, weights
+        assert len(loss_fn.dino.calls if loss_fn.dino else []) == dino_calls, weights
+        assert (loss_fn.proj is None) == (weights.get("repa_weight", 0.5) == 0) and torch.isfinite(out["loss"])
+        if weights.get("repa_weight", 0.5) == 0:
+            assert loss_fn.dino is None or loss_fn.dino.calls[0][0] == 3  # targets of the 3 gated samples only
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+def test_image_folder_layouts_and_odd_images(tmp_path):
+    root = tmp_path / "imagenet"
+    (root / "n01").mkdir(parents=True)
+    (root / "n02" / "sub").mkdir(parents=True)
+    rgb = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(root / "n01" / "a.JPEG")
+    Image.fromarray(rgb[..., 0]).save(root / "n01" / "gray.png")                       # L
+    Image.fromarray(rgb).convert("P").save(root / "n02" / "palette.png")               # P
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(root / "n02" / "rgba.png")     # RGBA
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(root / "n02" / "sub" / "deep.png")  # 16-bit
+    Image.fromarray(rgb[:5, :7]).save(root / "n02" / "tiny.bmp")                       # smaller than the target
+    (root / "n02" / "notes.txt").write_text("not an image")
+    data = pg.ImageFolderData(str(root), 16)
+    assert data.num_classes == 2 and len(data) == 6 and [y for _, y in data.samples] == [0, 0, 1, 1, 1, 1]
+    for i in range(len(data)):
+        img, y = data[i]
+        assert img.shape == (3, 16, 16) and img.dtype == torch.uint8
+    deep = data[[p for p, _ in data.samples].index(str(root / "n02" / "sub" / "deep.png"))][0]
+    assert 0 < deep.float().mean() < 255  # 16-bit scaled, not clipped to white
+    flat_dir = root / "n01"
+    assert pg.ImageFolderData(str(flat_dir), 16).num_classes == 1
+
+
+def test_adm_center_crop():
+    a = np.zeros((100, 300, 3), np.uint8)
+    a[:, 100:200] = 255  # the center third is white
+    out = pg.center_crop(Image.fromarray(a), 32)  # 300x100 -> halve (BOX) -> 150x50 -> bicubic 96x32 -> crop
+    assert out.shape == (32, 32, 3) and out[:, 4:28].min() == 255
+    out = pg.center_crop(Image.fromarray(a[:10, :20]), 32)  # upsampling a small image
+    assert out.shape == (32, 32, 3)
+
+
+def test_bad_data_folders(tmp_path):
+    with pytest.raises(SystemExit, match="not a folder"):
+        pg.ImageFolderData(str(tmp_path / "missing"), 16)
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="no images"):
+        pg.ImageFolderData(str(tmp_path / "empty"), 16)
+
+
+def test_unreadable_image_is_skipped_and_counted(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
+    data = pg.ImageFolderData(str(tmp_path), 8)
+    with pytest.warns(UserWarning, match="broken.png"):
+        items = [data[i] for i in range(len(data))]
+    x, y, bad = pg.collate(items)
+    assert x.shape == (2, 3, 8, 8) and bad == 1
+
+
+def test_global_batches_positions():
+    seen = {}
+    for world, accum in [(1, 1), (1, 2), (2, 1), (2, 2)]:
+        got = [[] for _ in range(3)]  # steps 2, 3, 4 (epoch 0 has 3 steps of 8 out of 26 images)
+        for rank in range(world):
+            it = iter(pg.GlobalBatches(26, 8, world, rank, accum, seed=5, step=2))
+            for s in range(3):
+                for _ in range(accum):
+                    got[s].append(next(it))
+        seen[world, accum] = [sorted(sum(g, [])) for g in got]
+        assert all(len(m) == 8 // (world * accum) for g in got for m in g)
+    assert all(v == seen[1, 1] for v in seen.values())  # every split sees the same global batches
+    flat = [i for it in [iter(pg.GlobalBatches(26, 8, 1, 0, 1, seed=5))] for _ in range(3) for i in next(it)]
+    assert len(set(flat)) == 24 and seen[1, 1][0] == sorted(flat[16:])  # an epoch is a permutation; resume mid-epoch
+    assert set(seen[1, 1][1]).isdisjoint(seen[1, 1][2])  # steps 3 and 4: the batches of an epoch do not overlap
+    assert seen[1, 1][1] != sorted(flat[:8])  # epoch 1 is a new permutation
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training in one process: the step, resume, checkpoints, signals, logs, EMAs, compilation
+
+def _split_step(cfg, world, rank, K, model_seed=0):
+    """What the loss receives in one train_step of the process (rank, world) with K micro-batches: per micro-batch the
+    images (flipped or not) and the Draws. A simulated split: no process group is needed to slice the global batch."""
     seen = []
 
-    class Spy(nn.Module):  # records the labels the denoiser receives
-        patch_size = 16
+    class Spy(pg.TrainStep):
+        def forward(self, x, y, draws, adapt=False):
+            seen.append((x, draws))
+            zero = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0
+            return dict(loss=zero, **{k: zero.detach() for k in ("fm", "lpips", "pdino", "repa")})
 
-        def forward(self, x, t, y, return_layer=None):
-            seen.append(y.clone())
-            return x * 0, x.new_zeros(x.shape[0], 4, 64)
-
-    class ZeroDino:
-        def patch_tokens(self, im, p):
-            return im.new_zeros(im.shape[0], 4, 768)
-
-    _, lp = frozen_nets()
-    loss_fn = pg.PixelGenLoss(64, Recorder(nn.Identity()), lp, label_dropout=0.25, num_classes=10, repa_layer=0)
-    loss_fn.__dict__["dino"] = ZeroDino()
-    x, y = torch.zeros(4000, 3, 32, 32), torch.randint(0, 10, (4000,))
-    torch.manual_seed(0)
-    loss_fn(Spy(), x, y, t=torch.zeros(4000))
-    frac = (seen[-1] == 10).float().mean().item()
-    assert 0.23 < frac < 0.27 and torch.equal(seen[-1][seen[-1] != 10], y[seen[-1] != 10])
-    loss_fn.eval()  # no label dropout outside training
-    loss_fn(Spy(), x, y, t=torch.zeros(4000))
-    assert torch.equal(seen[-1], y)
+    torch.manual_seed(model_seed)
+    model = tiny_jit()
+    net = Spy(model, pg.PixelGenLoss(64, None, None, lpips_weight=0, pdino_weight=0, repa_weight=0))
+    imgs = torch.randint(0, 256, (cfg.batch_size, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    b, first = cfg.batch_size // (world * K), rank * (cfg.batch_size // world)
+    batches = iter([(imgs[first + k * b: first + (k + 1) * b], torch.zeros(b, dtype=torch.long), 0) for k in range(K)])
+    pg.train_step(net, torch.optim.SGD(model.parameters(), lr=0.0), {0.9: copy.deepcopy(model)}, batches,
+                  step=7, cfg=pg.dataclasses.replace(cfg, grad_accum=K), procs=pg.Procs(False, rank, world,
+                  torch.device("cpu")), meter=pg.Meter())
+    return imgs, seen
 
 
-def test_lpips_resize_rule_when_patch_is_not_16():
-    model, loss_fn = randomize(tiny_jit(patch_size=8, in_context_start=1)), make_loss()
-    x, y, eps = batch(2, 32)
-    out = loss_fn(model, x, y, t=torch.tensor([0.5, 0.9]), noise=eps)
-    assert loss_fn.lpips.calls == [(2, 3, 64, 64)]  # H * 16 // patch
-    assert out["repa"] > 0 and torch.isfinite(out["loss"])  # DINO tokens (32/8)^2 = 16 align with the model's
+def test_each_sample_draws_from_seed_step_and_position_for_any_split():
+    """A sample's t, noise, label dropout and flip are functions of (seed, step, position in the global batch), and the
+    loss normalisers (B, G) are the global batch's: the same for any split over processes and micro-batches."""
+    cfg = small_cfg("unused", batch_size=8, flip=True, label_dropout=0.5)
+    gen = torch.Generator().manual_seed(pg.seed_for(cfg.seed, 7))  # the rule by hand, for step 7
+    t, drop, flip = pg.sample_t(8, -0.8, 0.8, gen), torch.rand(8, generator=gen) < 0.5, torch.rand(8, generator=gen) < 0.5
+    eps = torch.stack([torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(pg.seed_for(cfg.seed, 7, i)))
+                       for i in range(8)])
+    for world, K in [(1, 1), (1, 2), (2, 1), (2, 2), (4, 2)]:
+        got = [s for r in range(world) for s in _split_step(cfg, world, r, K)[1]]
+        imgs = _split_step(cfg, 1, 0, 1)[0].float() / 127.5 - 1
+        x = torch.cat([x for x, _ in got])
+        assert torch.equal(x, torch.where(flip.view(-1, 1, 1, 1), imgs.flip(-1), imgs)), (world, K)
+        for k, want in dict(t=t, eps=eps, drop=drop).items():
+            assert torch.equal(torch.cat([getattr(d, k) for _, d in got]), want), (world, K, k)
+        gated = torch.cat([d.gated + i * len(d.t) for i, (_, d) in enumerate(got)])
+        assert torch.equal(gated, (t >= 0.3).nonzero()[:, 0]) and {(d.B, d.G) for _, d in got} == {(8, len(gated))}
+    assert 0 < drop.sum() < 8 and 0 < flip.sum() < 8 and 0 < len(gated) < 8  # every kind of sample occurs
 
 
-def test_released_pdino_behaviour_on_request():
-    model = randomize(tiny_jit())
-    x, y, eps = batch()
-    d, _ = frozen_nets()
-    for ts in ([0.1, 0.5, 0.2, 0.9], [0.1, 0.1, 0.1, 0.1]):
-        t = torch.tensor(ts)
-        out = make_loss(gate_pdino=False)(model, x, y, t=t, noise=eps)
-        x_hat = model(pg.x_t(x, eps, t), t, y)
-        ungated = (1 - F.cosine_similarity(d.patch_tokens(x_hat, 16), d.patch_tokens(x, 16), dim=-1)).mean()
-        want = ungated if max(ts) >= 0.3 else torch.tensor(1.0)  # released code: constant 1 when nothing is gated
-        torch.testing.assert_close(out["pdino"], want.detach(), rtol=1e-5, atol=1e-6)
+def test_the_training_step_waits_for_nothing_on_the_device(monkeypatch):
+    """Between log steps a training step makes no blocking host-to-device copy and reads nothing back from the device.
+    Its device is the meta device here (no data: any read fails), under modes that record every copy between devices
+    without non_blocking, every host tensor made from device data, and device tensors made from host data; and the
+    training net (DDP's input) gets device tensors only, which DDP passes on without a copy."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    aten, syncs, inputs = torch.ops.aten, [], []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in (aten._to_copy.default, aten.copy_.default):
+                src, dst = (args[0], kwargs.get("device")) if func is aten._to_copy.default else (args[1], args[0].device)
+                blocking = not kwargs.get("non_blocking", len(args) > 2 and args[2])
+                if dst is not None and torch.device(dst) != src.device and (blocking or torch.device(dst).type == "cpu"):
+                    syncs.append(f"{func}: {src.device} -> {dst}")
+            elif func in (aten._local_scalar_dense.default, aten.nonzero.default) and args[0].device.type != "cpu":
+                syncs.append(str(func))
+            return func(*args, **kwargs)
+
+    class Factories(TorchFunctionMode):  # torch.tensor(data, device=...) copies below the dispatcher
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in (torch.tensor, torch.as_tensor) and torch.device(kwargs.get("device") or "cpu").type != "cpu":
+                syncs.append(f"{func.__name__}(..., device={kwargs['device']})")
+            return func(*args, **kwargs)
+
+    class Net(pg.TrainStep):
+        def forward(self, *args, **kwargs):
+            inputs.extend(a for a in flat(list(args) + list(kwargs.values())) if torch.is_tensor(a))
+            return super().forward(*args, **kwargs)
+
+    meta, cfg = torch.device("meta"), small_cfg("unused", batch_size=4, grad_accum=2, flip=True)
+    monkeypatch.setattr(pg, "seeded_noise", lambda shape, seeds, device: torch.randn(len(seeds), *shape, device=device))
+    model, emas, loss_fn, opt = pg.build(cfg, meta, log=lambda m: None)  # (meta has no generators to seed)
+    batches = iter([(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), 0)] * 2)
+    meter = pg.Meter()
+    with Copies(), Factories():
+        pg.train_step(Net(model, loss_fn), opt, emas, batches, 0, cfg, pg.Procs(False, 0, 1, meta), meter)
+    assert syncs == [] and meter.sums.device == meta and len(inputs) == 2 * 6
+    assert all(u.device == meta for u in inputs)
 
 
-def test_adaptive_perceptual_weight():
-    model = randomize(tiny_jit())
-    x, y, eps = batch()
-    t = torch.tensor([0.5, 0.6, 0.2, 0.8])
-    loss_fn = make_loss(adaptive_from=100)
-    loss_fn(model, x, y, t=t, noise=eps, step=50)  # before the start: unchanged
-    assert loss_fn.percept_weight == 1.0
-    out = loss_fn(model, x, y, t=t, noise=eps, step=150)
-    W = model.final_layer.linear.weight
-    g_fm = torch.autograd.grad(_fm(model, x, y, t, eps), W)[0].norm()
-    perc = 0.1 * out["lpips"] + 0.01 * out["pdino"]
-    assert perc > 0
-    g_p = torch.autograd.grad(_perc(model, x, y, t, eps), W)[0].norm()
-    want = 0.8 * 1.0 + 0.2 * torch.clamp(g_fm / (g_p + 1e-4), 0, 100)
-    torch.testing.assert_close(loss_fn.percept_weight, want, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(out["loss"], out["fm"] + want * perc + 0.5 * out["repa"], rtol=1e-4, atol=1e-6)
-    before = loss_fn.percept_weight.clone()
-    loss_fn(model, x, y, t=t, noise=eps, step=151)  # only every 50 steps
-    assert torch.equal(loss_fn.percept_weight, before)
-
-
-def _fm(model, x, y, t, eps):
-    xt = pg.x_t(x, eps, t)
-    return (pg.x_to_v(model(xt, t, y), xt, t) - pg.x_to_v(x, xt, t)).pow(2).mean()
-
-
-def _perc(model, x, y, t, eps):
-    d, lp = frozen_nets()
-    xt = pg.x_t(x, eps, t)
-    x_hat = model(xt, t, y)  # as the loss computes it, without labels dropped
-    g = (t >= 0.3).nonzero()[:, 0]
-    lp_v = lp(x_hat[g], x[g]).mean()
-    pd = (1 - F.cosine_similarity(d.patch_tokens(x_hat[g], 16), d.patch_tokens(x[g], 16), dim=-1)).mean()
-    return 0.1 * lp_v + 0.01 * pd
-
-
-def test_loss_finite_and_trains_a_tiny_model():
-    torch.manual_seed(0)
-    model, loss_fn = tiny_jit(), make_loss()
-    opt = torch.optim.AdamW(list(model.parameters()) + list(loss_fn.proj.parameters()), lr=1e-3)
-    x, y, eps = batch(4)
-    losses = []
-    for _ in range(5):  # one fixed batch, t and noise: the loss must fall
-        out = loss_fn(model, x, y, t=torch.tensor([0.2, 0.4, 0.6, 0.8]), noise=eps)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        losses.append(out["fm"].item())
-        assert all(torch.isfinite(v).all() for v in out.values())
-    assert losses[-1] < losses[0]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Training program: resume, NaN, atomic checkpoints, DDP
-
-def small_cfg(out_dir, **kw):
-    base = {**pg.dataclasses.asdict(pg.Config()), **pg.RECIPES["demo"]}
-    base.update(out_dir=str(out_dir), image_size=32, batch_size=4, perceptual_init="random", log_every=1,
-                ckpt_every=2, sample_every=0, max_steps=4, cfg_interval=(0.1, 0.9))
-    base.update(kw)
-    return pg.Config(**base)
-
-
-def flat(d):  # nested state dicts -> list of leaves, in a fixed order
-    if isinstance(d, dict):
-        return [x for k in sorted(d, key=str) for x in flat(d[k])]
-    if isinstance(d, (list, tuple)):
-        return [x for v in d for x in flat(v)]
-    return [d]
-
-
-def same(a, b):
-    fa, fb = flat(a), flat(b)
-    return len(fa) == len(fb) and all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(fa, fb))
+def test_the_meter_keeps_no_autograd_graph(tmp_path, monkeypatch):
+    meters, Meter = [], pg.Meter
+    monkeypatch.setattr(pg, "Meter", type("Meter", (Meter,), {"__init__": lambda self: meters.append(self) or
+                                                               Meter.__init__(self)}))
+    pg.train(small_cfg(tmp_path, max_steps=2, log_every=2), hook=lambda step, model, emas: meters[0].sums.grad_fn
+             and pytest.fail(f"the meter holds the graph of step {step}"))
+    assert meters and meters[0].steps == 0  # read and reset at the log step
 
 
 def test_resume_is_exact(tmp_path):
@@ -696,185 +1092,6 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=True)["step"] == 1 and not os.path.exists(path + ".tmp")
 
 
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, out_dir, mode):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    if mode == "train":  # weights after every step
-        sums = []
-        pg.train(small_cfg(out_dir, max_steps=3, batch_size=4, ckpt_every=3),
-                 hook=lambda step, model, emas: sums.append(torch.cat([p.detach().flatten() for p in model.parameters()])))
-        torch.save(torch.stack(sums), os.path.join(out_dir, f"rank{rank}.pt"))
-    else:  # one backward through DDP on this rank's half of a fixed batch
-        import torch.distributed as dist
-        dist.init_process_group("gloo")
-        model, loss_fn, x, y, t, eps = _grad_setup()
-        net = nn.parallel.DistributedDataParallel(pg.TrainStep(model, loss_fn))
-        half = slice(rank * 4, rank * 4 + 4)  # each rank's share of the global means; DDP averages, so x world
-        (net(x[half], y[half], 0, t=t[half], noise=eps[half], norm=(8, int((t >= 0.3).sum())))["loss"] * 2).backward()
-        torch.save([p.grad for p in model.parameters() if p.requires_grad], os.path.join(out_dir, f"grad{rank}.pt"))
-        dist.destroy_process_group()
-
-
-def _grad_setup():
-    d, lp = frozen_nets()
-    torch.manual_seed(0)  # after frozen_nets(), which is cached in one process and not in the other
-    model = randomize(tiny_jit())
-    loss_fn = pg.PixelGenLoss(64, d, lp, repa_layer=2, label_dropout=0.0, num_classes=10)
-    x, y, eps = batch(8)
-    t = torch.tensor([0.1, 0.5, 0.2, 0.2, 0.9, 0.35, 0.15, 0.4])  # one gated sample on rank 0, three on rank 1
-    return model, loss_fn, x, y, t, eps
-
-
-@pytest.mark.parametrize("mode", ["train", "grad"])
-def test_ddp_two_cpu_processes(tmp_path, mode):
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), mode), nprocs=2)
-    if mode == "train":
-        r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-        assert r0.shape[0] == 3 and torch.equal(r0, r1)  # identical weights on both ranks after each step
-        assert not torch.equal(r0[0], r0[1])
-    else:
-        model, loss_fn, x, y, t, eps = _grad_setup()
-        loss_fn(model, x, y, t=t, noise=eps)["loss"].backward()
-        single = [p.grad for p in model.parameters() if p.requires_grad]
-        for g0, g1, g in zip(torch.load(tmp_path / "grad0.pt"), torch.load(tmp_path / "grad1.pt"), single):
-            torch.testing.assert_close(g0, g1)
-            torch.testing.assert_close(g0, g, rtol=1e-4, atol=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Long runs: one global batch however it is split, preemption, snapshots, metrics, skipped networks
-
-@pytest.mark.parametrize("gate_pdino", [True, False])
-def test_micro_batch_shares_add_up_to_the_global_batch(gate_pdino):
-    x, y, eps = batch(6)
-    t = torch.tensor([0.1, 0.5, 0.29, 0.9, 0.31, 0.05])  # gated: 1 of the first half, 2 of the second
-    m1 = randomize(tiny_jit())
-    m2 = copy.deepcopy(m1)
-    loss_fn = make_loss(gate_pdino=gate_pdino)
-    whole = loss_fn(m1, x, y, t=t, noise=eps)
-    whole["loss"].backward()
-    parts = [loss_fn(m2, x[s], y[s], t=t[s], noise=eps[s], norm=(6, 3)) for s in (slice(0, 3), slice(3, 6))]
-    sum(p["loss"] for p in parts).backward()
-    for k in ("loss", "fm", "lpips", "pdino", "repa"):
-        torch.testing.assert_close(sum(p[k] for p in parts).detach(), whole[k].detach(), rtol=1e-5, atol=1e-7, msg=k)
-    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
-        if a.grad is not None:
-            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=n)
-    # the old per-micro-batch means weight the one gated sample of the first half like the two of the second
-    local = [loss_fn(m2, x[s], y[s], t=t[s], noise=eps[s]) for s in (slice(0, 3), slice(3, 6))]
-    assert abs(sum(p["lpips"] for p in local) / 2 - whole["lpips"]) > 1e-4
-
-
-def test_global_batches_positions():
-    seen = {}
-    for world, accum in [(1, 1), (1, 2), (2, 1), (2, 2)]:
-        got = [[] for _ in range(3)]  # steps 2, 3, 4 (epoch 0 has 3 steps of 8 out of 26 images)
-        for rank in range(world):
-            it = iter(pg.GlobalBatches(26, 8, world, rank, accum, seed=5, step=2))
-            for s in range(3):
-                for _ in range(accum):
-                    got[s].append(next(it))
-        seen[world, accum] = [sorted(sum(g, [])) for g in got]
-        assert all(len(m) == 8 // (world * accum) for g in got for m in g)
-    assert all(v == seen[1, 1] for v in seen.values())  # every split sees the same global batches
-    flat = [i for it in [iter(pg.GlobalBatches(26, 8, 1, 0, 1, seed=5))] for _ in range(3) for i in next(it)]
-    assert len(set(flat)) == 24 and seen[1, 1][0] == sorted(flat[16:])  # an epoch is a permutation; resume mid-epoch
-    assert set(seen[1, 1][1]).isdisjoint(set(seen[1, 1][2])) is False or True  # epoch 1 is a new permutation
-    assert seen[1, 1][1] != sorted(flat[:8])
-
-
-def _train_cmd(out_dir, *extra, world=1):
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={world}",
-                               f"--master_port={_free_port()}"] if world > 1 else [])
-    return cmd + [os.path.join(os.path.dirname(__file__), "pixelgen.py"), "--train", "--out_dir", str(out_dir),
-                  "--image_size", "32", "--batch_size", "8", "--perceptual_init", "random", "--log_every", "1",
-                  "--sample_every", "0", "--device", "cpu", *extra]
-
-
-def test_any_split_of_the_global_batch_trains_the_same_weights(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    runs = {"one": (1, []), "accum2": (1, ["--grad_accum", "2"]), "ddp2": (2, []), "ddp2_accum2": (2, ["--grad_accum", "2"])}
-    for name, (world, extra) in runs.items():
-        r = subprocess.run(_train_cmd(tmp_path / name, "--max_steps", "3", *extra, world=world), env=env,
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-    cks = {k: torch.load(tmp_path / k / "ckpt.pt", weights_only=True) for k in runs}
-    rows = {k: [json.loads(l) for l in open(tmp_path / k / "metrics.jsonl")] for k in runs}
-    for k in runs:
-        assert cks[k]["step"] == 3 and len(rows[k]) == 3
-        for a, b in zip(rows["one"], rows[k]):  # every logged loss term of the global batch
-            for term in ("loss", "fm", "lpips", "pdino", "repa", "gate"):
-                assert a[term] == pytest.approx(b[term], rel=1e-5, abs=1e-7), (k, term)
-        for part in ("model", "ema", "loss"):  # 3 AdamW steps of lr 1e-3 move weights by up to 3e-3
-            for n, v in cks["one"][part].items():
-                torch.testing.assert_close(cks[k][part][n], v, rtol=0, atol=1e-4, msg=f"{k} {part} {n}")
-    assert "global batch 8 = 2 processes x 2 micro-batches x 2" in (tmp_path / "ddp2_accum2" / "log.txt").read_text()
-
-
-def test_sigterm_stops_after_the_step_and_resumes_exactly(tmp_path):
-    proc = subprocess.Popen(_train_cmd(tmp_path / "run", "--max_steps", "1000", "--ckpt_every", "1000"),
-                            env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())),  # as in here
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    log = tmp_path / "run" / "log.txt"
-    deadline = time.time() + 120
-    while not (log.exists() and "step 2/" in log.read_text()) and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=60)[0].decode()
-    assert proc.returncode == 0, out[-2000:]
-    stopped = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"]
-    assert 2 <= stopped < 1000 and f"stopped by SIGTERM after step {stopped}" in log.read_text()
-    assert not (tmp_path / "run" / "ckpt.pt.tmp").exists()
-    pg.train(small_cfg(tmp_path / "run", batch_size=8, max_steps=stopped + 2, ckpt_every=1000))  # the restart
-    pg.train(small_cfg(tmp_path / "straight", batch_size=8, max_steps=stopped + 2, ckpt_every=1000))
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("run", "straight"))
-    for k in ("model", "ema", "loss", "opt"):
-        assert same(a[k], b[k]), k
-    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == list(range(1, stopped + 3))  # appended on resume
-
-
-def _stop_worker(rank, world, port, out_dir):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-
-    def hook(step, model, emas):  # only rank 1 is told to stop, during step 2
-        if rank == 1 and step == 2:
-            os.kill(os.getpid(), signal.SIGUSR1)
-    pg.train(small_cfg(out_dir, max_steps=50, batch_size=4, ckpt_every=1000), hook=hook)
-
-
-def test_a_signal_to_one_process_stops_all_at_the_same_step(tmp_path):
-    torch.multiprocessing.spawn(_stop_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
-    assert "stopped by a signal to another process after step 2" in (tmp_path / "log.txt").read_text()
-
-
-def test_snapshots_metrics_and_sampling_from_a_snapshot(tmp_path):
-    pg.train(small_cfg(tmp_path, max_steps=4, ckpt_every=3, keep_every=2))
-    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("ckpt")) == \
-        ["ckpt.pt", "ckpt_0000002.pt", "ckpt_0000004.pt"]
-    snap = torch.load(tmp_path / "ckpt_0000002.pt", weights_only=True)
-    assert snap["step"] == 2 and not same(snap["model"], torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"])
-    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert set(rows[0]) == {"step", "epoch", "loss", "fm", "lpips", "pdino", "repa", "gate", "w_ad", "lr", "img_per_s"}
-    assert all(math.isfinite(r["loss"]) and 0 <= r["gate"] <= 1 for r in rows)
-    cfg, _ = pg.parse_args(["--sample", "--ckpt", str(tmp_path / "ckpt_0000002.pt"), "--out_dir", str(tmp_path / "s"),
-                            "--num_samples", "4", "--sample_steps", "2"])
-    pg.sample_main(cfg)
-    assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (4, 32, 32, 3)
-
-
 def test_failed_checkpoint_write_names_the_cause_and_keeps_the_last_one(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     pg.save_checkpoint({"step": 1}, path)
@@ -898,32 +1115,81 @@ def test_failed_checkpoint_write_names_the_cause_and_keeps_the_last_one(tmp_path
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 1
 
 
-def test_unused_networks_are_not_built_or_run(monkeypatch):
-    import dino as dino_lib
-    built, (d, lp) = [], frozen_nets()
-    monkeypatch.setattr(pg, "make_lpips", lambda *a, **k: built.append("lpips") or lp)
-    monkeypatch.setattr(dino_lib, "DINOv2", lambda *a, **k: built.append("dino") or d)
-    for weights, want in [(dict(), ["dino", "lpips"]), (dict(lpips_weight=0.0), ["dino"]),
-                          (dict(pdino_weight=0.0, repa_weight=0.0), ["lpips"]),
-                          (dict(lpips_weight=0.0, pdino_weight=0.0, repa_weight=0.0), [])]:
-        built.clear()
-        nets = pg.perceptual_nets(pg.Config(perceptual_init="random", **weights), "cpu", log=lambda m: None)
-        assert sorted(built) == want and [n is not None for n in nets] == ["dino" in want, "lpips" in want]
-    model, (x, y, eps) = randomize(tiny_jit()), batch()
-    t = torch.tensor([0.5, 0.6, 0.1, 0.9])
-    for weights, lpips_calls, dino_calls in [
-            (dict(lpips_weight=0.0), 0, 2),                      # REPA targets + gated P-DINO
-            (dict(pdino_weight=0.0), 1, 1),                      # LPIPS + REPA targets only
-            (dict(repa_weight=0.0), 1, 2),                       # gated targets + gated P-DINO
-            (dict(pdino_weight=0.0, repa_weight=0.0), 1, 0)]:    # no DINOv2 at all
-        loss_fn = make_loss(**weights)
-        out = loss_fn(model, x, y, t=t, noise=eps)
-        out["loss"].backward()
-        assert len(loss_fn.lpips.calls if loss_fn.lpips else []) == lpips_calls, weights
-        assert len(loss_fn.dino.calls if loss_fn.dino else []) == dino_calls, weights
-        assert (loss_fn.proj is None) == (weights.get("repa_weight", 0.5) == 0) and torch.isfinite(out["loss"])
-        if weights.get("repa_weight", 0.5) == 0:
-            assert loss_fn.dino is None or loss_fn.dino.calls[0][0] == 3  # targets of the 3 gated samples only
+def test_resume_keeps_no_copy_of_the_checkpoint_in_memory(tmp_path, monkeypatch):
+    """The file is copied into the run's tensors and let go: on a GPU its weights and EMAs (2.7 GB each for XL)
+    would otherwise stay there for the whole run."""
+    pg.train(small_cfg(tmp_path, max_steps=1, ema=(0.9, 0.5)))
+    loaded, load = [], torch.load
+
+    def watched(*a, **k):  # weak references to the weights of every checkpoint loaded
+        ck = load(*a, **k)
+        loaded.extend(weakref.ref(v) for part in ("model", "ema", "emas") for v in flat(ck.get(part, {})))
+        return ck
+
+    monkeypatch.setattr(torch, "load", watched)
+    seen = []
+    pg.train(small_cfg(tmp_path, max_steps=2, ema=(0.9, 0.5)), hook=lambda *a: (gc.collect(), seen.append(
+        sum(r() is not None for r in loaded))))
+    assert len(loaded) > 100 and seen == [0]
+
+
+def test_compiled_runs_survive_the_adaptive_weight_from_scratch_and_after_a_resume(tmp_path, monkeypatch):
+    """w_ad backpropagates twice through the compiled graphs (retain_graph), which a compiled backward built with
+    donated buffers refuses: the 160-epoch recipe must run compiled, also within 50 steps after a resume."""
+    import torch._functorch.config
+    graphs = []
+    aot_eager(monkeypatch, graphs)
+    monkeypatch.setattr(torch._functorch.config, "donated_buffer", True)  # torch's default, whatever ran before
+    monkeypatch.setattr(pg.PixelGenLoss, "adapt_every", 2)  # (official: 50)
+    kw = dict(compile=True, adaptive_from=1, ckpt_every=1)
+    pg.train(small_cfg(tmp_path / "scratch", max_steps=3, **kw))  # steps 0 and 1 plain, step 2 adapts
+    pg.train(small_cfg(tmp_path / "resumed", max_steps=1, **kw))
+    pg.train(small_cfg(tmp_path / "resumed", max_steps=3, **kw))  # resumed at step 1, not a multiple of 2
+    for run in ("scratch", "resumed"):
+        ck = ckpt(tmp_path / run / "ckpt.pt")
+        assert ck["step"] == 3 and ck["loss"]["percept_weight"] != 1 and torch.isfinite(ck["loss"]["percept_weight"])
+    assert any("ls1" in gm.code for gm in graphs)  # DINOv2 (its LayerScale) ran compiled too
+
+
+def test_sigterm_stops_after_the_step_and_resumes_exactly(tmp_path):
+    proc = subprocess.Popen(_cli("--train", "--out_dir", str(tmp_path / "run"), "--image_size", "32", "--batch_size",
+                                 "8", "--perceptual_init", "random", "--log_every", "1", "--sample_every", "0",
+                                 "--device", "cpu", "--max_steps", "1000", "--ckpt_every", "1000"),
+                            env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())),  # as in here
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = tmp_path / "run" / "log.txt"
+    deadline = time.time() + 120
+    while not (log.exists() and "step 2/" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 0, out[-2000:]
+    stopped = ckpt(tmp_path / "run" / "ckpt.pt")["step"]
+    assert 2 <= stopped < 1000 and f"stopped by SIGTERM after step {stopped}" in log.read_text()
+    assert not (tmp_path / "run" / "ckpt.pt.tmp").exists()
+    pg.train(small_cfg(tmp_path / "run", batch_size=8, max_steps=stopped + 2, ckpt_every=1000))  # the restart
+    pg.train(small_cfg(tmp_path / "straight", batch_size=8, max_steps=stopped + 2, ckpt_every=1000))
+    a, b = (ckpt(tmp_path / d / "ckpt.pt") for d in ("run", "straight"))
+    for k in ("model", "ema", "loss", "opt"):
+        assert same(a[k], b[k]), k
+    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, stopped + 3))  # appended on resume
+
+
+def test_snapshots_metrics_and_sampling_from_a_snapshot(tmp_path):
+    pg.train(small_cfg(tmp_path, max_steps=4, ckpt_every=3, keep_every=2))
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("ckpt")) == \
+        ["ckpt.pt", "ckpt_0000002.pt", "ckpt_0000004.pt"]
+    snap = torch.load(tmp_path / "ckpt_0000002.pt", weights_only=True)
+    assert snap["step"] == 2 and not same(snap["model"], torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"])
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert set(rows[0]) == {"step", "epoch", "loss", "fm", "lpips", "pdino", "repa", "gate", "w_ad", "lr", "img_per_s"}
+    assert all(math.isfinite(r["loss"]) and 0 <= r["gate"] <= 1 for r in rows)
+    cfg, _ = pg.parse_args(["--sample", "--ckpt", str(tmp_path / "ckpt_0000002.pt"), "--out_dir", str(tmp_path / "s"),
+                            "--num_samples", "4", "--sample_steps", "2"])
+    pg.sample_main(cfg)
+    assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (4, 32, 32, 3)
 
 
 def test_wandb_logs_the_metrics_rows_or_says_it_is_missing(tmp_path, monkeypatch, capsys):
@@ -948,9 +1214,6 @@ def test_wandb_logs_the_metrics_rows_or_says_it_is_missing(tmp_path, monkeypatch
     assert (tmp_path / "wandb_id.txt").read_text() == "abc123"
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation: several EMA decays, online evaluation, FID from --sample, sweeps
-
 def test_several_ema_decays_are_updated_saved_resumed_and_loaded(tmp_path):
     decays = (0.9, 0.5)
     seen = []
@@ -974,6 +1237,291 @@ def test_several_ema_decays_are_updated_saved_resumed_and_loaded(tmp_path):
     assert same(models[0.5].state_dict(), ck["emas"]["0.5"])
     pg.train(small_cfg(tmp_path / "resumed", max_steps=4, ema=(0.9, 0.5, 0.99)))  # a decay new to the run
     assert "EMA 0.99 starts now" in (tmp_path / "resumed" / "log.txt").read_text()
+
+
+def test_resume_from_incompatible_checkpoint_is_a_clear_error(tmp_path):
+    pg.train(small_cfg(tmp_path, max_steps=2))
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit, match="cannot resume from .*ckpt.pt(.|\n)*--no-resume"):
+        pg.train(small_cfg(tmp_path, max_steps=4, model="PixelGen-S/16", repa_layer=4))
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+def test_training_writes_sample_grids(tmp_path):
+    pg.train(small_cfg(tmp_path, max_steps=2, sample_every=2, sample_steps=2, num_samples=20))
+    grid = Image.open(tmp_path / "grid_0000002.png")
+    assert grid.size == (10 * 34 + 2, 2 * 34 + 2)  # one column per class, 32 px images with 2 px borders
+    assert "sample grid (EMA 0.99):" in (tmp_path / "log.txt").read_text()
+
+
+def _cli(*args):  # a subprocess running pixelgen's CLI with the tests' small perceptual networks
+    code = "import sys, test_pixelgen as T; T.pg.perceptual_nets = T.small_perceptual_nets; T.pg.main(sys.argv[1:])"
+    return [sys.executable, "-c", code, *args]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training in two processes (gloo on CPU): one spawn runs every scenario, the tests below check one each
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _split(rank, out, mp):  # the global batch of 8 over 2 processes, without and with 2 micro-batches
+    for name, accum in (("ddp2", 1), ("ddp2_accum2", 2)):
+        _next_port()
+        weights = []
+        pg.train(small_cfg(os.path.join(out, name), max_steps=3, batch_size=8, ckpt_every=3, grad_accum=accum),
+                 hook=lambda step, model, emas: weights.append(torch.cat([p.detach().flatten() for p in model.parameters()])))
+        torch.save(torch.stack(weights), os.path.join(out, f"{name}.rank{rank}.pt"))
+
+
+def _grad(rank, out, mp):  # one backward through DDP on this rank's half of a fixed batch
+    import torch.distributed as dist
+    _next_port()
+    dist.init_process_group("gloo")
+    model, loss_fn, x, y, t, eps = _grad_setup()
+    net = nn.parallel.DistributedDataParallel(pg.TrainStep(model, loss_fn))
+    half = slice(rank * 4, rank * 4 + 4)  # each rank's share of the global means; DDP averages, so x world
+    draws = pg.make_draws(t[half], torch.zeros(4, dtype=torch.bool), eps[half], 0.3, norm=(8, int((t >= 0.3).sum())))
+    (net(x[half], y[half], draws)["loss"] * 2).backward()
+    torch.save([p.grad for p in model.parameters() if p.requires_grad], os.path.join(out, f"grad{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _grad_setup():
+    d, lp = frozen_nets()
+    torch.manual_seed(0)  # after frozen_nets(), which is cached in one process and not in the other
+    model = randomize(tiny_jit())
+    loss_fn = pg.PixelGenLoss(64, d, lp, repa_layer=2, num_classes=10)
+    x, y, eps = batch(8)
+    t = torch.tensor([0.1, 0.5, 0.2, 0.2, 0.9, 0.35, 0.15, 0.4])  # one gated sample on rank 0, three on rank 1
+    return model, loss_fn, x, y, t, eps
+
+
+def _stop(rank, out, mp):  # only rank 1 is told to stop, during step 2
+    _next_port()
+    pg.train(small_cfg(out, max_steps=50, ckpt_every=1000), hook=lambda step, model, emas: rank == 1 and step == 2
+             and os.kill(os.getpid(), signal.SIGUSR1))
+
+
+def _late_stop(rank, out, mp):  # rank 1 is told to stop just after step 2's vote: all stop after step 3
+    import torch.distributed as dist
+    armed, all_reduce = [], dist.all_reduce
+
+    def all_reduce_then_signal(tensor, op=dist.ReduceOp.SUM, group=None, **kw):
+        work = all_reduce(tensor, op, group, **kw)
+        if armed and op == dist.ReduceOp.MAX:  # the stop vote that follows the hook of step 2
+            armed.clear()
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return work
+
+    mp.setattr(dist, "all_reduce", all_reduce_then_signal)
+    _next_port()
+    pg.train(small_cfg(out, max_steps=50, ckpt_every=1000),
+             hook=lambda step, model, emas: rank == 1 and step == 2 and armed.append(1))
+
+
+def _eval_fails(rank, out, mp):  # the evaluation of step 1 fails on rank 1 only (an OOM while sampling, say)
+    sample_images = pg.sample_images
+
+    def fails_once(*a, **k):
+        if rank == 1 and not fails_once.done:
+            fails_once.done = True
+            raise RuntimeError("CUDA out of memory (a test)")
+        return sample_images(*a, **k)
+
+    fails_once.done = False
+    mp.setattr(pg, "sample_images", fails_once)
+    _next_port()
+    pg.train(small_cfg(out, max_steps=3, eval_every=1, eval_samples=4, sample_steps=2))
+
+
+def _slow_save(rank, out, mp):  # rank 0 writes a checkpoint for longer than the process group's timeout
+    import datetime
+    import torch.distributed as dist
+    mp.setattr(dist, "init_process_group", functools.partial(dist.init_process_group,
+                                                             timeout=datetime.timedelta(seconds=2)))
+    save = pg.save_checkpoint
+    mp.setattr(pg, "save_checkpoint", lambda *a: (time.sleep(3), save(*a)))
+    _next_port()
+    pg.train(small_cfg(out, max_steps=3, ckpt_every=2))
+
+
+SCENARIOS = dict(split=_split, grad=_grad, stop=_stop, late_stop=_late_stop, eval_fails=_eval_fails,
+                 slow_save=_slow_save)
+_PORTS = []
+
+
+def _next_port():  # every process group of a scenario gets its own port, in the same order on both ranks
+    os.environ["MASTER_PORT"] = str(_PORTS.pop(0))
+
+
+def _two_process_worker(rank, root, ports):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    pg.perceptual_nets, _PORTS[:] = small_perceptual_nets, ports
+    for name, scenario in SCENARIOS.items():
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                scenario(rank, os.path.join(root, name), mp)
+            open(os.path.join(root, f"{name}.rank{rank}.done"), "w").close()
+        except BaseException as e:  # noqa: B036 (SystemExit too): recorded for the test of this scenario
+            open(os.path.join(root, f"{name}.rank{rank}.error"), "w").write(repr(e))
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """Runs every scenario in one spawn of 2 processes (starting them costs more than most scenarios); a scenario
+    that hangs (the failures these tests guard against) is killed after a while and reported by its test."""
+    root = tmp_path_factory.mktemp("two_processes")
+    ctx = torch.multiprocessing.spawn(_two_process_worker, args=(str(root), [_free_port() for _ in range(20)]),
+                                      nprocs=2, join=False)
+    deadline = time.time() + 150
+    try:
+        while not ctx.join(timeout=2) and time.time() < deadline:
+            pass
+    finally:
+        for p in ctx.processes:
+            p.kill() if p.is_alive() else None
+    return root
+
+
+def _outcome(root, name):  # the scenario's folder, once both processes have finished it
+    errors = [p.read_text() for p in root.glob(f"{name}.rank*.error")]
+    assert not errors, errors
+    assert all((root / f"{name}.rank{r}.done").exists() for r in (0, 1)), f"scenario {name} did not finish: a hang?"
+    return root / name
+
+
+def test_ddp_gradients_equal_one_process(two_processes):
+    out = _outcome(two_processes, "grad")
+    model, loss_fn, x, y, t, eps = _grad_setup()
+    loss_of(loss_fn, model, x, y, t, eps)["loss"].backward()
+    single = [p.grad for p in model.parameters() if p.requires_grad]
+    for g0, g1, g in zip(torch.load(out / "grad0.pt"), torch.load(out / "grad1.pt"), single):
+        torch.testing.assert_close(g0, g1)
+        torch.testing.assert_close(g0, g, rtol=1e-4, atol=1e-6)
+
+
+def test_any_split_of_the_global_batch_trains_the_same_weights(tmp_path, two_processes):
+    out = _outcome(two_processes, "split")
+    pg.train(small_cfg(tmp_path / "one", max_steps=3, batch_size=8, ckpt_every=3))
+    pg.train(small_cfg(tmp_path / "accum2", max_steps=3, batch_size=8, ckpt_every=3, grad_accum=2))
+    runs = dict(one=tmp_path / "one", accum2=tmp_path / "accum2", ddp2=out / "ddp2", ddp2_accum2=out / "ddp2_accum2")
+    cks = {k: ckpt(d / "ckpt.pt") for k, d in runs.items()}
+    rows = {k: [json.loads(line) for line in open(d / "metrics.jsonl")] for k, d in runs.items()}
+    for k in runs:
+        assert cks[k]["step"] == 3 and len(rows[k]) == 3
+        for a, b in zip(rows["one"], rows[k]):  # every logged loss term of the global batch
+            for term in ("loss", "fm", "lpips", "pdino", "repa", "gate"):
+                assert a[term] == pytest.approx(b[term], rel=1e-5, abs=1e-7), (k, term)
+        for part in ("model", "ema", "loss"):  # 3 AdamW steps of lr 1e-3 move weights by up to 3e-3
+            for n, v in cks["one"][part].items():
+                torch.testing.assert_close(cks[k][part][n], v, rtol=0, atol=1e-4, msg=f"{k} {part} {n}")
+    for name in ("ddp2", "ddp2_accum2"):  # both processes hold the same weights after every step
+        w0, w1 = torch.load(out / f"{name}.rank0.pt"), torch.load(out / f"{name}.rank1.pt")
+        assert w0.shape[0] == 3 and torch.equal(w0, w1) and not torch.equal(w0[0], w0[1])
+    assert "global batch 8 = 2 processes x 2 micro-batches x 2" in (out / "ddp2_accum2" / "log.txt").read_text()
+
+
+def test_a_signal_to_one_process_stops_all_at_the_same_step(two_processes):
+    out = _outcome(two_processes, "stop")
+    assert ckpt(out / "ckpt.pt")["step"] == 2
+    assert "stopped by a signal to another process after step 2" in (out / "log.txt").read_text()
+
+
+def test_a_signal_after_the_vote_stops_all_at_the_next_step(two_processes):
+    """The stop is decided once per step, from the vote: a signal that lands after it counts at the next vote (a
+    process that acted on it alone would leave the others waiting in a collective, or skip the write it logs)."""
+    out = _outcome(two_processes, "late_stop")
+    log = (out / "log.txt").read_text()
+    assert ckpt(out / "ckpt.pt")["step"] == 3 and "stopped by a signal to another process after step 3" in log
+    assert "saved" in log.splitlines()[-2]
+
+
+def test_an_evaluation_failing_on_one_process_is_skipped_by_all(two_processes):
+    out = _outcome(two_processes, "eval_fails")
+    log = (out / "log.txt").read_text()
+    assert "evaluation at step 1 failed, training goes on: RuntimeError('it failed on process 1" in log
+    assert not (out / "eval_0000001" / "samples.npz").exists() and ckpt(out / "ckpt.pt")["step"] == 3
+    for step in (2, 3):  # the next evaluations ran on both processes
+        with np.load(out / f"eval_{step:07d}" / "samples.npz") as f:
+            assert f["arr_0"].shape == (4, 32, 32, 3)
+
+
+def test_a_slow_checkpoint_write_is_waited_for_on_the_host(two_processes):
+    """Rank 0 writes for longer than the process group's timeout (NCCL's watchdog: 10 minutes; 2 s here): the others
+    wait on the host, in the gloo group of long timeout, not in a collective of the training step."""
+    out = _outcome(two_processes, "slow_save")
+    assert ckpt(out / "ckpt.pt")["step"] == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling and evaluation
+
+def test_load_our_and_official_checkpoints(tmp_path):
+    m = randomize(pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10))
+    ema = randomize(pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10), seed=1)
+    torch.save(dict(model=m.state_dict(), ema=ema.state_dict(), config={"seed": 1}), tmp_path / "ours.pt")
+    got, conf, _ = pg.load_denoiser(str(tmp_path / "ours.pt"))  # a file from before several EMAs
+    assert same(got["ema"].state_dict(), ema.state_dict()) and conf == {"seed": 1}
+    assert same(pg.load_denoiser(str(tmp_path / "ours.pt"), use_ema=False)[0]["raw"].state_dict(), m.state_dict())
+    # several EMA decays: the first under "ema", each under "emas"; --ema_decay picks, a missing one is listed
+    emas = {"0.9999": ema.state_dict(), "0.9996": m.state_dict()}
+    torch.save(dict(model=m.state_dict(), ema=ema.state_dict(), emas=emas, step=5), tmp_path / "two.pt")
+    got, _, step = pg.load_denoiser(str(tmp_path / "two.pt"))
+    assert list(got) == [0.9999] and step == 5 and same(got[0.9999].state_dict(), ema.state_dict())
+    got, _, _ = pg.load_denoiser(str(tmp_path / "two.pt"), decays=(0.9996, 0.9999))
+    assert list(got) == [0.9996, 0.9999] and same(got[0.9996].state_dict(), m.state_dict())
+    with pytest.raises(SystemExit, match="holds no EMA of decay 0.999; it holds 0.9999, 0.9996"):
+        pg.load_denoiser(str(tmp_path / "two.pt"), decays=(0.999,))
+    lightning = {"state_dict": {**{"denoiser." + k: v for k, v in m.state_dict().items()},
+                                **{"ema_denoiser." + k: v for k, v in ema.state_dict().items()},
+                                "diffusion_trainer.proj.0.0.weight": torch.zeros(2, 2)}, "global_step": 7}
+    torch.save(lightning, tmp_path / "official.ckpt")
+    got, conf, step = pg.load_denoiser(str(tmp_path / "official.ckpt"))
+    assert list(got) == [0.9999] and conf is None and step == 7  # the official EMA decay
+    assert same(got[0.9999].state_dict(), ema.state_dict()) and got[0.9999].grid * got[0.9999].patch_size == 32
+    bad = dict(lightning["state_dict"])
+    bad["ema_denoiser.final_layer.linear.weight"] = torch.zeros(5, 192)
+    del bad["ema_denoiser.blocks.0.norm1.weight"]
+    torch.save({"state_dict": bad}, tmp_path / "bad.ckpt")
+    with pytest.raises(SystemExit, match=r"fit no preset(.|\n)*PixelGen-T/16: 2 differences.*blocks.0.norm1.weight"):
+        pg.load_denoiser(str(tmp_path / "bad.ckpt"))
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        pg.load_denoiser(str(tmp_path / "corrupt.pt"))
+    import argparse  # Lightning files often pickle an argparse.Namespace of hyper-parameters
+    torch.save({"state_dict": {}, "hyper_parameters": argparse.Namespace(lr=1)}, tmp_path / "pickled.ckpt")
+    with pytest.raises(SystemExit, match="--unsafe_load"):
+        pg.load_denoiser(str(tmp_path / "pickled.ckpt"))
+
+
+def test_sample_program_writes_npz_and_grid(tmp_path):
+    m = randomize(pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10))
+    torch.save(dict(model=m.state_dict(), ema=m.state_dict(), config={"sample_steps": 3, "cfg_scale": 1.5}), tmp_path / "ckpt.pt")
+    cfg, mode = pg.parse_args(["--sample", "--out_dir", str(tmp_path), "--num_samples", "12", "--batch_size", "5", "--save_pngs"])
+    assert mode == "sample" and cfg.sample_steps == 3 and cfg.cfg_scale == (1.5,)  # settings from the checkpoint
+    pg.sample_main(cfg)
+    with np.load(tmp_path / "samples.npz") as f:
+        imgs, labels = f["arr_0"], f["arr_1"]
+    assert imgs.shape == (12, 32, 32, 3) and imgs.dtype == np.uint8 and labels.tolist() == [i % 10 for i in range(12)]
+    assert (tmp_path / "grid.png").exists() and len(os.listdir(tmp_path / "images")) == 12
+    # image i depends only on (seed, i): another batch split (as with more processes) gives the same images, up to
+    # the float rounding of batched matmuls (at most 1 of 255)
+    pg.sample_main(pg.dataclasses.replace(cfg, batch_size=12, save_pngs=False))
+    with np.load(tmp_path / "samples.npz") as f:
+        assert np.abs(f["arr_0"].astype(int) - imgs).max() <= 1
+    noise = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(pg.seed_for(cfg.seed, 7)))
+    with torch.no_grad():
+        one = pg.sample(m.eval(), noise[None], torch.tensor([7]), 3, cfg.sampler, 1.5, cfg.cfg_interval, cfg.time_shift)
+    assert np.abs(pg.to_uint8(one)[0].numpy().astype(int) - imgs[7]).max() <= 1
 
 
 def test_online_evaluation_trains_the_same_weights_and_writes_samples(tmp_path):
@@ -1062,215 +1610,25 @@ def test_evaluation_bad_input_and_failures(tmp_path, monkeypatch, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data and bad input
+# Benchmark
 
-def test_image_folder_layouts_and_odd_images(tmp_path):
-    root = tmp_path / "imagenet"
-    (root / "n01").mkdir(parents=True)
-    (root / "n02" / "sub").mkdir(parents=True)
-    rgb = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
-    Image.fromarray(rgb).save(root / "n01" / "a.JPEG")
-    Image.fromarray(rgb[..., 0]).save(root / "n01" / "gray.png")                       # L
-    Image.fromarray(rgb).convert("P").save(root / "n02" / "palette.png")               # P
-    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(root / "n02" / "rgba.png")     # RGBA
-    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(root / "n02" / "sub" / "deep.png")  # 16-bit
-    Image.fromarray(rgb[:5, :7]).save(root / "n02" / "tiny.bmp")                       # smaller than the target
-    (root / "n02" / "notes.txt").write_text("not an image")
-    data = pg.ImageFolderData(str(root), 16)
-    assert data.num_classes == 2 and len(data) == 6 and [y for _, y in data.samples] == [0, 0, 1, 1, 1, 1]
-    for i in range(len(data)):
-        img, y = data[i]
-        assert img.shape == (3, 16, 16) and img.dtype == torch.uint8
-    deep = data[[p for p, _ in data.samples].index(str(root / "n02" / "sub" / "deep.png"))][0]
-    assert 0 < deep.float().mean() < 255  # 16-bit scaled, not clipped to white
-    flat_dir = root / "n01"
-    assert pg.ImageFolderData(str(flat_dir), 16).num_classes == 1
+def test_bench_smoke(capsys):  # the benchmark runs end to end (its numbers are for the notes, not for tests)
+    cfg, mode = pg.parse_args(["--bench", "--image_size", "32", "--batch_size", "4", "--bench_steps", "1",
+                               "--sample_steps", "2"])
+    ms = pg.bench(cfg)
+    assert mode == "bench" and set(ms) == {"step", "denoiser", "lpips", "dino", "opt+ema"}
+    assert "img/s" in capsys.readouterr().out
 
 
-def test_adm_center_crop():
-    a = np.zeros((100, 300, 3), np.uint8)
-    a[:, 100:200] = 255  # the center third is white
-    out = pg.center_crop(Image.fromarray(a), 32)  # 300x100 -> halve (BOX) -> 150x50 -> bicubic 96x32 -> crop
-    assert out.shape == (32, 32, 3) and out[:, 4:28].min() == 255
-    out = pg.center_crop(Image.fromarray(a[:10, :20]), 32)  # upsampling a small image
-    assert out.shape == (32, 32, 3)
-
-
-def test_bad_data_folders(tmp_path):
-    with pytest.raises(SystemExit, match="not a folder"):
-        pg.ImageFolderData(str(tmp_path / "missing"), 16)
-    (tmp_path / "empty" / "cls").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="no images"):
-        pg.ImageFolderData(str(tmp_path / "empty"), 16)
-
-
-def test_unreadable_image_is_skipped_and_counted(tmp_path):
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "good.png")
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
-    data = pg.ImageFolderData(str(tmp_path), 8)
-    with pytest.warns(UserWarning, match="broken.png"):
-        items = [data[i] for i in range(len(data))]
-    x, y, bad = pg.collate(items)
-    assert x.shape == (2, 3, 8, 8) and bad == 1
-
-
-def test_cli_flags_and_errors(tmp_path, capsys):
-    d = str(tmp_path)
-    cfg, mode = pg.parse_args(["--train"])
-    assert mode == "train" and cfg.recipe == "demo" and cfg.model == "PixelGen-T/16" and cfg.repa_layer == 2
-    cfg, _ = pg.parse_args(["--train", "--data_path", d])
-    assert (cfg.recipe, cfg.model, cfg.batch_size, cfg.lr, cfg.epochs, cfg.ema, cfg.sampler, cfg.time_shift) == \
-        ("xl-80ep", "PixelGen-XL/16", 256, 1e-4, 80, (0.9999,), "heun", 2.0)
-    assert (cfg.repa_layer, cfg.keep_every, cfg.grad_accum, cfg.eval_every) == (8, 100_000, 1, 0)
-    cfg, _ = pg.parse_args(["--train", "--data_path", d, "--recipe", "xl-160ep"])
-    assert cfg.epochs == 160 and cfg.cfg_scale == (2.25,) and cfg.adaptive_from == 400_000
-    cfg, _ = pg.parse_args(["--train", "--data_path", d, "--recipe", "l-200k", "--lr", "2e-4", "--cfg_interval", "0", "1"])
-    assert cfg.model == "PixelGen-L/16" and cfg.max_steps == 200_000 and cfg.sampler == "euler" and cfg.lr == 2e-4
-    assert cfg.cfg_interval == (0.0, 1.0)
-    cfg, _ = pg.parse_args(["--sample", "--ema_decay", "0.9999", "0.9996", "--cfg_scale", "1", "1.5", "--ema", "0.99"])
-    assert cfg.ema_decay == (0.9999, 0.9996) and cfg.cfg_scale == (1.0, 1.5) and cfg.ema == (0.99,)
-    # each preset trains with its own REPA layer, so a small model needs no --repa_layer
-    assert pg.parse_args(["--train", "--data_path", d, "--model", "PixelGen-T/16"])[0].repa_layer == 2
-    assert pg.parse_args(["--train", "--data_path", d, "--model", "PixelGen-S/16"])[0].repa_layer == 4
-    for bad, msg in [(["--model", "PixelGen-XXL/16"], "invalid choice"), (["--sample_steps", "0"], "must be positive"),
-                     (["--batch_size", "-2"], "must be positive"), (["--sample"], "not allowed with"),
-                     (["--lr", "0"], "--lr > 0"), (["--no-such-flag"], "unrecognized"),
-                     (["--cfg_interval", "0.9", "0.1"], "LO <= HI"), (["--time_shift", "0"], "--time_shift > 0"),
-                     (["--repa_layer", "6"], "--repa_layer < depth"), (["--grad_accum", "0"], "must be positive"),
-                     (["--keep_every", "-1"], "0 or more"), (["--ema", "0.999", "1.0"], "in [0, 1)"),
-                     (["--batch_size", "16", "--grad_accum", "3"], "3 micro-batches"),
-                     (["--eval_every", "10", "--eval_samples", "1"], "at least 2 samples"),
-                     (["--fid_ref", d + "/none.npz"], "no such file"), (["--data_path", d + "/none"], "no such file")]:
-        with pytest.raises(SystemExit):
-            pg.parse_args(["--train"] + bad)
-        assert msg in capsys.readouterr().err, bad
-    assert not os.listdir(d)  # bad flags write nothing
-
-
-def test_demo_uses_a_gpu_for_a_longer_run(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    cfg, _ = pg.parse_args(["--train"])
-    assert (cfg.batch_size, cfg.max_steps) == (64, 3000) and cfg.model == "PixelGen-T/16"
-    assert pg.parse_args(["--train", "--device", "cpu"])[0].batch_size == 16  # the CPU demo stays as it is
-    assert pg.parse_args(["--train", "--max_steps", "10"])[0].max_steps == 10  # explicit flags win
-
-
-def test_help_explains_every_flag(capsys):
-    with pytest.raises(SystemExit):
-        pg.parse_args(["--help"])
-    out = capsys.readouterr().out
-    for f in pg.dataclasses.fields(pg.Config):
-        assert f"--{f.name}" in out, f.name
-    for text in ("optimisation", "objective", "sampling and evaluation", "bookkeeping", "global batch B",
-                 "micro-batches per process", "official percept_t_threshold", "default: 0.3", "demo: PixelGen-T/16",
-                 "sample a checkpoint", "time the training step"):
-        assert text in " ".join(out.split()), text
-
-
-def test_batch_must_split_over_ranks(monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(SystemExit):
-        pg.parse_args(["--train", "--batch_size", "8"])
-    assert "does not split into 3 processes x 1 micro-batches" in capsys.readouterr().err
-    assert pg.parse_args(["--train", "--batch_size", "9"])[0].batch_size == 9
-    with pytest.raises(SystemExit):
-        pg.parse_args(["--train", "--batch_size", "9", "--grad_accum", "2"])
-    assert "make it a multiple of 6" in capsys.readouterr().err
-
-
-def test_missing_pretrained_weights(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth.*download.pytorch.org.*hub/checkpoints"):
-        pg.make_lpips(True, download=False)
-    cfg = pg.Config(data_path="/some/imagenet", perceptual_init="pretrained")
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
-    with pytest.raises(SystemExit, match="dinov2_vitb14_pretrain.pth"):
-        pg.perceptual_nets(cfg, "cpu")
-    msgs = []  # the demo (no data path) goes on with random nets and says so
-    d, lp = pg.perceptual_nets(pg.Config(perceptual_init="pretrained"), "cpu", log=msgs.append)
-    assert "RANDOMLY INITIALISED" in msgs[0] and not any(p.requires_grad for p in d.parameters())
-
-
-def test_lpips_loads_torchvision_vgg_file(tmp_path):
-    import torchvision
-    vgg = torchvision.models.vgg16()
-    torch.save(vgg.state_dict(), tmp_path / "vgg.pth")
-    lp = pg.make_lpips(True, str(tmp_path / "vgg.pth"))
-    torch.testing.assert_close(getattr(lp.net.slice3, '10').weight, vgg.features[10].weight)  # conv3_1 lands in slice3
-    torch.testing.assert_close(getattr(lp.net.slice5, '28').weight, vgg.features[28].weight)
-    (tmp_path / "bad.pth").write_bytes(b"truncated")
-    with pytest.raises(RuntimeError, match="bad.pth is not a readable torchvision VGG16"):
-        pg.make_lpips(True, str(tmp_path / "bad.pth"))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoints for sampling, and the sampling program
-
-def test_load_our_and_official_checkpoints(tmp_path):
-    m = randomize(pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10))
-    ema = randomize(pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10), seed=1)
-    torch.save(dict(model=m.state_dict(), ema=ema.state_dict(), config={"seed": 1}), tmp_path / "ours.pt")
-    got, conf, _ = pg.load_denoiser(str(tmp_path / "ours.pt"))  # a file from before several EMAs
-    assert same(got["ema"].state_dict(), ema.state_dict()) and conf == {"seed": 1}
-    assert same(pg.load_denoiser(str(tmp_path / "ours.pt"), use_ema=False)[0]["raw"].state_dict(), m.state_dict())
-    # several EMA decays: the first under "ema", each under "emas"; --ema_decay picks, a missing one is listed
-    emas = {"0.9999": ema.state_dict(), "0.9996": m.state_dict()}
-    torch.save(dict(model=m.state_dict(), ema=ema.state_dict(), emas=emas, step=5), tmp_path / "two.pt")
-    got, _, step = pg.load_denoiser(str(tmp_path / "two.pt"))
-    assert list(got) == [0.9999] and step == 5 and same(got[0.9999].state_dict(), ema.state_dict())
-    got, _, _ = pg.load_denoiser(str(tmp_path / "two.pt"), decays=(0.9996, 0.9999))
-    assert list(got) == [0.9996, 0.9999] and same(got[0.9996].state_dict(), m.state_dict())
-    with pytest.raises(SystemExit, match="holds no EMA of decay 0.999; it holds 0.9999, 0.9996"):
-        pg.load_denoiser(str(tmp_path / "two.pt"), decays=(0.999,))
-    lightning = {"state_dict": {**{"denoiser." + k: v for k, v in m.state_dict().items()},
-                                **{"ema_denoiser." + k: v for k, v in ema.state_dict().items()},
-                                "diffusion_trainer.proj.0.0.weight": torch.zeros(2, 2)}, "global_step": 7}
-    torch.save(lightning, tmp_path / "official.ckpt")
-    got, conf, step = pg.load_denoiser(str(tmp_path / "official.ckpt"))
-    assert list(got) == [0.9999] and conf is None and step == 7  # the official EMA decay
-    assert same(got[0.9999].state_dict(), ema.state_dict()) and got[0.9999].grid * got[0.9999].patch_size == 32
-    bad = dict(lightning["state_dict"])
-    bad["ema_denoiser.final_layer.linear.weight"] = torch.zeros(5, 192)
-    del bad["ema_denoiser.blocks.0.norm1.weight"]
-    torch.save({"state_dict": bad}, tmp_path / "bad.ckpt")
-    with pytest.raises(SystemExit, match=r"fit no preset(.|\n)*PixelGen-T/16: 2 differences.*blocks.0.norm1.weight"):
-        pg.load_denoiser(str(tmp_path / "bad.ckpt"))
-    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match="cannot read checkpoint"):
-        pg.load_denoiser(str(tmp_path / "corrupt.pt"))
-    import argparse  # Lightning files often pickle an argparse.Namespace of hyper-parameters
-    torch.save({"state_dict": {}, "hyper_parameters": argparse.Namespace(lr=1)}, tmp_path / "pickled.ckpt")
-    with pytest.raises(SystemExit, match="--unsafe_load"):
-        pg.load_denoiser(str(tmp_path / "pickled.ckpt"))
-
-
-def test_sample_program_writes_npz_and_grid(tmp_path):
-    m = randomize(pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10))
-    torch.save(dict(model=m.state_dict(), ema=m.state_dict(), config={"sample_steps": 3, "cfg_scale": 1.5}), tmp_path / "ckpt.pt")
-    cfg, mode = pg.parse_args(["--sample", "--out_dir", str(tmp_path), "--num_samples", "12", "--batch_size", "5", "--save_pngs"])
-    assert mode == "sample" and cfg.sample_steps == 3 and cfg.cfg_scale == (1.5,)  # settings from the checkpoint
-    pg.sample_main(cfg)
-    with np.load(tmp_path / "samples.npz") as f:
-        imgs, labels = f["arr_0"], f["arr_1"]
-    assert imgs.shape == (12, 32, 32, 3) and imgs.dtype == np.uint8 and labels.tolist() == [i % 10 for i in range(12)]
-    assert (tmp_path / "grid.png").exists() and len(os.listdir(tmp_path / "images")) == 12
-    # image i depends only on (seed, i): another batch split (as with more processes) gives the same images, up to
-    # the float rounding of batched matmuls (at most 1 of 255)
-    pg.sample_main(pg.dataclasses.replace(cfg, batch_size=12, save_pngs=False))
-    with np.load(tmp_path / "samples.npz") as f:
-        assert np.abs(f["arr_0"].astype(int) - imgs).max() <= 1
-    noise = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(pg.seed_for(cfg.seed, 7)))
-    with torch.no_grad():
-        one = pg.sample(m.eval(), noise[None], torch.tensor([7]), 3, cfg.sampler, 1.5, cfg.cfg_interval, cfg.time_shift)
-    assert np.abs(pg.to_uint8(one)[0].numpy().astype(int) - imgs[7]).max() <= 1
-
-
-def test_resume_from_incompatible_checkpoint_is_a_clear_error(tmp_path):
-    pg.train(small_cfg(tmp_path, max_steps=2))
-    before = (tmp_path / "ckpt.pt").read_bytes()
-    with pytest.raises(SystemExit, match="cannot resume from .*ckpt.pt(.|\n)*--no-resume"):
-        pg.train(small_cfg(tmp_path, max_steps=4, model="PixelGen-S/16", repa_layer=4))
-    assert (tmp_path / "ckpt.pt").read_bytes() == before
+def test_bench_compiled_times_what_it_says_is_compiled(monkeypatch, capsys):
+    graphs = []
+    aot_eager(monkeypatch, graphs)
+    cfg, _ = pg.parse_args(["--bench", "--image_size", "32", "--batch_size", "2", "--bench_steps", "1",
+                            "--sample_steps", "1", "--compile", "--model", "PixelGen-T/16"])
+    pg.bench(cfg)
+    assert "compiled (denoiser, EMA, DINOv2, LPIPS)" in capsys.readouterr().out
+    codes = [gm.code for gm in graphs]
+    assert any("ls1" in c for c in codes) and any("embedding_table" in c for c in codes)  # DINOv2, and JiTs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1938,18 +2296,3 @@ def test_fid_cli_end_to_end(tmp_path, capsys):
     assert res2["fid"] == pytest.approx(res["fid"], rel=1e-6)
     with pytest.raises(SystemExit, match="only mu / sigma"):
         fid.main([str(tmp_path / "s.npz"), str(tmp_path / "ref.npz"), "--pr", "--weights", weights])
-
-
-def test_bench_smoke(capsys):  # the benchmark runs end to end (its numbers are for the notes, not for tests)
-    cfg, mode = pg.parse_args(["--bench", "--image_size", "32", "--batch_size", "4", "--bench_steps", "1",
-                               "--sample_steps", "2"])
-    ms = pg.bench(cfg)
-    assert mode == "bench" and set(ms) == {"step", "denoiser", "lpips", "dino", "opt+ema"}
-    assert "img/s" in capsys.readouterr().out
-
-
-def test_training_writes_sample_grids(tmp_path):
-    pg.train(small_cfg(tmp_path, max_steps=2, sample_every=2, sample_steps=2, num_samples=20))
-    grid = Image.open(tmp_path / "grid_0000002.png")
-    assert grid.size == (10 * 34 + 2, 2 * 34 + 2)  # one column per class, 32 px images with 2 px borders
-    assert "sample grid:" in (tmp_path / "log.txt").read_text()

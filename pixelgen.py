@@ -479,8 +479,9 @@ class Config:
     recipe: str = "auto"              # xl-80ep | xl-160ep | l-200k | demo; auto: demo without --data_path, else xl-80ep
     model: str = "PixelGen-XL/16"     # a key of MODELS; official configs_c2i/PixelGen_XL.yaml
     image_size: int = 256             # paper: ImageNet 256x256
-    num_classes: int = 1000           # ImageNet-1k; the demo dataset has 10
+    num_classes: int = 0              # 0 = the data's (ImageNet-1k: 1000; the demo's toy shapes: 10); more is allowed
     data_path: str = ""               # ImageFolder layout (class subfolders) or a flat folder; "" = demo dataset
+    background: tuple = (255, 255, 255)  # R G B under transparent pixels (training and FID): white, as browsers show
     flip: bool = False                # random horizontal flip: off in PixelGen, on in JiT's recipe
     out_dir: str = "runs/pixelgen"    # checkpoints, logs, metrics, grids, samples, eval.json
     device: str = "auto"              # auto (cuda if available) | cpu | cuda
@@ -530,7 +531,9 @@ class Config:
     eval_every: int = 0               # --train: evaluate the EMA model(s) every N steps and at the end; 0 = never
     eval_samples: int = 50000         # --train: images per online evaluation (official validation: 50000)
     # bookkeeping
-    resume: bool = True               # continue from OUT_DIR/ckpt.pt when it exists
+    resume: bool = True               # continue from OUT_DIR/ckpt.pt when it exists (the same model, size and classes)
+    new_data: bool = False            # resume although the data differ from the checkpoint's (fine-tuning)
+    memory_check: bool = True         # stop before building a run whose estimated memory exceeds the device's
     ckpt_every: int = 5000            # steps between writes of OUT_DIR/ckpt.pt
     keep_every: int = 0               # also keep OUT_DIR/ckpt_{step:07d}.pt every N steps (official: 100000); 0 = off
     log_every: int = 100              # steps between log lines (the only host-device syncs)
@@ -547,7 +550,7 @@ RECIPES = {
     "xl-160ep": dict(epochs=160, cfg_scale=(2.25,), adaptive_from=400_000, keep_every=100_000),  # FID 1.83, CFG 2.25
     "l-200k": dict(model="PixelGen-L/16", max_steps=200_000, sampler="euler", time_shift=1.0),  # Table 5 ablations
     # Laptop demo: a 4M-parameter model on 64 px toy shapes; faster lr and EMA because it trains for minutes.
-    "demo": dict(model="PixelGen-T/16", image_size=64, num_classes=10, batch_size=16, lr=1e-3, ema=(0.99,),
+    "demo": dict(model="PixelGen-T/16", image_size=64, batch_size=16, lr=1e-3, ema=(0.99,),
                  max_steps=500, num_workers=0, sample_steps=25, time_shift=1.0, cfg_scale=(2.0,), ckpt_every=250,
                  log_every=25, sample_every=250, out_dir="runs/demo", num_samples=40),
 }
@@ -672,11 +675,12 @@ class ImageFolderData(torch.utils.data.Dataset):
 
 class ToyShapes(torch.utils.data.Dataset):
     """The demo dataset: 10 classes of procedurally drawn shapes (class = shape and palette), any size, no files."""
-    # red disc, green square, blue triangle, yellow ring, magenta cross, cyan h-stripes, orange v-stripes,
-    # white diamond, purple checker, teal frame
+
+    classes = ("red disc", "green square", "blue triangle", "yellow ring", "magenta cross", "cyan h-stripes",
+               "orange v-stripes", "white diamond", "purple checker", "teal frame")
 
     def __init__(self, size, n=50_000, seed=0):
-        self.size, self.n, self.seed, self.num_classes = size, n, seed, 10
+        self.size, self.n, self.seed, self.num_classes, self.counts = size, n, seed, 10, [n // 10] * 10
 
     def __len__(self):
         return self.n
@@ -875,6 +879,81 @@ def build(cfg, device, log=print):  # a run's denoiser, its EMAs, the objective 
     return model, emas, loss_fn, opt
 
 
+def check_run(cfg, data, procs):
+    """The run's Config after the checks that need its data or its folder, made before anything is built or written:
+    the classes (the data's, or the checkpoint's when it has more), a checkpoint to resume that was written by this
+    run, and the memory the run needs against the device's."""
+    if steps_per_epoch(cfg, data) == 0:
+        raise SystemExit(f"error: {len(data)} images are fewer than one global batch of {cfg.batch_size} (--batch_size)")
+    if cfg.num_classes and cfg.num_classes < data.num_classes:
+        raise SystemExit(f"error: the data has {data.num_classes} classes but --num_classes is {cfg.num_classes}")
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ck = read_checkpoint(path) if cfg.resume and os.path.isfile(path) else {}
+    held = ck.get("config") or {}
+    num_classes = cfg.num_classes or max(data.num_classes, held.get("num_classes", 0))
+    cfg = dataclasses.replace(cfg, num_classes=num_classes)
+    differ = [f"--{k} {held[k]} (this run: {getattr(cfg, k)})" for k in ("model", "image_size", "num_classes")
+              if k in held and held[k] != getattr(cfg, k)]
+    record = ck.get("data")
+    if record and (record["classes"], record["counts"]) != (list(data.classes), list(data.counts)) and not cfg.new_data:
+        differ.append(f"its data: {describe(ck['data'])} (this run: {describe(data_record(cfg, data))}; --new_data "
+                      "continues on other data, for fine-tuning)")
+    if differ:
+        raise SystemExit(f"error: {path} was written by another run: {held.get('model', 'a model')} at "
+                         f"{held.get('image_size', '?')} px with {held.get('num_classes', '?')} classes. It differs in "
+                         + "; ".join(differ) + ".\nUse another --out_dir for a new run.")
+    if cfg.memory_check:
+        check_memory(cfg, procs)
+    return cfg
+
+
+def data_record(cfg, data):  # what a checkpoint records of its data, to recognise it on resume
+    return dict(path=os.path.abspath(cfg.data_path) if cfg.data_path else "toy shapes", classes=list(data.classes),
+                counts=list(data.counts))
+
+
+def describe(record):  # "5 classes (app, device, ...), 415 images in /data/icons"
+    names = ", ".join(record["classes"][:4]) + (", ..." if len(record["classes"]) > 4 else "")
+    return f"{len(record['classes'])} classes ({names}), {sum(record['counts'])} images in {record['path']}"
+
+
+def memory_need(cfg, world, cuda):
+    """GiB one process needs, roughly: fp32 weights, gradients, AdamW moments and EMAs (4 + EMAs copies of the
+    parameters), the activations of a micro-batch (per token and block, 34 values of the width in bf16 plus
+    5 x heads x tokens of attention scores: the usual count for a transformer; twice that in fp32 on a CPU; the
+    block inputs only with --grad_ckpt), the DINOv2 passes (targets and gated samples) and 1 GiB for the rest."""
+    with torch.device("meta"):
+        m = JiT(**MODELS[cfg.model], input_size=cfg.image_size, num_classes=cfg.num_classes or 1000)
+    b, T, D, L = cfg.batch_size // (world * cfg.grad_accum), m.grid ** 2 + m.in_context_len, m.pos_embed.shape[-1], \
+        len(m.blocks)
+    block = T * D * 34 + 5 * m.blocks[0].attn.num_heads * T * T * (not cuda)  # bytes; flash attention keeps no scores
+    acts = b * (L * T * D * 2 + block if cfg.grad_ckpt else L * block) + 1.5 * b * 12 * (m.grid ** 2 + 1) * 768 * 34
+    weights = sum(p.numel() for p in m.parameters()) * 4 * (4 + len(cfg.ema))
+    return (weights + acts * (1 if cuda else 2)) / 2**30 + 1
+
+
+def check_memory(cfg, procs):  # stop with a command that fits, rather than meet the out-of-memory killer
+    cuda = procs.device.type == "cuda"
+    if cuda:
+        have, where = torch.cuda.mem_get_info(procs.device)[1] / 2**30, f"GPU {procs.device}"
+    else:
+        meminfo = open("/proc/meminfo").read() if os.path.isfile("/proc/meminfo") else ""
+        have, where = int(meminfo.split("MemAvailable:")[1].split()[0]) / 2**20 if meminfo else math.inf, "this host"
+    need = memory_need(cfg, procs.world, cuda)
+    if need <= have:
+        return
+    fits = next((c for c in (dict(model="PixelGen-S/16", image_size=min(128, cfg.image_size), batch_size=32),
+                             dict(model="PixelGen-T/16", image_size=64, batch_size=16),
+                             dict(model="PixelGen-T/16", image_size=32, batch_size=8))
+                 if memory_need(dataclasses.replace(cfg, grad_accum=1, **c), procs.world, cuda) <= have), {})
+    raise SystemExit(f"error: {cfg.model} at {cfg.image_size} px with micro-batches of "
+                     f"{cfg.batch_size // (procs.world * cfg.grad_accum)} images needs about {need:.0f} GiB, and "
+                     f"{where} has {have:.0f} GiB available. A run that fits: python pixelgen.py --train "
+                     f"{'--data_path ' + cfg.data_path + ' ' if cfg.data_path else ''}"
+                     + " ".join(f"--{k} {v}" for k, v in fits.items()) + "\n(Or split the batch with --grad_accum, "
+                     "add --grad_ckpt, use more GPUs; --no-memory_check skips this estimate.)")
+
+
 def resume(cfg, model, emas, loss_fn, opt):
     """The step to continue from (0 for a new run) and the EMA decays new to the run, after loading OUT_DIR/ckpt.pt:
     weights, EMAs, REPA head and w_ad, AdamW. The file is memory-mapped on the host and copied into the run's tensors,
@@ -882,8 +961,8 @@ def resume(cfg, model, emas, loss_fn, opt):
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if not (cfg.resume and os.path.isfile(path)):
         return 0, ()
-    try:  # a checkpoint from another config or a damaged file: say so, touch nothing
-        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    ck = read_checkpoint(path)
+    try:  # a damaged file: say so, touch nothing
         for obj, k in ((model, "model"), (loss_fn, "loss"), (opt, "opt")):
             obj.load_state_dict(ck[k])
         held = ck.get("emas", {str(cfg.ema[0]): ck["ema"]})
@@ -894,10 +973,10 @@ def resume(cfg, model, emas, loss_fn, opt):
     return ck["step"], [d for d in emas if str(d) not in held]
 
 
-def checkpoint(model, emas, loss_fn, opt, step, cfg):  # one plain dict; torch.save shares the EMAs' storage with emas
+def checkpoint(model, emas, loss_fn, opt, step, cfg, data):  # one plain dict; torch.save shares the EMAs' storage
     return dict(model=model.state_dict(), ema=emas[cfg.ema[0]].state_dict(), emas={
         str(d): e.state_dict() for d, e in emas.items()}, loss=loss_fn.state_dict(), opt=opt.state_dict(), step=step,
-        config=dataclasses.asdict(cfg))
+        config=dataclasses.asdict(cfg), data=data_record(cfg, data))
 
 
 def save_checkpoint(obj, path, keep=None):
@@ -923,6 +1002,25 @@ def save_checkpoint(obj, path, keep=None):
         raise SystemExit(f"error: writing {target} failed: {str(e).strip().splitlines()[0][:300]}\n{free:.2f} GiB "
                          f"are free on its disk (a full disk or quota is the usual cause); {last}. Free some space, "
                          f"then rerun the same command to continue.")
+
+
+def read_checkpoint(path, unsafe=False):
+    """torch.load of a checkpoint, memory-mapped on the host, with a message that says what is wrong otherwise.
+    Without `unsafe` only tensors and plain containers load (weights_only): no arbitrary Python objects."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # neither a zip (torch.save) nor an old pickle
+        image = head in (b"\x89PNG", b"GIF8") or head[:3] == b"\xff\xd8\xff"
+        raise SystemExit(f"error: {path} is {'an image' if image else 'no PyTorch checkpoint'}: pass a ckpt.pt written "
+                         f"by --train, or an official Lightning .ckpt")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=not unsafe, mmap=head[:1] == b"P")
+    except Exception as e:
+        if "Unsupported global" in str(e):  # a valid file that pickles Python objects (Lightning's hyper_parameters)
+            raise SystemExit(f"error: {path} holds pickled Python objects besides tensors "
+                             f"({str(e).splitlines()[-1][:200]}).\nIf you trust the file, pass --unsafe_load.")
+        raise SystemExit(f"error: cannot read checkpoint {path} (damaged or truncated?): {str(e)[:300]}")
+    return ck if isinstance(ck, dict) else {}
 
 
 def loader(data, cfg, procs, step):  # this process's micro-batches of uint8 images, from `step` on, without end
@@ -1024,13 +1122,17 @@ def due(cfg, step, max_steps, stopping):  # what this step ends with; the same d
                               eval=every(cfg.eval_every), grid=every(cfg.sample_every))
 
 
-def log_metrics(log, meter, procs, step, max_steps, steps_per_epoch, cfg, w_ad):
+def steps_per_epoch(cfg, data):
+    return len(data) // cfg.batch_size
+
+
+def log_metrics(log, meter, procs, step, max_steps, cfg, data, w_ad):
     m, bad, steps, secs = meter.read(procs)
     if not all(math.isfinite(v) for v in m.values()):
         raise SystemExit(f"error: non-finite loss at step {step} ({m}); the last good checkpoint is "
                          f"{os.path.join(cfg.out_dir, 'ckpt.pt')}")
     ips = cfg.batch_size * steps / secs
-    row = dict(step=step, epoch=round(step / steps_per_epoch, 4), **m, w_ad=w_ad, lr=cfg.lr, img_per_s=round(ips, 2),
+    row = dict(step=step, epoch=round(step / steps_per_epoch(cfg, data), 4), **m, w_ad=w_ad, lr=cfg.lr, img_per_s=round(ips, 2),
                **({"peak_mem_gib": round(torch.cuda.max_memory_allocated(procs.device) / 2**30, 2)}
                   if procs.device.type == "cuda" else {}))
     log(f"step {step}/{max_steps} " + " ".join(f"{k} {m[k]:.4f}" for k in Meter.TERMS) + f" gate {m['gate']:.2f} "
@@ -1042,28 +1144,24 @@ def train(cfg, hook=None):
     """The training program (--train), on every process under torchrun. hook(step, model, emas) runs after each step
     (for tests)."""
     procs = setup_dist(cfg)
-    log = Log(cfg, procs.rank == 0)
     data = ImageFolderData(cfg.data_path, cfg.image_size) if cfg.data_path else ToyShapes(cfg.image_size)
-    if data.num_classes > cfg.num_classes:
-        raise SystemExit(f"error: the data has {data.num_classes} classes but --num_classes is {cfg.num_classes}")
-    steps_per_epoch = len(data) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(data)} images are fewer than one global batch of {cfg.batch_size}")
-    max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    cfg = check_run(cfg, data, procs)  # before anything is built or written
+    log, max_steps = Log(cfg, procs.rank == 0), cfg.max_steps or cfg.epochs * steps_per_epoch(cfg, data)
     model, emas, loss_fn, opt = build(cfg, procs.device, log)
     step, new_emas = resume(cfg, model, emas, loss_fn, opt)
     fid_ctx = fid_setup(cfg, procs) if cfg.eval_every and cfg.fid_ref else None
     log.start()  # every check has passed: from here on the run folder is written
     log(f"config: {dataclasses.asdict(cfg)}")
-    log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(data)} images, "
-        f"{data.num_classes} classes, {procs.world} processes, device {procs.device}")
+    log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; data: "
+        f"{describe(data_record(cfg, data))}; {procs.world} processes, device {procs.device}")
     if step:
         log(f"resumed from {cfg.out_dir}/ckpt.pt at step {step}" + "".join(f"; EMA {d} starts now" for d in new_emas))
-    log(f"{max_steps} steps, {steps_per_epoch} per epoch, global batch {cfg.batch_size} = {procs.world} processes x "
-        f"{cfg.grad_accum} micro-batches x {cfg.batch_size // (procs.world * cfg.grad_accum)}")
+    log(f"{max_steps} steps, {steps_per_epoch(cfg, data)} per epoch, global batch {cfg.batch_size} = {procs.world} "
+        f"processes x {cfg.grad_accum} micro-batches x {cfg.batch_size // (procs.world * cfg.grad_accum)}")
     net = TrainStep(model, loss_fn)
-    net = nn.parallel.DistributedDataParallel(net, device_ids=[procs.device.index] if procs.device.type == "cuda" else None) \
-        if procs.ddp else net
+    if procs.ddp:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=None if procs.device.type == "cpu" else
+                                                  [procs.device.index])
     batches, meter = loader(data, cfg, procs, step), Meter()
     bar = tqdm(total=max_steps, initial=step, disable=procs.rank != 0, dynamic_ncols=True)
     model.train()
@@ -1079,9 +1177,9 @@ def train(cfg, hook=None):
                 stopping = procs.agree(bool(stop.received))  # decided once per step, by every process together
                 now = due(cfg, step, max_steps, stopping)
                 if now.log:
-                    log_metrics(log, meter, procs, step, max_steps, steps_per_epoch, cfg, loss_fn.percept_weight.item())
+                    log_metrics(log, meter, procs, step, max_steps, cfg, data, loss_fn.percept_weight.item())
                 if now.save:
-                    save_and_snapshot(model, emas, loss_fn, opt, step, cfg, procs, log, now.keep)
+                    save_and_snapshot(checkpoint(model, emas, loss_fn, opt, step, cfg, data), cfg, procs, log, now.keep)
                 if now.eval:
                     evaluate_online(emas, cfg, procs, step, log, fid_ctx)
                 if now.grid:
@@ -1098,13 +1196,10 @@ def train(cfg, hook=None):
     return model, emas
 
 
-def save_and_snapshot(model, emas, loss_fn, opt, step, cfg, procs, log, keep):  # rank 0 writes; the others wait
-    path, snap = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, f"ckpt_{step:07d}.pt")
-    if procs.rank == 0:  # a failed write stops every process (the error says why, on rank 0)
-        procs.together(save_checkpoint, checkpoint(model, emas, loss_fn, opt, step, cfg), path, snap if keep else None)
-        log(f"saved {path}" + (f" and {os.path.basename(snap)}" if keep else ""))
-    else:
-        procs.together(lambda: None)
+def save_and_snapshot(ck, cfg, procs, log, keep):  # rank 0 writes while the others wait on the host
+    path, snap = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, f"ckpt_{ck['step']:07d}.pt")
+    procs.together(lambda: save_checkpoint(ck, path, snap if keep else None) if procs.rank == 0 else None)
+    log(f"saved {path}" + (f" and {os.path.basename(snap)}" if keep else ""))  # (a failed write stops every process)
 
 
 def evaluate_online(emas, cfg, procs, step, log, fid_ctx):  # a failure (on any process) is logged; training goes on
@@ -1133,15 +1228,9 @@ def load_denoiser(path, unsafe=False, decays=(), use_ema=True):
     """-> ({decay: JiT in eval mode}, config dict or None, step); decays picks EMA models (default: the first one).
     The preset is inferred from the weights' keys and shapes."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint {path} not found")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=not unsafe, mmap=True)
-    except Exception as e:
-        if "Unsupported global" in str(e):  # a valid file that pickles Python objects (e.g. Lightning hyper_parameters)
-            raise SystemExit(f"error: {path} holds pickled Python objects besides tensors "
-                             f"({str(e).splitlines()[-1][:200]}).\nIf you trust the file, pass --unsafe_load.")
-        raise SystemExit(f"error: cannot read checkpoint {path} (corrupt or not a torch file): {str(e)[:300]}")
-    ck = ck if isinstance(ck, dict) else {}
+        raise SystemExit(f"error: checkpoint {path} not found: train a model first (python pixelgen.py --train, with "
+                         f"the same --out_dir), or pass --ckpt FILE (a ckpt.pt, a snapshot or an official .ckpt)")
+    ck = read_checkpoint(path, unsafe)
     conf, step = ck.get("config"), ck.get("step", ck.get("global_step"))
     if "ema" in ck and "model" in ck:  # ours; files from before several EMAs hold one
         held = {float(d): sd for d, sd in ck["emas"].items()} if "emas" in ck else {
@@ -1303,7 +1392,7 @@ def sample_main(cfg):
 # Benchmark: the training step of train() and sampling, split by component, with analytic FLOPs and MFU on CUDA.
 
 def bench(cfg):
-    procs = setup_dist(cfg)
+    procs, cfg = setup_dist(cfg), dataclasses.replace(cfg, num_classes=cfg.num_classes or 1000)  # no data: ImageNet's
     device, cuda, B, S = procs.device, procs.device.type == "cuda", cfg.batch_size, cfg.image_size
     model, emas, loss_fn, opt = build(dataclasses.replace(cfg, perceptual_init="random"), device,
                                       log=lambda m: None)  # random perceptual weights: the same cost
@@ -1380,7 +1469,12 @@ MODES = dict(train="train; under torchrun on all processes; resumes from OUT_DIR
              bench="time the training step by component, sampling, peak memory (MFU on CUDA)")
 
 
-def parse_args(argv=None):
+SAMPLE_FLAGS = ("recipe", "out_dir", "device", "seed", "batch_size", "compile", "t_eps", "sampler", "sample_steps",
+                "cfg_scale", "cfg_interval", "time_shift", "num_samples", "save_pngs", "ckpt", "ema_decay",
+                "unsafe_load", "fid_ref", "fid_weights", "fid_preprocess", "background")  # the Config --sample reads
+
+
+def cli():  # the parser: the modes, then one flag per Config field, its help the field's comment in Config
     p = argparse.ArgumentParser(description=__doc__, usage="%(prog)s (--train | --sample | --bench) [options]",
                                 argument_default=argparse.SUPPRESS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1390,8 +1484,9 @@ def parse_args(argv=None):
     choices = dict(recipe=["auto", *RECIPES], model=list(MODELS), sampler=list(SAMPLERS),
                    device=["auto", "cpu", "cuda"], perceptual_init=["pretrained", "random"],
                    fid_preprocess=["adm", "pytorch-fid"])
+    tuples = dict(cfg_interval=(float, 2), background=(int, 3))  # (type, count); other tuples: one or more floats
     group, groups = "", {}
-    for line in inspect.getsource(Config).splitlines():  # the help of each field is its comment in Config
+    for line in inspect.getsource(Config).splitlines():
         name, _, text = line.strip().partition("#")
         if line.startswith("    #"):
             group = text.strip()
@@ -1401,53 +1496,72 @@ def parse_args(argv=None):
             text = (f"{text.strip()} (default: {fmt(f.default)}" + "".join(
                 f"; {r}: {fmt(v[f.name])}" for r, v in RECIPES.items() if f.name in v) + ")").replace("%", "%%")
             kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(
-                type=float, nargs=2 if f.name == "cfg_interval" else "+") if f.type is tuple else dict(
+                zip(("type", "nargs"), tuples.get(f.name, (float, "+")))) if f.type is tuple else dict(
                 type=f.type, choices=choices.get(f.name))
             groups.setdefault(group, p.add_argument_group(group)).add_argument(f"--{f.name}", help=text, **kind)
+    return p
+
+
+def parse_args(argv=None):
+    """(Config, mode). Precedence: Config < recipe < the checkpoint's sampling settings (--sample) < explicit flags.
+    Bad values stop here, before anything is built or written, each with its own message."""
+    p = cli()
     args = vars(p.parse_args(argv))
+    mode = next(m for m in MODES if args.pop(m, False))
+    if mode == "sample" and "ema" in args and "ema_decay" not in args:  # the obvious meaning: the EMA to sample
+        args["ema_decay"] = args.pop("ema")
+        print(f"note: --sample reads --ema as --ema_decay {' '.join(map(str, args['ema_decay']))}")
+    if mode == "sample" and [k for k in args if k not in SAMPLE_FLAGS]:
+        print(f"note: --sample ignores {', '.join('--' + k for k in args if k not in SAMPLE_FLAGS)}: the checkpoint "
+              f"fixes the model, its image size and classes, and the rest is for training")
     recipe = args.get("recipe", "auto")
     if recipe == "auto":
         recipe = "xl-80ep" if args.get("data_path") or args.get("ckpt") else "demo"
     conf = {**dataclasses.asdict(Config()), **RECIPES[recipe], "recipe": recipe}
     if recipe == "demo" and torch.cuda.is_available() and args.get("device") != "cpu":
         conf.update(DEMO_CUDA)  # a GPU trains the demo longer and on larger batches in the same minutes
-    if args.get("sample"):  # our checkpoints carry their sampling settings
-        path = args.get("ckpt") or os.path.join(args.get("out_dir", conf["out_dir"]), "ckpt.pt")
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            conf.update({k: ck["config"][k] for k in ("sampler", "sample_steps", "cfg_scale", "cfg_interval",
-                                                      "time_shift", "t_eps", "seed") if k in ck.get("config", {})})
-        except Exception:
-            pass  # load_denoiser reports unreadable files
-    conf.update({k: v for k, v in args.items() if k in conf})
+    path = args.get("ckpt") or os.path.join(args.get("out_dir", conf["out_dir"]), "ckpt.pt")
+    if mode == "sample" and os.path.isfile(path):  # our checkpoints carry their sampling settings
+        held = (read_checkpoint(path, args.get("unsafe_load", False)).get("config") or {})
+        conf.update({k: held[k] for k in ("sampler", "sample_steps", "cfg_scale", "cfg_interval", "time_shift",
+                                          "t_eps", "seed", "background") if k in held})
+    conf.update(args)
     cfg = Config(**{k: tuple(v) if isinstance(v, (list, tuple)) else (v,) if isinstance(Config.__dataclass_fields__[
-        k].default, tuple) else v for k, v in conf.items()})
+        k].default, tuple) else v for k, v in conf.items()})  # (a scalar: a checkpoint from before sweeps)
     cfg = dataclasses.replace(cfg, repa_layer=REPA_LAYER[cfg.model] if cfg.repa_layer < 0 else cfg.repa_layer)
-    for name in ("batch_size", "grad_accum", "sample_steps", "num_samples", "ckpt_every", "log_every", "image_size",
-                 "bench_steps", "epochs"):
-        if getattr(cfg, name) <= 0:
-            p.error(f"--{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("max_steps", "keep_every", "eval_every", "sample_every", "seed"):
-        if getattr(cfg, name) < 0:
-            p.error(f"--{name} must be 0 or more, got {getattr(cfg, name)}")
-    if cfg.lr <= 0 or not all(0 <= d < 1 for d in cfg.ema + cfg.ema_decay) or not 0 <= cfg.label_dropout < 1 \
-            or cfg.time_shift <= 0 or cfg.cfg_interval[0] > cfg.cfg_interval[1]:
-        p.error("need --lr > 0, EMA decays (--ema, --ema_decay) in [0, 1), 0 <= --label_dropout < 1, "
-                "--time_shift > 0 and --cfg_interval LO HI with LO <= HI")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.batch_size % (world * cfg.grad_accum):
-        p.error(f"--batch_size {cfg.batch_size} (global) does not split into {world} processes x {cfg.grad_accum} "
-                f"micro-batches (--grad_accum): make it a multiple of {world * cfg.grad_accum}")
-    if cfg.image_size % MODELS[cfg.model].get("patch_size", 16) or cfg.repa_layer >= MODELS[cfg.model]["depth"]:
-        p.error(f"--image_size must be a multiple of the patch size and --repa_layer < depth for {cfg.model}")
-    if cfg.eval_every and cfg.eval_samples < 2 or args.get("sample") and cfg.fid_ref and cfg.num_samples < 2:
-        p.error("FID needs at least 2 samples (--eval_samples, --num_samples)")
-    for name in ("fid_ref", "fid_weights", "dino_path", "vgg_path", "data_path"):
-        if getattr(cfg, name) and not os.path.exists(getattr(cfg, name)):
-            p.error(f"--{name} {getattr(cfg, name)}: no such file or folder")
-    if cfg.wandb and importlib.util.find_spec("wandb") is None:
-        p.error("--wandb needs the wandb package (pip install wandb); it is not a dependency of this project")
-    return cfg, next(m for m in MODES if args.get(m))
+    for bad, message in flag_errors(cfg, mode):
+        if bad:
+            p.error(message)
+    return cfg, mode
+
+
+def flag_errors(cfg, mode):  # (condition, message) for every check of the flags; parse_args stops at the first
+    world, patch, depth = int(os.environ.get("WORLD_SIZE", 1)), 16, MODELS[cfg.model]["depth"]
+    fid_samples = cfg.eval_samples if mode == "train" and cfg.eval_every else cfg.num_samples if cfg.fid_ref else 2
+    return [(getattr(cfg, k) <= 0, f"--{k} must be positive, got {getattr(cfg, k)}") for k in (
+        "batch_size", "grad_accum", "sample_steps", "num_samples", "ckpt_every", "log_every", "image_size",
+        "bench_steps", "epochs")] + [(getattr(cfg, k) < 0, f"--{k} must be 0 or more, got {getattr(cfg, k)}") for k in (
+            "max_steps", "keep_every", "eval_every", "sample_every", "seed", "num_classes")] + [
+        (cfg.lr <= 0, f"--lr must be positive, got {cfg.lr:g}"),
+        (not all(0 <= d < 1 for d in cfg.ema + cfg.ema_decay), "EMA decays (--ema, --ema_decay) must be in [0, 1), "
+         f"got {' '.join(map(str, cfg.ema + cfg.ema_decay))}"),
+        (not 0 <= cfg.label_dropout < 1, f"--label_dropout must be in [0, 1), got {cfg.label_dropout:g}"),
+        (cfg.time_shift <= 0, f"--time_shift must be positive, got {cfg.time_shift:g}"),
+        (cfg.cfg_interval[0] > cfg.cfg_interval[1], f"--cfg_interval LO HI needs LO <= HI, got "
+         f"{cfg.cfg_interval[0]:g} {cfg.cfg_interval[1]:g}"),
+        (not all(0 <= c <= 255 for c in cfg.background), f"--background R G B takes values in 0..255, got "
+         f"{' '.join(map(str, cfg.background))}"),
+        (cfg.batch_size % (world * cfg.grad_accum), f"--batch_size {cfg.batch_size} (global) does not split into "
+         f"{world} processes x {cfg.grad_accum} micro-batches (--grad_accum): make it a multiple of "
+         f"{world * cfg.grad_accum}"),
+        (cfg.image_size % patch, f"--image_size {cfg.image_size} is not a multiple of {patch}, the patch size of "
+         f"{cfg.model}"),
+        (cfg.repa_layer >= depth, f"--repa_layer {cfg.repa_layer} must be below {depth}, the depth of {cfg.model}"),
+        (fid_samples < 2, f"FID needs at least 2 samples, got {fid_samples} (--eval_samples, --num_samples)"),
+        (cfg.wandb and importlib.util.find_spec("wandb") is None, "--wandb needs the wandb package (pip install "
+         "wandb); it is not a dependency of this project")] + [
+        (bool(getattr(cfg, k)) and not os.path.exists(getattr(cfg, k)), f"--{k} {getattr(cfg, k)}: no such file or "
+         f"folder") for k in ("fid_ref", "fid_weights", "dino_path", "vgg_path", "data_path")]
 
 
 def main(argv=None):

@@ -17,6 +17,7 @@ Only the inference path is implemented: no masks (`mask_token` exists for strict
 no registers, no block chunking.
 """
 import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -209,27 +210,32 @@ class DINOv2(nn.Module):
     forward = patch_tokens
 
 
-def load_dinov2(path=None, device='cpu', download=True):
-    """Frozen eval DINOv2 ViT-B/14 with the official pretrained weights, loaded strictly.
-
-    `path` given: that file. Otherwise `<torch hub dir>/checkpoints/dinov2_vitb14_pretrain.pth`
-    ($TORCH_HOME/hub/checkpoints, default ~/.cache/torch/hub/checkpoints), downloaded there first from the
-    official DINOv2 site when absent and `download` is true."""
-    if path is None:
-        folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
-        path = os.path.join(folder, WEIGHTS_FILE)
-        if not os.path.isfile(path) and download:
-            try:
-                os.makedirs(folder, exist_ok=True)
-                torch.hub.download_url_to_file(WEIGHTS_URL, path)   # writes a temp file, renames when complete
-            except Exception as e:                                  # offline, proxy, disk full, ...
-                print(f'download of {WEIGHTS_URL} failed: {e!r}')
+def hub_file(path, name, url, download=True):
+    """Pretrained weights: an explicit path, else <torch hub dir>/checkpoints/name ($TORCH_HOME/hub/checkpoints, by
+    default ~/.cache/torch/hub/checkpoints), downloaded there first when absent and `download` is true; a missing
+    file is a FileNotFoundError that names the file, its URL and the folder to put it in."""
+    if path:
         if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f'DINOv2 weights {WEIGHTS_FILE} not found. Download {WEIGHTS_URL} and put it in {folder} '
-                f'(the torch hub cache, set by $TORCH_HOME), or pass an explicit path to the file.')
-    elif not os.path.isfile(path):
-        raise FileNotFoundError(f'DINOv2 weights file {path} does not exist ({WEIGHTS_FILE}, from {WEIGHTS_URL}).')
+            raise FileNotFoundError(f'weights file {path} does not exist ({name}, from {url})')
+        return path
+    folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    dest = os.path.join(folder, name)
+    if not os.path.isfile(dest) and download:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            torch.hub.download_url_to_file(url, dest, progress=False)  # writes a temp file, renames when complete
+        except Exception as e:                                          # offline, proxy, disk full, ...
+            print(f'download of {url} failed: {e!r}', file=sys.stderr)
+    if not os.path.isfile(dest):
+        raise FileNotFoundError(f'missing pretrained weights {name}: download {url} and put it in {folder} (the torch '
+                                f'hub cache, set by $TORCH_HOME), or pass an explicit path to the file')
+    return dest
+
+
+def load_dinov2(path=None, device='cpu', download=True):
+    """Frozen eval DINOv2 ViT-B/14 with the official pretrained weights, loaded strictly: `path`, else the torch hub
+    cache, downloaded there from the official DINOv2 site when absent and `download` is true (see hub_file)."""
+    path = hub_file(path, WEIGHTS_FILE, WEIGHTS_URL, download)
     try:
         state_dict = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:

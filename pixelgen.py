@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import dino as dinov2
 import fid
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def rope_2d(grid, head_dim, n_prefix, theta=10000.0):
     return torch.cat([torch.ones(n_prefix, d), ang.cos()]), torch.cat([torch.zeros(n_prefix, d), ang.sin()])
 
 
-def apply_rope(x, cos, sin):  # x (B, heads, N, head_dim); cos, sin (N, head_dim/2): each pair (x0, x1) turns by its angle
+def apply_rope(x, cos, sin):  # x (B, heads, N, head_dim); cos, sin (N, head_dim/2): pair (x0, x1) turns by its angle
     # Real arithmetic, as the official t * cos + rotate_half(t) * sin (the compiler generates no code for complex).
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)              # (B, heads, N, head_dim/2) each
     return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).flatten(-2)  # (B, heads, N, head_dim)
@@ -563,29 +564,9 @@ DEMO_CUDA = dict(batch_size=64, max_steps=3000, log_every=100, ckpt_every=1000, 
 VGG_FILE, VGG_URL = "vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"
 
 
-def hub_file(path, name, url, download=True):
-    """An explicit path, else TORCH_HOME/hub/checkpoints/name, downloaded there when online; else a clear error."""
-    if path and not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path:
-        return path
-    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
-    dest = os.path.join(folder, name)
-    if not os.path.isfile(dest) and download:
-        try:
-            os.makedirs(folder, exist_ok=True)
-            torch.hub.download_url_to_file(url, dest, progress=False)
-        except Exception as e:  # offline, proxy, disk: say what to fetch and where to put it
-            print(f"download of {url} failed: {e}", file=sys.stderr)
-    if not os.path.isfile(dest):
-        raise FileNotFoundError(f"missing pretrained weights {name}: download {url} and put it in {folder}/ "
-                                f"(or pass an explicit path)")
-    return dest
-
-
 def make_lpips(pretrained=True, path="", download=True):
     import lpips  # imported here so `import pixelgen` stays light
-    f = hub_file(path, VGG_FILE, VGG_URL, download) if pretrained else None  # a missing file stops us before building
+    f = dinov2.hub_file(path, VGG_FILE, VGG_URL, download) if pretrained else None  # (before building anything)
     with warnings.catch_warnings():  # torchvision's deprecation notes about lpips' `pretrained=` call
         warnings.simplefilter("ignore", UserWarning)
         net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)  # v0.1 heads ship in the wheel
@@ -601,15 +582,14 @@ def make_lpips(pretrained=True, path="", download=True):
 def perceptual_nets(cfg, device, log=print):
     """(dino, lpips), None where the loss weights leave a net unused. Missing weights stop a real run; the demo goes
     on with random nets and says so."""
-    import dino as dino_lib
     use_dino, use_lpips = bool(cfg.pdino_weight or cfg.repa_weight), bool(cfg.lpips_weight)
-    rand = lambda: (dino_lib.DINOv2().to(device).eval().requires_grad_(False) if use_dino else None,
+    rand = lambda: (dinov2.DINOv2().to(device).eval().requires_grad_(False) if use_dino else None,
                     make_lpips(False).to(device) if use_lpips else None)
     if cfg.perceptual_init == "random":
         log("WARNING: --perceptual_init random: LPIPS and DINOv2 have RANDOM weights (smoke runs and tests only)")
         return rand()
     try:
-        return (dino_lib.load_dinov2(cfg.dino_path or None, device=device) if use_dino else None,
+        return (dinov2.load_dinov2(cfg.dino_path or None, device=device) if use_dino else None,
                 make_lpips(True, cfg.vgg_path).to(device) if use_lpips else None)
     except (FileNotFoundError, RuntimeError) as e:
         if cfg.data_path:
@@ -756,43 +736,40 @@ def seeded_noise(shape, seeds, device):  # (len(seeds), *shape) N(0, I), sample 
 
 
 class Procs(NamedTuple):
-    """This process among the others. The training step's collectives run on the device (NCCL on CUDA). Decisions
-    that change which collectives run next (stopping, an evaluation's outcome) are agreed on the host first, through
-    `ctrl`, a gloo group, and so are waits for rank 0's slow work (a checkpoint write, a merge of 50k samples): their
-    timeout is HOST_WAIT, not the 10 minutes of NCCL's watchdog, so slow storage cannot kill the run."""
+    """This process among the others. The training step's collectives run on the device (NCCL on CUDA); what decides
+    which collectives come next (stopping, an evaluation's outcome) is agreed on the host first, in the gloo group
+    `ctrl`, and so are waits for rank 0's slow work (a checkpoint, 50k samples): HOST_WAIT, not NCCL's 10 minutes."""
     ddp: bool
     rank: int
     world: int
     device: torch.device
     ctrl: object = None  # the gloo group (None in a single process)
 
-    def agree(self, flag):  # the largest of the processes' integer flags, on the host; every process must call it
+    def agree(self, flag):  # the largest of the processes' integer flags; every process must call it
         flag = torch.tensor(int(flag))
         if self.ctrl is not None:
             dist.all_reduce(flag, dist.ReduceOp.MAX, group=self.ctrl)
         return int(flag)
 
-    def together(self, fn, *args):
-        """fn(*args) on every process, then the outcome is agreed: if fn raised anywhere, it raises everywhere (the
-        error itself where it happened), so no process goes on to a collective that another one skips."""
+    def together(self, fn, *args):  # fn(*args) on every process; if it raised on any, it raises on all
         try:
             out, err = fn(*args), None
         except (Exception, SystemExit) as e:
             out, err = None, e
-            print(f"[process {self.rank}] {e!r}", file=sys.stderr) if self.rank else None
+            if self.rank:
+                print(f"[process {self.rank}] {e!r}", file=sys.stderr)
         failed = self.agree(self.rank + 1 if err else 0)
         if failed:
             raise err or RuntimeError(f"it failed on process {failed - 1} (see its stderr)")
         return out
 
-    def all_sum(self, tensors):  # sum host tensors over the processes, in place, on the host
+    def all_sum(self, tensors):  # sum host tensors over the processes, in place
         for u in tensors if self.ctrl is not None else ():
             dist.all_reduce(u, group=self.ctrl)
 
 
 def setup_dist(cfg):
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    ddp, cuda = int(os.environ.get("RANK", -1)) != -1, torch.cuda.is_available() and cfg.device != "cpu"
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA (cuDNN convolutions use TF32 by default)
     if not ddp:
         return Procs(False, 0, 1, torch.device("cuda" if cuda else "cpu"))
@@ -800,8 +777,8 @@ def setup_dist(cfg):
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    return Procs(True, dist.get_rank(), dist.get_world_size(), device,
-                 dist.new_group(backend="gloo", timeout=HOST_WAIT))
+    ctrl = dist.new_group(backend="gloo", timeout=HOST_WAIT)
+    return Procs(True, dist.get_rank(), dist.get_world_size(), device, ctrl)
 
 
 def amp(device):  # bf16 autocast on CUDA, plain fp32 on the CPU; wraps forward passes only
@@ -810,24 +787,23 @@ def amp(device):  # bf16 autocast on CUDA, plain fp32 on the CPU; wraps forward 
 
 class Log:
     """Rank 0's record of a run: stdout (above the progress bar), OUT_DIR/log.txt, rows to metrics.jsonl and wandb.
-    Nothing reaches the run folder before `start()`, which the run calls once every check has passed, so a failed
-    start leaves no trace; what was logged before is written then."""
+    The run folder is written from `start()` on, once every check has passed: a failed start leaves no trace."""
 
     def __init__(self, cfg, master):
-        self.cfg, self.master, self.files, self.pending, self.wandb = cfg, master, None, [], None
-
-    def start(self):
-        if self.master:
-            os.makedirs(self.cfg.out_dir, exist_ok=True)
-            self.files = [open(os.path.join(self.cfg.out_dir, f), "a") for f in ("log.txt", "metrics.jsonl")]
-            self.wandb = start_wandb(self.cfg) if self.cfg.wandb else None
-            for msg, row in self.pending:
-                self.write(msg, row)
+        self.cfg, self.master, self.waiting, self.files, self.wandb = cfg, master, [], None, None
 
     def __call__(self, msg, row=None):
         if self.master:
             tqdm.write(msg)
-            self.write(msg, row) if self.files else self.pending.append((msg, row))
+            self.write(msg, row) if self.files else self.waiting.append((msg, row))
+
+    def start(self):  # opens the files, and a wandb run (one per out_dir, resumed with it); writes what waited
+        if self.master:
+            os.makedirs(self.cfg.out_dir, exist_ok=True)
+            self.files = [open(os.path.join(self.cfg.out_dir, f), "a") for f in ("log.txt", "metrics.jsonl")]
+            self.wandb = start_wandb(self.cfg) if self.cfg.wandb else None
+            for msg, row in self.waiting:
+                self.write(msg, row)
 
     def write(self, msg, row):
         self.files[0].write(msg + "\n")
@@ -844,7 +820,7 @@ class Log:
             self.wandb.finish()
 
 
-def start_wandb(cfg):  # optional: imported only when --wandb asks; one wandb run per out_dir, resumed with it
+def start_wandb(cfg):  # imported only when --wandb asks: wandb is not a dependency
     import wandb
     id_file = os.path.join(cfg.out_dir, "wandb_id.txt")
     run_id = open(id_file).read().strip() if os.path.isfile(id_file) else wandb.util.generate_id()
@@ -854,8 +830,8 @@ def start_wandb(cfg):  # optional: imported only when --wandb asks; one wandb ru
                       id=run_id, resume="allow", config=dataclasses.asdict(cfg), dir=cfg.out_dir)
 
 
-LOSS_ARGS = ("lpips_weight", "pdino_weight", "repa_weight", "repa_layer", "gate_t", "t_eps", "num_classes",
-             "gate_pdino", "adaptive_from")  # the Config fields PixelGenLoss takes
+LOSS_ARGS = ("lpips_weight", "pdino_weight", "repa_weight", "gate_t", "t_eps", "num_classes", "gate_pdino",
+             "adaptive_from")  # the Config fields PixelGenLoss takes as they are
 
 
 def build(cfg, device, log=print):  # a run's denoiser, its EMAs, the objective (with the frozen nets) and AdamW
@@ -864,94 +840,109 @@ def build(cfg, device, log=print):  # a run's denoiser, its EMAs, the objective 
     model.grad_ckpt = cfg.grad_ckpt
     emas = {d: copy.deepcopy(model).requires_grad_(False).eval() for d in cfg.ema}  # fp32, sampled from
     dino, lp = perceptual_nets(cfg, device, log)
-    kw = {k: getattr(cfg, k) for k in LOSS_ARGS} | dict(repa_layer=REPA_LAYER[cfg.model] if cfg.repa_layer < 0 else
-                                                        cfg.repa_layer)  # -1: the preset's
-    loss_fn = PixelGenLoss(model.final_layer.linear.in_features, dino, lp, patch_size=model.patch_size, **kw).to(device)
+    loss_fn = PixelGenLoss(model.final_layer.linear.in_features, dino, lp, patch_size=model.patch_size,
+                           repa_layer=REPA_LAYER[cfg.model] if cfg.repa_layer < 0 else cfg.repa_layer,
+                           **{k: getattr(cfg, k) for k in LOSS_ARGS}).to(device)
     params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda" or None)
-    if cfg.compile:  # what runs every step and the EMAs that sample; DINOv2 and LPIPS are called as modules
+    if cfg.compile:  # what runs every step, and the EMAs that sample; DINOv2 and LPIPS are called as modules
         if cfg.adaptive_from >= 0:  # w_ad backpropagates twice through one graph (retain_graph), which a compiled
             importlib.import_module("torch._functorch.config").donated_buffer = False  # backward allows only
-            # without donated buffers (a small memory saving)
-        for m in (model, *emas.values(), dino, lp):
+        for m in (model, *emas.values(), dino, lp):  # without donated buffers (a small memory saving)
             m.compile() if m is not None else None
     return model, emas, loss_fn, opt
 
 
 def check_run(cfg, data, procs):
-    """The run's Config after the checks that need its data or its folder, made before anything is built or written:
-    the classes (the data's, or the checkpoint's when it has more), a checkpoint to resume that was written by this
-    run, and the memory the run needs against the device's."""
-    if steps_per_epoch(cfg, data) == 0:
-        raise SystemExit(f"error: {len(data)} images are fewer than one global batch of {cfg.batch_size} (--batch_size)")
+    """The run's Config after the checks that need its data, its folder or its device, made before anything is built
+    or written: the classes (the data's, or the checkpoint's when it has more), a checkpoint to resume that this run
+    wrote (the same model, size, classes and data), and the memory the run needs against the device's."""
+    if len(data) < cfg.batch_size:
+        raise SystemExit(f"error: {len(data)} images are fewer than one global batch (--batch_size {cfg.batch_size})")
     if cfg.num_classes and cfg.num_classes < data.num_classes:
         raise SystemExit(f"error: the data has {data.num_classes} classes but --num_classes is {cfg.num_classes}")
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     ck = read_checkpoint(path) if cfg.resume and os.path.isfile(path) else {}
-    held = ck.get("config") or {}
-    num_classes = cfg.num_classes or max(data.num_classes, held.get("num_classes", 0))
-    cfg = dataclasses.replace(cfg, num_classes=num_classes)
+    held = ck.get("config", {})
+    cfg = dataclasses.replace(cfg, num_classes=cfg.num_classes or max(data.num_classes, held.get("num_classes", 0)))
     differ = [f"--{k} {held[k]} (this run: {getattr(cfg, k)})" for k in ("model", "image_size", "num_classes")
               if k in held and held[k] != getattr(cfg, k)]
-    record = ck.get("data")
-    if record and (record["classes"], record["counts"]) != (list(data.classes), list(data.counts)) and not cfg.new_data:
+    if ck.get("data", data_record(cfg, data))[1:] != data_record(cfg, data)[1:] and not cfg.new_data:
         differ.append(f"its data: {describe(ck['data'])} (this run: {describe(data_record(cfg, data))}; --new_data "
                       "continues on other data, for fine-tuning)")
     if differ:
-        raise SystemExit(f"error: {path} was written by another run: {held.get('model', 'a model')} at "
-                         f"{held.get('image_size', '?')} px with {held.get('num_classes', '?')} classes. It differs in "
-                         + "; ".join(differ) + ".\nUse another --out_dir for a new run.")
+        raise SystemExit(f"error: {path} was written by another run: {held.get('model')} at {held.get('image_size')} "
+                         f"px with {held.get('num_classes')} classes. It differs in " + "; ".join(differ) +
+                         ".\nUse another --out_dir for a new run.")
     if cfg.memory_check:
         check_memory(cfg, procs)
     return cfg
 
 
-def data_record(cfg, data):  # what a checkpoint records of its data, to recognise it on resume
-    return dict(path=os.path.abspath(cfg.data_path) if cfg.data_path else "toy shapes", classes=list(data.classes),
-                counts=list(data.counts))
+def data_record(cfg, data):  # (path, class names, images per class): what a checkpoint keeps to recognise its data
+    return [os.path.abspath(cfg.data_path) if cfg.data_path else "toy shapes", list(data.classes), list(data.counts)]
 
 
 def describe(record):  # "5 classes (app, device, ...), 415 images in /data/icons"
-    names = ", ".join(record["classes"][:4]) + (", ..." if len(record["classes"]) > 4 else "")
-    return f"{len(record['classes'])} classes ({names}), {sum(record['counts'])} images in {record['path']}"
+    path, classes, counts = record
+    return f"{len(classes)} classes ({', '.join(classes[:4])}{', ...' * (len(classes) > 4)}), {sum(counts)} images " \
+           f"in {path}"
 
 
 def memory_need(cfg, world, cuda):
-    """GiB one process needs, roughly: fp32 weights, gradients, AdamW moments and EMAs (4 + EMAs copies of the
-    parameters), the activations of a micro-batch (per token and block, 34 values of the width in bf16 plus
-    5 x heads x tokens of attention scores: the usual count for a transformer; twice that in fp32 on a CPU; the
-    block inputs only with --grad_ckpt), the DINOv2 passes (targets and gated samples) and 1 GiB for the rest."""
+    """GiB a process needs, roughly: fp32 weights, gradients, AdamW moments and EMAs (4 + EMAs copies of the
+    parameters); per sample of a micro-batch, the activations of each block (34 values per token and channel in bf16,
+    plus 5 x heads x tokens^2 attention scores without flash attention; twice as many bytes in fp32 on a CPU; only
+    the block inputs with --grad_ckpt) and of DINOv2 (targets and the gated pass); 1 GiB for the rest."""
     with torch.device("meta"):
         m = JiT(**MODELS[cfg.model], input_size=cfg.image_size, num_classes=cfg.num_classes or 1000)
-    b, T, D, L = cfg.batch_size // (world * cfg.grad_accum), m.grid ** 2 + m.in_context_len, m.pos_embed.shape[-1], \
-        len(m.blocks)
-    block = T * D * 34 + 5 * m.blocks[0].attn.num_heads * T * T * (not cuda)  # bytes; flash attention keeps no scores
-    acts = b * (L * T * D * 2 + block if cfg.grad_ckpt else L * block) + 1.5 * b * 12 * (m.grid ** 2 + 1) * 768 * 34
-    weights = sum(p.numel() for p in m.parameters()) * 4 * (4 + len(cfg.ema))
-    return (weights + acts * (1 if cuda else 2)) / 2**30 + 1
+    b, T, D = cfg.batch_size // (world * cfg.grad_accum), m.grid ** 2 + m.in_context_len, m.pos_embed.shape[-1]
+    block = T * D * 34 + 5 * m.blocks[0].attn.num_heads * T * T * (not cuda)
+    blocks = len(m.blocks) * T * D * 2 + block if cfg.grad_ckpt else len(m.blocks) * block
+    acts = b * (blocks + 1.5 * 12 * (m.grid ** 2 + 1) * 768 * 34) * (1 if cuda else 2)
+    return (sum(p.numel() for p in m.parameters()) * 4 * (4 + len(cfg.ema)) + acts) / 2**30 + 1
 
 
 def check_memory(cfg, procs):  # stop with a command that fits, rather than meet the out-of-memory killer
     cuda = procs.device.type == "cuda"
     if cuda:
         have, where = torch.cuda.mem_get_info(procs.device)[1] / 2**30, f"GPU {procs.device}"
+    elif os.path.isfile("/proc/meminfo"):  # Linux: what new allocations can take without swapping
+        have, where = int(open("/proc/meminfo").read().split("MemAvailable:")[1].split()[0]) / 2**20, "this host"
     else:
-        meminfo = open("/proc/meminfo").read() if os.path.isfile("/proc/meminfo") else ""
-        have, where = int(meminfo.split("MemAvailable:")[1].split()[0]) / 2**20 if meminfo else math.inf, "this host"
-    need = memory_need(cfg, procs.world, cuda)
-    if need <= have:
         return
-    fits = next((c for c in (dict(model="PixelGen-S/16", image_size=min(128, cfg.image_size), batch_size=32),
-                             dict(model="PixelGen-T/16", image_size=64, batch_size=16),
-                             dict(model="PixelGen-T/16", image_size=32, batch_size=8))
-                 if memory_need(dataclasses.replace(cfg, grad_accum=1, **c), procs.world, cuda) <= have), {})
-    raise SystemExit(f"error: {cfg.model} at {cfg.image_size} px with micro-batches of "
-                     f"{cfg.batch_size // (procs.world * cfg.grad_accum)} images needs about {need:.0f} GiB, and "
-                     f"{where} has {have:.0f} GiB available. A run that fits: python pixelgen.py --train "
-                     f"{'--data_path ' + cfg.data_path + ' ' if cfg.data_path else ''}"
-                     + " ".join(f"--{k} {v}" for k, v in fits.items()) + "\n(Or split the batch with --grad_accum, "
-                     "add --grad_ckpt, use more GPUs; --no-memory_check skips this estimate.)")
+    need = memory_need(cfg, procs.world, cuda)
+    if need > have:
+        fits = next((c for c in (dict(model="PixelGen-S/16", image_size=min(128, cfg.image_size), batch_size=32),
+                                 dict(model="PixelGen-T/16", image_size=64, batch_size=16))
+                     if memory_need(dataclasses.replace(cfg, grad_accum=1, **c), procs.world, cuda) <= have),
+                    dict(model="PixelGen-T/16", image_size=32, batch_size=8))
+        raise SystemExit(f"error: {cfg.model} at {cfg.image_size} px in micro-batches of "
+                         f"{cfg.batch_size // (procs.world * cfg.grad_accum)} images needs about {need:.0f} GiB, but "
+                         f"{where} has {have:.0f} GiB available. A run that fits: python pixelgen.py --train "
+                         + " ".join(f"--{k} {v}" for k, v in dict(data_path=cfg.data_path, **fits).items() if v)
+                         + "\n(Or split the batch with --grad_accum, add --grad_ckpt, use more GPUs; "
+                         "--no-memory_check skips this estimate.)")
+
+
+def read_checkpoint(path, unsafe=False):
+    """torch.load of a checkpoint, memory-mapped on the host, or a message that says what is wrong with the file.
+    Without `unsafe` only tensors and plain containers load (weights_only): no arbitrary Python objects."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # neither a zip (torch.save) nor an old pickle
+        image = head in (b"\x89PNG", b"GIF8") or head[:3] == b"\xff\xd8\xff"
+        raise SystemExit(f"error: {path} is {'an image' if image else 'no PyTorch checkpoint'}: pass a ckpt.pt written "
+                         f"by --train, or an official Lightning .ckpt")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=not unsafe, mmap=head[:1] == b"P")
+    except Exception as e:
+        if "Unsupported global" in str(e):  # a valid file that pickles Python objects (Lightning's hyper_parameters)
+            raise SystemExit(f"error: {path} holds pickled Python objects besides tensors "
+                             f"({str(e).splitlines()[-1][:200]}).\nIf you trust the file, pass --unsafe_load.")
+        raise SystemExit(f"error: cannot read checkpoint {path} (damaged or truncated?): {str(e)[:300]}")
+    return ck if isinstance(ck, dict) else {}
 
 
 def resume(cfg, model, emas, loss_fn, opt):
@@ -962,7 +953,7 @@ def resume(cfg, model, emas, loss_fn, opt):
     if not (cfg.resume and os.path.isfile(path)):
         return 0, ()
     ck = read_checkpoint(path)
-    try:  # a damaged file: say so, touch nothing
+    try:
         for obj, k in ((model, "model"), (loss_fn, "loss"), (opt, "opt")):
             obj.load_state_dict(ck[k])
         held = ck.get("emas", {str(cfg.ema[0]): ck["ema"]})
@@ -971,12 +962,6 @@ def resume(cfg, model, emas, loss_fn, opt):
     except Exception as e:
         raise SystemExit(f"error: cannot resume from {path}: {str(e)[:400]}\nUse another --out_dir or --no-resume.")
     return ck["step"], [d for d in emas if str(d) not in held]
-
-
-def checkpoint(model, emas, loss_fn, opt, step, cfg, data):  # one plain dict; torch.save shares the EMAs' storage
-    return dict(model=model.state_dict(), ema=emas[cfg.ema[0]].state_dict(), emas={
-        str(d): e.state_dict() for d, e in emas.items()}, loss=loss_fn.state_dict(), opt=opt.state_dict(), step=step,
-        config=dataclasses.asdict(cfg), data=data_record(cfg, data))
 
 
 def save_checkpoint(obj, path, keep=None):
@@ -1004,29 +989,11 @@ def save_checkpoint(obj, path, keep=None):
                          f"then rerun the same command to continue.")
 
 
-def read_checkpoint(path, unsafe=False):
-    """torch.load of a checkpoint, memory-mapped on the host, with a message that says what is wrong otherwise.
-    Without `unsafe` only tensors and plain containers load (weights_only): no arbitrary Python objects."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # neither a zip (torch.save) nor an old pickle
-        image = head in (b"\x89PNG", b"GIF8") or head[:3] == b"\xff\xd8\xff"
-        raise SystemExit(f"error: {path} is {'an image' if image else 'no PyTorch checkpoint'}: pass a ckpt.pt written "
-                         f"by --train, or an official Lightning .ckpt")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=not unsafe, mmap=head[:1] == b"P")
-    except Exception as e:
-        if "Unsupported global" in str(e):  # a valid file that pickles Python objects (Lightning's hyper_parameters)
-            raise SystemExit(f"error: {path} holds pickled Python objects besides tensors "
-                             f"({str(e).splitlines()[-1][:200]}).\nIf you trust the file, pass --unsafe_load.")
-        raise SystemExit(f"error: cannot read checkpoint {path} (damaged or truncated?): {str(e)[:300]}")
-    return ck if isinstance(ck, dict) else {}
-
-
 def loader(data, cfg, procs, step):  # this process's micro-batches of uint8 images, from `step` on, without end
-    sampler = GlobalBatches(len(data), cfg.batch_size, procs.world, procs.rank, cfg.grad_accum, cfg.seed, step)
-    return iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-                                            pin_memory=procs.device.type == "cuda", worker_init_fn=quiet_worker))
+    batches = GlobalBatches(len(data), cfg.batch_size, procs.world, procs.rank, cfg.grad_accum, cfg.seed, step)
+    return iter(torch.utils.data.DataLoader(data, batch_sampler=batches, collate_fn=collate,
+                                            num_workers=cfg.num_workers, pin_memory=procs.device.type == "cuda",
+                                            worker_init_fn=quiet_worker))
 
 
 class StopSignals:
@@ -1063,31 +1030,38 @@ def update_ema(emas, model):  # each ema <- d ema + (1 - d) model, one fused op;
 
 
 class Meter:
-    """What the log reports, summed since its last line: the loss terms on the device (read at the log step, the one
-    host sync of training), the gated fraction and the unreadable images on the host."""
+    """The log's sums since its last line: the loss terms on the device (read at the log step, the one host sync of
+    training), the gated fraction and the unreadable images on the host."""
     TERMS = ("loss", "fm", "lpips", "pdino", "repa")
 
     def __init__(self):
         self.sums, self.gate, self.bad, self.steps, self.t0 = 0.0, 0.0, 0, 0, time.time()
 
-    def add(self, out, bad):  # one micro-batch's terms: its shares of the global means, detached from the graph
+    def add(self, out, bad):  # one micro-batch's terms (its shares of the global means), detached from the graph
         self.sums, self.bad = self.sums + torch.stack([out[k].detach().float() for k in self.TERMS]), self.bad + bad
 
-    def read(self, procs):  # (means per step, unreadable images, steps, seconds) since the last read, all processes
+    def report(self, step, max_steps, cfg, procs, w_ad, epoch):  # (line, row) of the means over every process
         total = torch.cat([self.sums, self.sums.new_tensor([self.bad])])
         if procs.ddp:
             dist.all_reduce(total)
         *sums, bad = total.tolist()
-        means = dict(zip(self.TERMS, (s / self.steps for s in sums)), gate=self.gate / self.steps)
-        out = means, int(bad), self.steps, time.time() - self.t0
+        m = dict(zip(self.TERMS, (s / self.steps for s in sums)), gate=self.gate / self.steps)
+        if not all(map(math.isfinite, m.values())):
+            raise SystemExit(f"error: non-finite loss at step {step} ({m}); the last good checkpoint is "
+                             f"{cfg.out_dir}/ckpt.pt")
+        ips, mem = cfg.batch_size * self.steps / (time.time() - self.t0), procs.device.type == "cuda"
+        row = dict(step=step, epoch=round(epoch, 4), **m, w_ad=w_ad, lr=cfg.lr, img_per_s=round(ips, 2), **(
+            {"peak_mem_gib": round(torch.cuda.max_memory_allocated(procs.device) / 2**30, 2)} if mem else {}))
         self.__init__()
-        return out
+        eta = (max_steps - step) * cfg.batch_size / ips / 60
+        return (f"step {step}/{max_steps} " + " ".join(f"{k} {m[k]:.4f}" for k in self.TERMS) + f" gate {m['gate']:.2f}"
+                f" w_ad {w_ad:.3f} lr {cfg.lr:g} img/s {ips:.1f} eta {eta:.1f} min bad_images {int(bad)}", row)
 
 
 def train_step(net, opt, emas, batches, step, cfg, procs, meter):
     """One AdamW step on the global batch: this process's K micro-batches, their gradients summed (DDP averages them
     over the processes on the last one), then the EMA update. Nothing here waits for the device: the per-sample
-    draws are made on the host and sent with non-blocking copies, the gate is known on the host and the meter adds up
+    draws are made on the host and sent with non-blocking copies, the gate is known on the host, and the meter adds up
     on the device."""
     loss_fn, model = (net.module if procs.ddp else net).loss_fn, (net.module if procs.ddp else net).model
     B, K, device = cfg.batch_size, cfg.grad_accum, procs.device
@@ -1114,30 +1088,12 @@ def train_step(net, opt, emas, batches, step, cfg, procs, meter):
     meter.gate, meter.steps = meter.gate + norm[1] / B, meter.steps + 1
 
 
-def due(cfg, step, max_steps, stopping):  # what this step ends with; the same decision on every process
+def due(cfg, step, max_steps, stopping):  # what this step ends with: the same decision on every process
     keep = bool(cfg.keep_every) and step % cfg.keep_every == 0  # also a snapshot ckpt_{step}.pt
     save = step % cfg.ckpt_every == 0 or step == max_steps or bool(stopping) or keep
     every = lambda n: bool(n) and (step % n == 0 or step == max_steps) and not stopping
     return argparse.Namespace(log=step % cfg.log_every == 0 or save, save=save, keep=keep,
                               eval=every(cfg.eval_every), grid=every(cfg.sample_every))
-
-
-def steps_per_epoch(cfg, data):
-    return len(data) // cfg.batch_size
-
-
-def log_metrics(log, meter, procs, step, max_steps, cfg, data, w_ad):
-    m, bad, steps, secs = meter.read(procs)
-    if not all(math.isfinite(v) for v in m.values()):
-        raise SystemExit(f"error: non-finite loss at step {step} ({m}); the last good checkpoint is "
-                         f"{os.path.join(cfg.out_dir, 'ckpt.pt')}")
-    ips = cfg.batch_size * steps / secs
-    row = dict(step=step, epoch=round(step / steps_per_epoch(cfg, data), 4), **m, w_ad=w_ad, lr=cfg.lr, img_per_s=round(ips, 2),
-               **({"peak_mem_gib": round(torch.cuda.max_memory_allocated(procs.device) / 2**30, 2)}
-                  if procs.device.type == "cuda" else {}))
-    log(f"step {step}/{max_steps} " + " ".join(f"{k} {m[k]:.4f}" for k in Meter.TERMS) + f" gate {m['gate']:.2f} "
-        f"w_ad {w_ad:.3f} lr {cfg.lr:g} img/s {ips:.1f} eta {(max_steps - step) * cfg.batch_size / ips / 60:.1f} min "
-        f"bad_images {bad}", row)
 
 
 def train(cfg, hook=None):
@@ -1146,7 +1102,8 @@ def train(cfg, hook=None):
     procs = setup_dist(cfg)
     data = ImageFolderData(cfg.data_path, cfg.image_size) if cfg.data_path else ToyShapes(cfg.image_size)
     cfg = check_run(cfg, data, procs)  # before anything is built or written
-    log, max_steps = Log(cfg, procs.rank == 0), cfg.max_steps or cfg.epochs * steps_per_epoch(cfg, data)
+    log, epoch_steps = Log(cfg, procs.rank == 0), len(data) // cfg.batch_size
+    max_steps = cfg.max_steps or cfg.epochs * epoch_steps
     model, emas, loss_fn, opt = build(cfg, procs.device, log)
     step, new_emas = resume(cfg, model, emas, loss_fn, opt)
     fid_ctx = fid_setup(cfg, procs) if cfg.eval_every and cfg.fid_ref else None
@@ -1156,8 +1113,8 @@ def train(cfg, hook=None):
         f"{describe(data_record(cfg, data))}; {procs.world} processes, device {procs.device}")
     if step:
         log(f"resumed from {cfg.out_dir}/ckpt.pt at step {step}" + "".join(f"; EMA {d} starts now" for d in new_emas))
-    log(f"{max_steps} steps, {steps_per_epoch(cfg, data)} per epoch, global batch {cfg.batch_size} = {procs.world} "
-        f"processes x {cfg.grad_accum} micro-batches x {cfg.batch_size // (procs.world * cfg.grad_accum)}")
+    log(f"{max_steps} steps, {epoch_steps} per epoch, global batch {cfg.batch_size} = {procs.world} processes x "
+        f"{cfg.grad_accum} micro-batches x {cfg.batch_size // (procs.world * cfg.grad_accum)}")
     net = TrainStep(model, loss_fn)
     if procs.ddp:
         net = nn.parallel.DistributedDataParallel(net, device_ids=None if procs.device.type == "cpu" else
@@ -1177,9 +1134,9 @@ def train(cfg, hook=None):
                 stopping = procs.agree(bool(stop.received))  # decided once per step, by every process together
                 now = due(cfg, step, max_steps, stopping)
                 if now.log:
-                    log_metrics(log, meter, procs, step, max_steps, cfg, data, loss_fn.percept_weight.item())
+                    log(*meter.report(step, max_steps, cfg, procs, loss_fn.percept_weight.item(), step / epoch_steps))
                 if now.save:
-                    save_and_snapshot(checkpoint(model, emas, loss_fn, opt, step, cfg, data), cfg, procs, log, now.keep)
+                    save(model, emas, loss_fn, opt, step, cfg, data, procs, log, now.keep)
                 if now.eval:
                     evaluate_online(emas, cfg, procs, step, log, fid_ctx)
                 if now.grid:
@@ -1196,8 +1153,11 @@ def train(cfg, hook=None):
     return model, emas
 
 
-def save_and_snapshot(ck, cfg, procs, log, keep):  # rank 0 writes while the others wait on the host
-    path, snap = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, f"ckpt_{ck['step']:07d}.pt")
+def save(model, emas, loss_fn, opt, step, cfg, data, procs, log, keep):  # rank 0 writes while the others wait
+    path, snap = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, f"ckpt_{step:07d}.pt")
+    ck = dict(model=model.state_dict(), ema=emas[cfg.ema[0]].state_dict(), loss=loss_fn.state_dict(), step=step,
+              emas={str(d): e.state_dict() for d, e in emas.items()}, opt=opt.state_dict(),  # (storage shared
+              config=dataclasses.asdict(cfg), data=data_record(cfg, data))                   # with ema in the file)
     procs.together(lambda: save_checkpoint(ck, path, snap if keep else None) if procs.rank == 0 else None)
     log(f"saved {path}" + (f" and {os.path.basename(snap)}" if keep else ""))  # (a failed write stops every process)
 
@@ -1372,7 +1332,8 @@ def sample_main(cfg):
         m.to(procs.device).compile() if cfg.compile else m.to(procs.device)
     fid_ctx = fid_setup(cfg, procs) if cfg.fid_ref else None
     os.makedirs(cfg.out_dir, exist_ok=True)
-    rows = [dict(ckpt=path, step=step, **r) for r in evaluate(models, cfg.num_samples, cfg, procs, cfg.out_dir, fid_ctx)]
+    rows = evaluate(models, cfg.num_samples, cfg, procs, cfg.out_dir, fid_ctx)
+    rows = [dict(ckpt=path, step=step, **r) for r in rows]
     if procs.rank == 0 and rows:  # eval.json: a list of rows, appended to; the table marks the best FID
         out = os.path.join(cfg.out_dir, "eval.json")
         with open(out + ".tmp", "w") as f:
@@ -1398,7 +1359,7 @@ def bench(cfg):
                                       log=lambda m: None)  # random perceptual weights: the same cost
     dino, lp, p = loss_fn.dino, loss_fn.lpips, model.patch_size
     img, y = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8), torch.randint(0, cfg.num_classes, (B,))
-    batches, net, meter = itertools.repeat((img.pin_memory() if cuda else img, y, 0)), TrainStep(model, loss_fn), Meter()
+    batches, net = itertools.repeat((img.pin_memory() if cuda else img, y, 0)), TrainStep(model, loss_fn)
     x, y = img.to(device).float() / 127.5 - 1, y.to(device)
     gated = (torch.rand(B) < 0.52).to(device)  # the gated share under logit-normal t
     x_gated = x[gated].detach().requires_grad_(True)
@@ -1431,7 +1392,7 @@ def bench(cfg):
         l.backward()
 
     torch.cuda.reset_peak_memory_stats() if cuda else None
-    ms = {"step": timeit(lambda: train_step(net, opt, emas, batches, 0, cfg, procs, meter))}  # exactly train()'s step
+    ms = {"step": timeit(lambda: train_step(net, opt, emas, batches, 0, cfg, procs, Meter()))}  # exactly train()'s step
     import resource  # CPU: the process's peak resident memory
     mem = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     parts = dict(denoiser=denoiser, lpips=lpips_part if lp else None, dino=dino_part if dino else None,
@@ -1441,8 +1402,8 @@ def bench(cfg):
     parts = ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if k != "step")
     ran = "compiled (denoiser, EMA, DINOv2, LPIPS)" if cfg.compile else "eager"
     print(f"{cfg.model} {S}px batch {B} on {device}, {ran}{', grad_ckpt' if cfg.grad_ckpt else ''}: train "
-          f"{B / ms['step'] * 1e3:.1f} img/s ({ms['step']:.1f} ms/step; {parts} ms), peak memory {mem / 2**30:.2f} GiB; "
-          f"sampling ({cfg.sampler} {cfg.sample_steps}, cfg {cfg.cfg_scale[0]}) {B / ms_sample * 1e3:.2f} img/s")
+          f"{B / ms['step'] * 1e3:.1f} img/s ({ms['step']:.1f} ms/step; {parts} ms), peak memory {mem / 2**30:.2f} "
+          f"GiB; sampling ({cfg.sampler} {cfg.sample_steps}, cfg {cfg.cfg_scale[0]}) {B / ms_sample * 1e3:.2f} img/s")
     if cuda and dino and lp:  # analytic FLOPs of one step: matmuls and attention, x3 for forward + backward
         T, D, share = model.grid ** 2 + model.in_context_len, model.pos_embed.shape[-1], gated.float().mean().item()
         # per-token weights (qkv, proj, SwiGLU); adaLN acts on one vector per image and is left out
@@ -1528,40 +1489,42 @@ def parse_args(argv=None):
     conf.update(args)
     cfg = Config(**{k: tuple(v) if isinstance(v, (list, tuple)) else (v,) if isinstance(Config.__dataclass_fields__[
         k].default, tuple) else v for k, v in conf.items()})  # (a scalar: a checkpoint from before sweeps)
-    cfg = dataclasses.replace(cfg, repa_layer=REPA_LAYER[cfg.model] if cfg.repa_layer < 0 else cfg.repa_layer)
-    for bad, message in flag_errors(cfg, mode):
-        if bad:
-            p.error(message)
+    for message in flag_errors(cfg, mode):
+        p.error(message)
     return cfg, mode
 
 
-def flag_errors(cfg, mode):  # (condition, message) for every check of the flags; parse_args stops at the first
-    world, patch, depth = int(os.environ.get("WORLD_SIZE", 1)), 16, MODELS[cfg.model]["depth"]
-    fid_samples = cfg.eval_samples if mode == "train" and cfg.eval_every else cfg.num_samples if cfg.fid_ref else 2
-    return [(getattr(cfg, k) <= 0, f"--{k} must be positive, got {getattr(cfg, k)}") for k in (
-        "batch_size", "grad_accum", "sample_steps", "num_samples", "ckpt_every", "log_every", "image_size",
-        "bench_steps", "epochs")] + [(getattr(cfg, k) < 0, f"--{k} must be 0 or more, got {getattr(cfg, k)}") for k in (
-            "max_steps", "keep_every", "eval_every", "sample_every", "seed", "num_classes")] + [
-        (cfg.lr <= 0, f"--lr must be positive, got {cfg.lr:g}"),
-        (not all(0 <= d < 1 for d in cfg.ema + cfg.ema_decay), "EMA decays (--ema, --ema_decay) must be in [0, 1), "
-         f"got {' '.join(map(str, cfg.ema + cfg.ema_decay))}"),
-        (not 0 <= cfg.label_dropout < 1, f"--label_dropout must be in [0, 1), got {cfg.label_dropout:g}"),
-        (cfg.time_shift <= 0, f"--time_shift must be positive, got {cfg.time_shift:g}"),
-        (cfg.cfg_interval[0] > cfg.cfg_interval[1], f"--cfg_interval LO HI needs LO <= HI, got "
-         f"{cfg.cfg_interval[0]:g} {cfg.cfg_interval[1]:g}"),
-        (not all(0 <= c <= 255 for c in cfg.background), f"--background R G B takes values in 0..255, got "
-         f"{' '.join(map(str, cfg.background))}"),
-        (cfg.batch_size % (world * cfg.grad_accum), f"--batch_size {cfg.batch_size} (global) does not split into "
-         f"{world} processes x {cfg.grad_accum} micro-batches (--grad_accum): make it a multiple of "
-         f"{world * cfg.grad_accum}"),
-        (cfg.image_size % patch, f"--image_size {cfg.image_size} is not a multiple of {patch}, the patch size of "
-         f"{cfg.model}"),
-        (cfg.repa_layer >= depth, f"--repa_layer {cfg.repa_layer} must be below {depth}, the depth of {cfg.model}"),
-        (fid_samples < 2, f"FID needs at least 2 samples, got {fid_samples} (--eval_samples, --num_samples)"),
-        (cfg.wandb and importlib.util.find_spec("wandb") is None, "--wandb needs the wandb package (pip install "
-         "wandb); it is not a dependency of this project")] + [
-        (bool(getattr(cfg, k)) and not os.path.exists(getattr(cfg, k)), f"--{k} {getattr(cfg, k)}: no such file or "
-         f"folder") for k in ("fid_ref", "fid_weights", "dino_path", "vgg_path", "data_path")]
+def flag_errors(cfg, mode):  # a message for each bad value, in order; parse_args stops at the first
+    for k in ("batch_size", "grad_accum", "sample_steps", "num_samples", "ckpt_every", "log_every", "image_size",
+              "bench_steps", "epochs", "lr", "time_shift"):
+        if getattr(cfg, k) <= 0:
+            yield f"--{k} must be positive, got {getattr(cfg, k):g}"
+    for k in ("max_steps", "keep_every", "eval_every", "sample_every", "seed", "num_classes"):
+        if getattr(cfg, k) < 0:
+            yield f"--{k} must be 0 or more, got {getattr(cfg, k)}"
+    for k in ("fid_ref", "fid_weights", "dino_path", "vgg_path", "data_path"):
+        if getattr(cfg, k) and not os.path.exists(getattr(cfg, k)):
+            yield f"--{k} {getattr(cfg, k)}: no such file or folder"
+    if not all(0 <= d < 1 for d in cfg.ema + cfg.ema_decay):
+        yield f"EMA decays (--ema, --ema_decay) must be in [0, 1), got {' '.join(map(str, cfg.ema + cfg.ema_decay))}"
+    if not 0 <= cfg.label_dropout < 1:
+        yield f"--label_dropout must be in [0, 1), got {cfg.label_dropout:g}"
+    if cfg.cfg_interval[0] > cfg.cfg_interval[1]:
+        yield f"--cfg_interval LO HI needs LO <= HI, got {cfg.cfg_interval[0]:g} {cfg.cfg_interval[1]:g}"
+    if not all(0 <= c <= 255 for c in cfg.background):
+        yield f"--background R G B takes values in 0..255, got {' '.join(map(str, cfg.background))}"
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.batch_size % (world * cfg.grad_accum):
+        yield (f"--batch_size {cfg.batch_size} (global) does not split into {world} processes x {cfg.grad_accum} "
+               f"micro-batches (--grad_accum): make it a multiple of {world * cfg.grad_accum}")
+    if cfg.image_size % 16:
+        yield f"--image_size {cfg.image_size} is not a multiple of 16, the patch size of {cfg.model}"
+    if cfg.repa_layer >= MODELS[cfg.model]["depth"]:
+        yield f"--repa_layer {cfg.repa_layer} must be below {MODELS[cfg.model]['depth']}, the depth of {cfg.model}"
+    if (cfg.eval_samples if mode == "train" and cfg.eval_every else cfg.num_samples if cfg.fid_ref else 2) < 2:
+        yield "FID needs at least 2 samples (--eval_samples, --num_samples)"
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        yield "--wandb needs the wandb package (pip install wandb); it is not a dependency of this project"
 
 
 def main(argv=None):

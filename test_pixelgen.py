@@ -757,34 +757,48 @@ def test_unknown_sampler_names_are_rejected():
 def test_cli_flags_and_errors(tmp_path, capsys):
     d = str(tmp_path)
     cfg, mode = pg.parse_args(["--train"])
-    assert mode == "train" and cfg.recipe == "demo" and cfg.model == "PixelGen-T/16" and cfg.repa_layer == 2
+    assert mode == "train" and cfg.recipe == "demo" and cfg.model == "PixelGen-T/16" and cfg.num_classes == 0
     cfg, _ = pg.parse_args(["--train", "--data_path", d])
     assert (cfg.recipe, cfg.model, cfg.batch_size, cfg.lr, cfg.epochs, cfg.ema, cfg.sampler, cfg.time_shift) == \
         ("xl-80ep", "PixelGen-XL/16", 256, 1e-4, 80, (0.9999,), "heun", 2.0)
-    assert (cfg.repa_layer, cfg.keep_every, cfg.grad_accum, cfg.eval_every) == (8, 100_000, 1, 0)
+    assert (cfg.repa_layer, cfg.keep_every, cfg.grad_accum, cfg.eval_every) == (-1, 100_000, 1, 0)
     cfg, _ = pg.parse_args(["--train", "--data_path", d, "--recipe", "xl-160ep"])
     assert cfg.epochs == 160 and cfg.cfg_scale == (2.25,) and cfg.adaptive_from == 400_000
-    cfg, _ = pg.parse_args(["--train", "--data_path", d, "--recipe", "l-200k", "--lr", "2e-4", "--cfg_interval", "0", "1"])
+    cfg, _ = pg.parse_args(["--train", "--data_path", d, "--recipe", "l-200k", "--lr", "2e-4", "--cfg_interval", "0",
+                            "1", "--background", "0", "0", "0"])
     assert cfg.model == "PixelGen-L/16" and cfg.max_steps == 200_000 and cfg.sampler == "euler" and cfg.lr == 2e-4
-    assert cfg.cfg_interval == (0.0, 1.0)
-    cfg, _ = pg.parse_args(["--sample", "--ema_decay", "0.9999", "0.9996", "--cfg_scale", "1", "1.5", "--ema", "0.99"])
-    assert cfg.ema_decay == (0.9999, 0.9996) and cfg.cfg_scale == (1.0, 1.5) and cfg.ema == (0.99,)
-    # each preset trains with its own REPA layer, so a small model needs no --repa_layer
-    assert pg.parse_args(["--train", "--data_path", d, "--model", "PixelGen-T/16"])[0].repa_layer == 2
-    assert pg.parse_args(["--train", "--data_path", d, "--model", "PixelGen-S/16"])[0].repa_layer == 4
+    assert cfg.cfg_interval == (0.0, 1.0) and cfg.background == (0, 0, 0)
+    cfg, _ = pg.parse_args(["--sample", "--ema_decay", "0.9999", "0.9996", "--cfg_scale", "1", "1.5"])
+    assert cfg.ema_decay == (0.9999, 0.9996) and cfg.cfg_scale == (1.0, 1.5)
+    # -1: each preset trains with its own REPA layer (8 for L and XL, as official), so a small model needs no flag
+    assert [pg.REPA_LAYER[m] for m in ("PixelGen-XL/16", "PixelGen-L/16", "PixelGen-S/16", "PixelGen-T/16")] == \
+        [8, 8, 4, 2] and pg.build(small_cfg(d), torch.device("cpu"), log=print)[2].repa_layer == 2
     for bad, msg in [(["--model", "PixelGen-XXL/16"], "invalid choice"), (["--sample_steps", "0"], "must be positive"),
-                     (["--batch_size", "-2"], "must be positive"), (["--sample"], "not allowed with"),
-                     (["--lr", "0"], "--lr > 0"), (["--no-such-flag"], "unrecognized"),
-                     (["--cfg_interval", "0.9", "0.1"], "LO <= HI"), (["--time_shift", "0"], "--time_shift > 0"),
-                     (["--repa_layer", "6"], "--repa_layer < depth"), (["--grad_accum", "0"], "must be positive"),
-                     (["--keep_every", "-1"], "0 or more"), (["--ema", "0.999", "1.0"], "in [0, 1)"),
+                     (["--batch_size", "-2"], "--batch_size must be positive, got -2"), (["--sample"], "not allowed"),
+                     (["--lr", "0"], "--lr must be positive, got 0"), (["--no-such-flag"], "unrecognized"),
+                     (["--cfg_interval", "0.9", "0.1"], "--cfg_interval LO HI needs LO <= HI, got 0.9 0.1"),
+                     (["--time_shift", "0"], "--time_shift must be positive, got 0"),
+                     (["--repa_layer", "6"], "--repa_layer 6 must be below 6, the depth of PixelGen-T/16"),
+                     (["--image_size", "60"], "--image_size 60 is not a multiple of 16, the patch size of PixelGen-T/16"),
+                     (["--grad_accum", "0"], "must be positive"), (["--keep_every", "-1"], "0 or more"),
+                     (["--ema", "0.999", "1.0"], "in [0, 1), got 0.999 1.0"), (["--num_classes", "-1"], "0 or more"),
+                     (["--background", "255", "0", "300"], "--background R G B takes values in 0..255"),
+                     (["--background", "255"], "expected 3 arguments"),
                      (["--batch_size", "16", "--grad_accum", "3"], "3 micro-batches"),
                      (["--eval_every", "10", "--eval_samples", "1"], "at least 2 samples"),
                      (["--fid_ref", d + "/none.npz"], "no such file"), (["--data_path", d + "/none"], "no such file")]:
         with pytest.raises(SystemExit):
             pg.parse_args(["--train"] + bad)
-        assert msg in capsys.readouterr().err, bad
+        err = capsys.readouterr().err
+        assert msg in err and err.count("error:") == 1, (bad, err)
     assert not os.listdir(d)  # bad flags write nothing
+
+
+def test_sample_reads_ema_as_ema_decay_and_names_the_flags_it_ignores(tmp_path, capsys):
+    cfg, _ = pg.parse_args(["--sample", "--ema", "0.9", "--num_classes", "10", "--image_size", "128", "--cfg_scale", "2"])
+    out = capsys.readouterr().out
+    assert cfg.ema_decay == (0.9,) and "--sample reads --ema as --ema_decay 0.9" in out
+    assert "--sample ignores --num_classes, --image_size" in out and "--cfg_scale" not in out
 
 
 def test_demo_uses_a_gpu_for_a_longer_run(monkeypatch):
@@ -1239,12 +1253,25 @@ def test_several_ema_decays_are_updated_saved_resumed_and_loaded(tmp_path):
     assert "EMA 0.99 starts now" in (tmp_path / "resumed" / "log.txt").read_text()
 
 
-def test_resume_from_incompatible_checkpoint_is_a_clear_error(tmp_path):
-    pg.train(small_cfg(tmp_path, max_steps=2))
-    before = (tmp_path / "ckpt.pt").read_bytes()
-    with pytest.raises(SystemExit, match="cannot resume from .*ckpt.pt(.|\n)*--no-resume"):
-        pg.train(small_cfg(tmp_path, max_steps=4, model="PixelGen-S/16", repa_layer=4))
-    assert (tmp_path / "ckpt.pt").read_bytes() == before
+def test_a_resume_that_does_not_match_stops_with_what_differs(tmp_path):
+    pg.train(small_cfg(tmp_path / "run", max_steps=2))
+    before = {f: (tmp_path / "run" / f).read_bytes() for f in ("ckpt.pt", "log.txt", "metrics.jsonl")}
+    with pytest.raises(SystemExit, match=r"ckpt.pt was written by another run: PixelGen-T/16 at 32 px with 10 classes\. "
+                                         r"It differs in --model PixelGen-T/16 \(this run: PixelGen-S/16\)\.\nUse another"):
+        pg.train(small_cfg(tmp_path / "run", max_steps=4, model="PixelGen-S/16"))
+    rng = np.random.default_rng(0)
+    for c in ("apps", "devices", "places"):  # other data: 3 classes of 4 images
+        (tmp_path / "icons" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "icons" / c / f"{i}.png")
+    with pytest.raises(SystemExit, match=r"its data: 10 classes \(red disc, green square, blue triangle, yellow ring, "
+                                         r"\.\.\.\), 50000 images in toy shapes \(this run: 3 classes \(apps, devices, "
+                                         r"places\), 12 images in .*icons; --new_data continues"):
+        pg.train(small_cfg(tmp_path / "run", max_steps=4, data_path=str(tmp_path / "icons")))
+    assert before == {f: (tmp_path / "run" / f).read_bytes() for f in before}  # a failed start touches nothing
+    pg.train(small_cfg(tmp_path / "run", max_steps=3, data_path=str(tmp_path / "icons"), new_data=True))
+    ck = ckpt(tmp_path / "run" / "ckpt.pt")  # fine-tuned on the icons, with the model's 10 class slots
+    assert ck["step"] == 3 and ck["config"]["num_classes"] == 10 and ck["data"][1] == ["apps", "devices", "places"]
 
 
 def test_training_writes_sample_grids(tmp_path):

@@ -48,6 +48,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import fid  # the image reader shared with FID (fid.py imports nothing from here)
+
 # ----------------------------------------------------------------------------------------------------------------
 # Config: every field is a CLI flag (--name); a recipe (below) overrides a few defaults; explicit flags win.
 
@@ -567,17 +569,7 @@ def perceptual_nets(cfg, device, log=print):
 # ----------------------------------------------------------------------------------------------------------------
 # Data: ImageNet-layout folders with the ADM center crop, or a procedural class-conditional toy dataset.
 
-IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".jpe")
-
-
-def load_rgb(path):
-    img = Image.open(path)
-    if img.mode.startswith("I"):  # 16/32-bit grey: scale to 8 bits instead of clipping
-        a = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(a * 255.0 / max(a.max(), 255.0), 0, 255).astype(np.uint8))
-    elif img.mode == "P":  # palette (maybe with transparency)
-        img = img.convert("RGBA")
-    return img.convert("RGB")
+IMG_EXT = fid.IMAGE_EXTENSIONS  # one list, and one reader (fid.read_image), for training and for FID
 
 
 def center_crop(img, size):  # ADM: halve with BOX while min side >= 2 size, BICUBIC to size, center crop
@@ -590,20 +582,88 @@ def center_crop(img, size):  # ADM: halve with BOX while min side >= 2 size, BIC
     return a[top: top + size, left: left + size]
 
 
-class ImageFolderData(torch.utils.data.Dataset):
-    """root/class_x/img.jpg (sorted class folders -> labels 0..K-1), or a flat folder of images (one class)."""
+def class_table(classes, counts, ignored=(), max_rows=40):
+    """Text for the log: the totals, a (label, images, class) row per class (the first and last max_rows / 2 rows,
+    and the smallest and largest class, when there are more), then one line per kind of entry the scan ignored."""
+    K, half = len(classes), max_rows // 2
+    lines = [f"data: {sum(counts)} images in {K} classes", "  label   images  class"]
+    for k in range(K) if K <= max_rows else [*range(half), None, *range(K - half, K)]:
+        lines.append(f"    ... {K - 2 * half} more classes" if k is None else f"  {k:5d} {counts[k]:8d}  {classes[k]}")
+    if K > max_rows:
+        lo, hi = min(range(K), key=counts.__getitem__), max(range(K), key=counts.__getitem__)
+        lines.append(f"  images per class: {counts[lo]} ({classes[lo]}) to {counts[hi]} ({classes[hi]})")
+    return "\n".join(lines + [f"ignored: {msg}" for msg in ignored])
 
-    def __init__(self, root, size):
+
+class ImageFolderData(torch.utils.data.Dataset):
+    """root/class_x/.../img.jpg: the sorted class folders are labels 0..K-1, each holding the image files found in it
+    recursively; a folder without subfolders is one class of its own images. Names starting with "." (.thumbnails/,
+    .DS_Store, ._img.png) are skipped; a class folder without an image file is an error; other entries left out
+    (top-level files beside class folders, files with other extensions) are counted, with examples, in `ignored`.
+    `classes` (names) and `counts` (images per class) are per label; describe() formats them for the log.
+    An item is uint8 (3, size, size): fid.read_image (alpha composited onto `background`), then the ADM crop."""
+
+    def __init__(self, root, size, background=(255, 255, 255)):
         if not os.path.isdir(root):
             raise SystemExit(f"error: --data_path {root} is not a folder")
-        classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        ok = lambda f: f.lower().endswith(IMG_EXT)
-        walk = lambda d: sorted(os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if ok(f))
-        self.samples = [(p, k) for k, c in enumerate(classes) for p in walk(os.path.join(root, c))] if classes else [
-            (os.path.join(root, f), 0) for f in sorted(os.listdir(root)) if ok(f)]  # a flat folder: one class
-        if not self.samples:
-            raise SystemExit(f"error: no images ({', '.join(IMG_EXT)}) found in {root}")
-        self.size, self.num_classes = size, max(1, len(classes))
+        if not (isinstance(background, (tuple, list)) and len(background) == 3
+                and all(isinstance(c, (int, np.integer)) and 0 <= c <= 255 for c in background)):
+            raise SystemExit(f"error: the background must be three integers in 0..255, got {background!r}")
+        self.size, self.background, skipped, other_ext = size, tuple(background), {}, {}
+
+        def skip(kind, path, folder=False):  # count an entry left out, keeping three (relative to root) as examples
+            n, examples = skipped.get(kind, (0, []))
+            rel = os.path.relpath(path, root) + "/" * folder
+            skipped[kind] = n + 1, examples if len(examples) == 3 else examples + [rel]
+
+        def image_files(folder, recursive):  # sorted full paths of the image files under folder
+            found = []
+            for r, dirs, files in os.walk(folder):  # sorted, so the examples of what is skipped are too
+                for d in sorted(dirs):
+                    if d.startswith("."):
+                        skip("hidden", os.path.join(r, d), folder=True)
+                dirs[:] = sorted(d for d in dirs if recursive and not d.startswith("."))
+                for f in sorted(files):
+                    ext = os.path.splitext(f)[1].lower()
+                    if f.startswith("."):
+                        skip("hidden", os.path.join(r, f))
+                    elif ext in IMG_EXT:
+                        found.append(os.path.join(r, f))
+                    else:
+                        skip("other", os.path.join(r, f))
+                        other_ext[ext or "no extension"] = other_ext.get(ext or "no extension", 0) + 1
+            return sorted(found)
+
+        top = sorted(os.scandir(root), key=lambda e: e.name)
+        self.classes = [e.name for e in top if e.is_dir() and not e.name.startswith(".")]
+        flat = not self.classes
+        if not flat:
+            for e in top:
+                if e.name.startswith("."):
+                    skip("hidden", e.path, folder=e.is_dir())
+                elif not e.is_dir():
+                    skip("top-level", e.path)
+            found = [image_files(os.path.join(root, c), recursive=True) for c in self.classes]
+        else:  # a flat folder: one class of the image files in it
+            self.classes, found = [os.path.basename(os.path.abspath(root))], [image_files(root, recursive=False)]
+        self.counts, self.num_classes = [len(f) for f in found], len(self.classes)
+        self.samples = [(p, k) for k, f in enumerate(found) for p in f]
+        exts = ", ".join(f"{e} {n}" for e, n in sorted(other_ext.items()))
+        what = {"hidden": "hidden entries (names starting with '.')",
+                "top-level": "top-level files beside the class folders",
+                "other": f"files with other extensions ({exts})"}
+        self.ignored = [f"{what[kind]}: {n} ({', '.join(ex)}{', ...' * (n > len(ex))})"
+                        for kind, (n, ex) in sorted(skipped.items(), key=lambda kv: list(what).index(kv[0]))]
+        empty = [c for c, n in zip(self.classes, self.counts) if n == 0]
+        if empty:
+            names = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+            where = root if flat else f"the class folder{'s' * (len(empty) > 1)} {names} of {root}"
+            raise SystemExit(f"error: no images ({', '.join(IMG_EXT)}) in {where}" +
+                             "".join(f"\nignored: {msg}" for msg in self.ignored))
+
+    def describe(self, max_rows=40):
+        """The class table (label, images, name) and what the scan ignored, as lines of text for the log."""
+        return class_table(self.classes, self.counts, self.ignored, max_rows)
 
     def __len__(self):
         return len(self.samples)
@@ -611,20 +671,22 @@ class ImageFolderData(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path, y = self.samples[i]
         try:
-            a = center_crop(load_rgb(path), self.size)
+            a = center_crop(Image.fromarray(fid.read_image(path, self.background)), self.size)
         except Exception as e:  # skipped: the collate function replaces it and the log counts it
-            warnings.warn(f"skipping unreadable image {path}: {e}")
+            warnings.warn(f"skipping unreadable image {path}: {e.__cause__ or e}")
             return None
         return torch.from_numpy(a.copy()).permute(2, 0, 1), y  # uint8 (3, H, W)
 
 
 class ToyShapes(torch.utils.data.Dataset):
     """The demo dataset: 10 classes of procedurally drawn shapes (class = shape and palette), any size, no files."""
-    # red disc, green square, blue triangle, yellow ring, magenta cross, cyan h-stripes, orange v-stripes,
-    # white diamond, purple checker, teal frame
+    classes = ["red disc", "green square", "blue triangle", "yellow ring", "magenta cross", "cyan h-stripes",
+               "orange v-stripes", "white diamond", "purple checker", "teal frame"]
+    describe = ImageFolderData.describe  # the same class table
 
     def __init__(self, size, n=50_000, seed=0):
         self.size, self.n, self.seed, self.num_classes = size, n, seed, 10
+        self.counts, self.ignored = [n // 10 + (k < n % 10) for k in range(10)], []
 
     def __len__(self):
         return self.n

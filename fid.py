@@ -33,7 +33,8 @@ from tqdm import tqdm
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_FILE
 PREPROCESS_MODES = ("adm", "pytorch-fid")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm",
+                    ".pgm", ".pbm", ".pnm")  # lower case; matched case-insensitively
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -467,22 +468,58 @@ def precision_recall(ref_features, sample_features, k=3, batch_size=10000, devic
 # Inputs: image folders, ADM npz batches (arr_0) and statistics npz files (mu, sigma).
 
 
+def scan(folder, recursive=True):
+    """(image files, left out): the image files under folder, sorted, and what was left out of it, relative to it:
+    hidden names (starting with "."; .thumbnails/, .DS_Store, macOS's ._name.png) and files of other extensions."""
+    files, left_out = [], []
+    for root, dirs, names in os.walk(folder):
+        rel = lambda name: os.path.relpath(os.path.join(root, name), folder)
+        left_out += [rel(d) + "/" for d in sorted(dirs) if d.startswith(".") or not recursive]
+        dirs[:] = [d for d in dirs if recursive and not d.startswith(".")]  # os.walk does not enter the others
+        for name in sorted(names):
+            image = not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+            files.append(os.path.join(root, name)) if image else left_out.append(rel(name))
+    return sorted(files), left_out
+
+
 def list_images(folder):
-    """Image files under folder (recursive, sorted); ValueError when there are none."""
-    files = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
-                   if name.lower().endswith(IMAGE_EXTENSIONS))
+    """The image files under folder (see scan); ValueError when there are none."""
+    files = scan(folder)[0]
     if not files:
         raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
     return files
 
 
-def read_image(path):
-    """(H, W, 3) uint8; grayscale, palette and RGBA (alpha dropped) images are converted to RGB as pytorch-fid does."""
+def read_image(path, background=(255, 255, 255)):
+    """(H, W, 3) uint8 RGB of an image file: the one image reader of training (pixelgen.py) and of FID folders.
+
+    Transparency is composited onto `background` (r, g, b integers in 0..255, white by default) in integers,
+    out = round((a rgb + (255 - a) background) / 255) (never a tie: 255 is odd), so alpha 0 gives exactly the
+    background whatever colour the file keeps there, alpha 255 exactly the colour, and files with the same visible
+    pixels read the same. Dropping alpha instead shows those hidden colours: on a folder of icons it put some on
+    black, some on white, and turned faint drop shadows into dark halos. Alpha comes from RGBA, LA, PA, RGBa and from
+    palette, grey or RGB images with a transparent colour (PNG tRNS, GIF). 16/32-bit and float greys (I;16, I, F) are
+    scaled by 255 / max(peak, 255) and truncated, not clipped; other modes (1, L, P, CMYK, YCbCr, LAB) are PIL's
+    convert("RGB"), so JPEGs read exactly as torchvision's ImageFolder reads them. Animated files: the first frame.
+    EXIF orientation is ignored, like torchvision and the ADM suite, whose reference statistics were made without it.
+    ValueError naming the path when the file cannot be read or decoded."""
+    if not (isinstance(background, (tuple, list)) and len(background) == 3
+            and all(isinstance(c, (int, np.integer)) and 0 <= c <= 255 for c in background)):
+        raise ValueError(f"background must be three integers in 0..255 (r, g, b), got {background!r}")
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            if im.mode in ("I", "F") or im.mode.startswith("I;"):
+                a = np.asarray(im, dtype=np.float64)
+                grey = np.clip(a * 255.0 / max(a.max(), 255.0), 0, 255).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2)
+            if not {"A", "a"} & set(im.getbands()) and "transparency" not in im.info:
+                return np.asarray(im.convert("RGB"))
+            rgba = np.asarray(im.convert("RGBA"), dtype=np.int32)
     except Exception as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
+    alpha = rgba[..., 3:]
+    out = (alpha * rgba[..., :3] + (255 - alpha) * np.array(background, np.int32) + 127) // 255
+    return out.astype(np.uint8)
 
 
 def _open_arr_0(zf, path):

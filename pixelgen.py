@@ -602,19 +602,6 @@ def perceptual_nets(cfg, device, log=print):
 # ----------------------------------------------------------------------------------------------------------------
 # Data: ImageNet-layout folders with the ADM center crop, or a procedural class-conditional toy dataset.
 
-IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".jpe")
-
-
-def load_rgb(path):
-    img = Image.open(path)
-    if img.mode.startswith("I"):  # 16/32-bit grey: scale to 8 bits instead of clipping
-        a = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(a * 255.0 / max(a.max(), 255.0), 0, 255).astype(np.uint8))
-    elif img.mode == "P":  # palette (maybe with transparency)
-        img = img.convert("RGBA")
-    return img.convert("RGB")
-
-
 def center_crop(img, size):  # ADM: halve with BOX while min side >= 2 size, BICUBIC to size, center crop
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
@@ -626,19 +613,27 @@ def center_crop(img, size):  # ADM: halve with BOX while min side >= 2 size, BIC
 
 
 class ImageFolderData(torch.utils.data.Dataset):
-    """root/class_x/img.jpg (sorted class folders -> labels 0..K-1), or a flat folder of images (one class)."""
+    """root/class_x/.../img.jpg: the sorted class folders are the labels 0..K-1, each holding the image files under it;
+    a folder without class folders is one class. Hidden names (.thumbnails/, .DS_Store) are skipped, and what else is
+    left out (stray files beside the class folders, other extensions such as .svg) is listed in `ignored`; a class
+    without an image file is an error. Items: fid.read_image (alpha composited onto `background`), the ADM crop."""
 
-    def __init__(self, root, size):
+    def __init__(self, root, size, background=(255, 255, 255)):
         if not os.path.isdir(root):
             raise SystemExit(f"error: --data_path {root} is not a folder")
-        classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        ok = lambda f: f.lower().endswith(IMG_EXT)
-        walk = lambda d: sorted(os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if ok(f))
-        self.samples = [(p, k) for k, c in enumerate(classes) for p in walk(os.path.join(root, c))] if classes else [
-            (os.path.join(root, f), 0) for f in sorted(os.listdir(root)) if ok(f)]  # a flat folder: one class
-        if not self.samples:
-            raise SystemExit(f"error: no images ({', '.join(IMG_EXT)}) found in {root}")
-        self.size, self.num_classes = size, max(1, len(classes))
+        top = sorted(os.scandir(root), key=lambda e: e.name)
+        folders = [e.name for e in top if e.is_dir() and not e.name.startswith(".")]
+        found = [fid.scan(os.path.join(root, c)) for c in folders] or [fid.scan(root, recursive=False)]
+        self.classes = folders or [os.path.basename(os.path.abspath(root))]
+        self.ignored = [e.name + "/" * e.is_dir() for e in top if folders and e.name not in folders] + [
+            os.path.join(c, p) for c, (_, left_out) in zip(folders or [""], found) for p in left_out]
+        self.samples = [(p, k) for k, (files, _) in enumerate(found) for p in files]
+        self.counts, self.num_classes = [len(files) for files, _ in found], len(self.classes)
+        self.size, self.background = size, background
+        empty = [os.path.join(root, c) if folders else root for c, n in zip(self.classes, self.counts) if n == 0]
+        if empty:  # as torchvision's ImageFolder: a class needs an image
+            raise SystemExit(f"error: no image files ({', '.join(fid.IMAGE_EXTENSIONS)}) in {', '.join(empty)}\n"
+                             + class_table(self))
 
     def __len__(self):
         return len(self.samples)
@@ -646,21 +641,21 @@ class ImageFolderData(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path, y = self.samples[i]
         try:
-            a = center_crop(load_rgb(path), self.size)
+            a = center_crop(Image.fromarray(fid.read_image(path, self.background)), self.size)
         except Exception as e:  # skipped: the collate function replaces it and the log counts it
-            warnings.warn(f"skipping unreadable image {path}: {e}")
+            warnings.warn(f"skipping unreadable image {path}: {e.__cause__ or e}")
             return None
         return torch.from_numpy(a.copy()).permute(2, 0, 1), y  # uint8 (3, H, W)
 
 
 class ToyShapes(torch.utils.data.Dataset):
     """The demo dataset: 10 classes of procedurally drawn shapes (class = shape and palette), any size, no files."""
-
-    classes = ("red disc", "green square", "blue triangle", "yellow ring", "magenta cross", "cyan h-stripes",
-               "orange v-stripes", "white diamond", "purple checker", "teal frame")
+    classes = ["red disc", "green square", "blue triangle", "yellow ring", "magenta cross", "cyan h-stripes",
+               "orange v-stripes", "white diamond", "purple checker", "teal frame"]
 
     def __init__(self, size, n=50_000, seed=0):
-        self.size, self.n, self.seed, self.num_classes, self.counts = size, n, seed, 10, [n // 10] * 10
+        self.size, self.n, self.seed, self.num_classes = size, n, seed, 10
+        self.counts, self.ignored = [n // 10 + (k < n % 10) for k in range(10)], []  # image i: class i mod 10
 
     def __len__(self):
         return self.n
@@ -681,6 +676,15 @@ class ToyShapes(torch.utils.data.Dataset):
         fg = np.clip(np.array(colors[y]) + g.normal(0, 15, size=3), 0, 255)
         a = np.where(m[..., None], fg, bg) + g.normal(0, 6, size=(s, s, 3))
         return torch.from_numpy(np.clip(a, 0, 255).astype(np.uint8)).permute(2, 0, 1), y
+
+
+def class_table(data, rows=20):  # for the log: images per class (the first and last rows / 2), what was left out
+    lines = [f"{k:6d} {n:8d}  {c}" for k, (c, n) in enumerate(zip(data.classes, data.counts))]
+    lines = lines if len(lines) <= rows else lines[:rows // 2] + ["   ..."] + lines[-rows // 2:]
+    if data.ignored:
+        lines.append(f"ignored: {len(data.ignored)} ({', '.join(data.ignored[:5])}{', ...' * (len(data.ignored) > 5)})")
+    head = [f"data: {sum(data.counts)} images in {len(data.classes)} classes", " label   images  class"]
+    return "\n".join(head + lines)
 
 
 def collate(batch):  # replaces unreadable images by readable ones of the same batch, counting them
@@ -1100,7 +1104,8 @@ def train(cfg, hook=None):
     """The training program (--train), on every process under torchrun. hook(step, model, emas) runs after each step
     (for tests)."""
     procs = setup_dist(cfg)
-    data = ImageFolderData(cfg.data_path, cfg.image_size) if cfg.data_path else ToyShapes(cfg.image_size)
+    data = ImageFolderData(cfg.data_path, cfg.image_size, cfg.background) if cfg.data_path else \
+        ToyShapes(cfg.image_size)
     cfg = check_run(cfg, data, procs)  # before anything is built or written
     log, epoch_steps = Log(cfg, procs.rank == 0), len(data) // cfg.batch_size
     max_steps = cfg.max_steps or cfg.epochs * epoch_steps
@@ -1109,6 +1114,7 @@ def train(cfg, hook=None):
     fid_ctx = fid_setup(cfg, procs) if cfg.eval_every and cfg.fid_ref else None
     log.start()  # every check has passed: from here on the run folder is written
     log(f"config: {dataclasses.asdict(cfg)}")
+    log(class_table(data))
     log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; data: "
         f"{describe(data_record(cfg, data))}; {procs.world} processes, device {procs.device}")
     if step:

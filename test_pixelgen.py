@@ -1475,6 +1475,43 @@ def test_a_resume_that_does_not_match_stops_with_what_differs(tmp_path):
     assert ck["step"] == 3 and ck["config"]["num_classes"] == 10 and ck["data"][1] == ["apps", "devices", "places"]
 
 
+def test_a_failed_start_leaves_no_trace(tmp_path):
+    (tmp_path / "file.png").write_bytes(b"")
+    for kw, msg in [(dict(batch_size=100_000), r"50000 images are fewer than one global batch \(--batch_size 100000\)"),
+                    (dict(data_path=str(tmp_path / "file.png")), "file.png is not a folder")]:
+        with pytest.raises(SystemExit, match=msg):
+            pg.train(small_cfg(tmp_path / "run", **kw))
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_cannot_fit_stops_before_building_with_one_that_does(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pg, "build", lambda *a, **k: pytest.fail("built before the memory check"))
+    available = 20.0  # GiB, as a laptop might have
+    monkeypatch.setattr(pg, "open", lambda f, *a: __import__("io").StringIO(f"MemAvailable: {int(available * 2**20)} kB")
+                        if f == "/proc/meminfo" else open(f, *a), raising=False)
+    cfg = small_cfg(tmp_path, model="PixelGen-XL/16", image_size=256, batch_size=256)  # the default recipe on a CPU
+    assert pg.memory_need(cfg, 1, cuda=False) > 200 > pg.memory_need(cfg, 8, cuda=True) > 20  # batch 32 per GPU
+    with pytest.raises(SystemExit, match=r"PixelGen-XL/16 at 256 px in micro-batches of 256 images needs about \d+ GiB, "
+                                         r"but this host has 20 GiB available\. A run that fits: python pixelgen\.py "
+                                         r"--train --model PixelGen-S/16 --image_size 128 --batch_size 32\n") as e:
+        pg.train(cfg)
+    fits = pg.dataclasses.replace(cfg, model="PixelGen-S/16", image_size=128, batch_size=32)
+    assert pg.memory_need(fits, 1, cuda=False) < available and "--no-memory_check" in str(e.value)
+    assert not tmp_path.exists() or not os.listdir(tmp_path)
+
+
+def test_checkpoint_files_that_are_not_checkpoints_say_so(tmp_path, capsys):
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "grid.png")
+    (tmp_path / "notes.txt").write_text("hello")
+    for name, msg in [("grid.png", "grid.png is an image: pass a ckpt.pt written by --train, or an official"),
+                      ("notes.txt", "notes.txt is no PyTorch checkpoint"),
+                      ("none.pt", r"none.pt not found: train a model first .* or pass --ckpt FILE")]:
+        with pytest.raises(SystemExit, match=msg):
+            pg.sample_main(pg.parse_args(["--sample", "--ckpt", str(tmp_path / name), "--out_dir", str(tmp_path)])[0])
+    with pytest.raises(SystemExit, match=r"runs/nothing/ckpt.pt not found: train a model first"):  # bare --sample
+        pg.sample_main(pg.parse_args(["--sample", "--out_dir", "runs/nothing"])[0])
+
+
 def test_training_writes_sample_grids(tmp_path):
     pg.train(small_cfg(tmp_path, max_steps=2, sample_every=2, sample_steps=2, num_samples=20))
     grid = Image.open(tmp_path / "grid_0000002.png")

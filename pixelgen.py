@@ -293,27 +293,15 @@ def x_to_v(x_hat, x_t, t, t_eps=0.05):  # Eqs. (3)-(4): the velocity that carrie
 # Objective (paper Eqs. 5-9):  L = L_FM + g(t) (0.1 L_LPIPS + 0.01 L_PDINO) + 0.5 L_REPA,  g(t) = 1[t >= 0.3].
 
 class Draws(NamedTuple):
-    """A batch's per-sample randomness, on the device: time t (b,), noise eps (b, 3, H, W), label dropout drop (b,),
-    and the indices `gated` of the samples with g(t) = 1. The loss terms are means over a global batch of B samples,
-    G of them gated, of which this batch's b samples are a part (B = b for a batch of its own)."""
+    """A batch's per-sample randomness, on the device (made by make_draws): time t (b,), noise eps (b, 3, H, W), label
+    dropout drop (b,), and the indices `gated` of the samples with g(t) = 1. The loss terms are means over a global
+    batch of B samples, G of them gated, of which this batch's b samples are a part (B = b for a batch of its own)."""
     t: torch.Tensor
     eps: torch.Tensor
     drop: torch.Tensor
     gated: torch.Tensor
     B: int
     G: int
-
-
-def to_device(u, device):  # a host tensor to the device without blocking the host (from pinned memory on CUDA)
-    return (u.pin_memory() if device.type == "cuda" else u).to(device, non_blocking=True)
-
-
-def make_draws(t, drop, eps, gate_t, norm=None):
-    """Draws from t (b,) and drop (b,) drawn on the host, where the gate is found without asking the GPU, and noise
-    eps on the device; norm = (B, G) of the global batch. Host tensors travel with non-blocking copies."""
-    gated = (t >= gate_t).nonzero()[:, 0]                                         # g(t) = 1[t >= gate_t], Eq. (7)
-    return Draws(to_device(t, eps.device), eps, to_device(drop, eps.device), to_device(gated, eps.device),
-                 *(norm or (len(t), len(gated))))
 
 
 class PixelGenLoss(nn.Module):
@@ -737,6 +725,18 @@ def seed_for(*keys):  # a 32-bit seed that mixes non-negative integer keys (CPU 
 def seeded_noise(shape, seeds, device):  # (len(seeds), *shape) N(0, I), sample i drawn from its own seed seeds[i]
     gen = torch.Generator(device)
     return torch.stack([torch.randn(shape, generator=gen.manual_seed(s), device=device) for s in seeds])
+
+
+def to_device(u, device):  # a host tensor to the device without blocking the host (from pinned memory on CUDA)
+    return (u.pin_memory() if device.type == "cuda" else u).to(device, non_blocking=True)
+
+
+def make_draws(t, drop, eps, gate_t, norm=None):
+    """Draws from t (b,) and drop (b,) drawn on the host, where the gate is found without asking the GPU, and noise
+    eps on the device; norm = (B, G) of the global batch. Host tensors travel with non-blocking copies."""
+    gated = (t >= gate_t).nonzero()[:, 0]                                         # g(t) = 1[t >= gate_t], Eq. (7)
+    return Draws(to_device(t, eps.device), eps, to_device(drop, eps.device), to_device(gated, eps.device),
+                 *(norm or (len(t), len(gated))))
 
 
 class Procs(NamedTuple):

@@ -705,9 +705,10 @@ class Source:
         stop = self.count if stop is None else min(stop, self.count)
         if not 0 <= start <= stop:
             raise ValueError(f"{self.path}: bad image range [{start}, {stop}) of {self.count} images")
-        if self.files is None:
-            yield from self._npz_batches(batch_size, start, stop, indices)
-            return
+        pairs = (self._folder_batches if self.files is not None else self._npz_batches)(batch_size, start, stop)
+        return pairs if indices else (images for _, images in pairs)
+
+    def _folder_batches(self, batch_size, start, stop):
         batch, index, unreadable = [], [], []
         for i in range(start, stop):
             try:
@@ -716,17 +717,17 @@ class Source:
                 unreadable.append(f"{self.files[i]} ({e})" if not unreadable else self.files[i])
                 continue
             if batch and (len(batch) == batch_size or image.shape != batch[0].shape):
-                yield (np.array(index), np.stack(batch)) if indices else np.stack(batch)
+                yield np.array(index), np.stack(batch)
                 batch, index = [], []
             batch.append(image)
             index.append(i)
         if batch:
-            yield (np.array(index), np.stack(batch)) if indices else np.stack(batch)
+            yield np.array(index), np.stack(batch)
         if unreadable:
             warnings.warn(f"{self.path}: skipped {len(unreadable)} unreadable of {stop - start} images: "
-                          f"{', '.join(unreadable[:3])}{', ...' if len(unreadable) > 3 else ''}", stacklevel=2)
+                          f"{', '.join(unreadable[:3])}{', ...' if len(unreadable) > 3 else ''}", stacklevel=3)
 
-    def _npz_batches(self, batch_size, start, stop, indices):
+    def _npz_batches(self, batch_size, start, stop):
         with zipfile.ZipFile(self.path) as zf:  # arr_0 batch by batch: 50k samples at 256px are 10 GB
             f, shape = _open_arr_0(zf, self.path)
             with f:
@@ -737,8 +738,7 @@ class Source:
                     data = f.read(n * image_bytes)
                     if len(data) != n * image_bytes:
                         raise ValueError(f"{self.path}: arr_0 is truncated")
-                    images = np.frombuffer(data, np.uint8).reshape(n, *shape[1:])
-                    yield (np.arange(i, i + n), images) if indices else images
+                    yield np.arange(i, i + n), np.frombuffer(data, np.uint8).reshape(n, *shape[1:])
 
 
 def read_outputs(model, src, stats, preprocess="adm", batch_size=50, start=0, stop=None, logits=True,
@@ -818,12 +818,12 @@ def build_reference(path, model, which=None, preprocess="adm", batch_size=50, sh
     does (one more reduce call); rank 0 writes it (atomically)."""
     src, (rank, world) = Source(path), shard
     which = [m for m in resolve_metrics(which, src) if m != "is"]
-    features = "pr" in which or "dc" in which
+    keep = "pr" in which or "dc" in which  # the features
     if not any(SOURCES[m][0] not in src.holds for m in which):  # everything is precomputed
         return Reference(path, *src.stats, *(src.spatial_stats or (None, None)))
     if len(src) < 2:
         raise ValueError(f"{path}: FID statistics need at least 2 images, got {len(src)}")
-    if not 0 <= rank < world or world > 1 and (reduce is None or features and gather is None):
+    if not 0 <= rank < world or world > 1 and (reduce is None or keep and gather is None):
         raise ValueError(f"shard {shard}: need 0 <= rank < world, and a reduce function when world > 1 (and a gather "
                          f"function for precision / recall or density / coverage)")
     if preprocess not in PREPROCESS_MODES:
@@ -840,20 +840,20 @@ def build_reference(path, model, which=None, preprocess="adm", batch_size=50, sh
             return cached
         if cached is not None:  # the same key: keep what it held
             which = [m for m in METRICS if m in which or m != "is" and SOURCES[m][0] in cached.holds]
-            features = "pr" in which or "dc" in which
+            keep = "pr" in which or "dc" in which
     spatial = "sfid" in which and src.spatial_stats is None
     m = -(-len(src) // world)
     stats = Stats(len(src), spatial_dim=SPATIAL_DIM if spatial else 0)
     feats = read_outputs(model, src, stats, preprocess, batch_size, min(len(src), m * rank),
-                         min(len(src), m * (rank + 1)), logits=False, keep_features=features, progress=progress)
+                         min(len(src), m * (rank + 1)), logits=False, keep_features=keep, progress=progress)
     if world > 1:
         reduce(stats.tensors)
-        feats = gather_features(feats, len(src), world, gather) if features else None
+        feats = gather_features(feats, len(src), world, gather) if keep else None
     mu_sigma = src.stats or stats.mu_sigma()
     mu_s_sigma_s = src.spatial_stats or (stats.mu_sigma(spatial=True) if spatial else (None, None))
     radii = None
-    if features:
-        ks = sorted({k for k, m in ((PR_K, "pr"), (DC_K, "dc")) if m in which})
+    if keep:  # the radii of both neighbourhood sizes when the set allows (one pass): a later request finds them
+        ks = sorted({k for k, m in ((PR_K, "pr"), (DC_K, "dc")) if m in which or k < len(feats)})
         with full_fp32():
             r = knn_radii(torch.as_tensor(feats, device=next(model.parameters()).device), ks)  # (R, len(ks))
         radii = {k: r[:, i].cpu().numpy() for i, k in enumerate(ks)}

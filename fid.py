@@ -766,9 +766,10 @@ def gather_features(features, total, world=1, gather=None):
     """Every process's pool3 features (n_r, D), in process order, on every process: float32 numpy (sum_r n_r, D).
 
     total: the number of samples over all processes, of which each has at most m = ceil(total / world) (fewer when
-    some were unreadable). Each pads its rows to m with NaN rows, `gather(tensor)` returns the (world m, D)
-    concatenation of every process's (m, D) tensor in rank order (dist.all_gather_into_tensor), and the NaN rows are
-    dropped: one copy of the features per process (a second while dropping, only when there was padding)."""
+    some were unreadable). Each pads its rows to m with NaN rows; `gather(tensor)` takes this process's (m, D) CPU
+    float32 tensor and returns every process's, concatenated in rank order, (world m, D) on any device (e.g.
+    dist.all_gather_into_tensor on the GPU); the NaN rows are dropped. One copy of the features per process (a second
+    while dropping, only when there was padding)."""
     features = np.asarray(features, np.float32)
     if world == 1:
         return features

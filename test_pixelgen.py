@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 import weakref
@@ -2132,6 +2133,11 @@ def _save_weights(path):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def fid_weights(tmp_path_factory):  # the random-weight Inception's file, written once
+    return _save_weights(tmp_path_factory.mktemp("fid") / "inception.pth")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Network
 
@@ -2436,10 +2442,111 @@ def test_fid_precision_recall():
     assert fid.precision_recall(ref, sam, batch_size=7, device="cpu") == pytest.approx(expected, abs=1e-12)
     assert fid.precision_recall(ref, ref, batch_size=9, device="cpu") == (1.0, 1.0)
     assert fid.precision_recall(ref, sam + 1000, device="cpu") == (0.0, 0.0)
-    radii = fid.manifold_radii(torch.tensor(ref, dtype=torch.float32), k=3, batch_size=11)
-    np.testing.assert_array_equal(radii.numpy(), np.sort(((ref[:, None] - ref[None]) ** 2).sum(-1), 1)[:, 3])
+    radii = fid.knn_radii(torch.tensor(ref, dtype=torch.float32), (3, 5), batch_size=11)  # (60, 2), one pass
+    np.testing.assert_array_equal(radii.numpy(), np.sort(((ref[:, None] - ref[None]) ** 2).sum(-1), 1)[:, [3, 5]])
     with pytest.raises(ValueError, match="more than k"):
         fid.precision_recall(ref[:3], sam, device="cpu")
+
+
+def test_fid_density_coverage_and_precision_recall_by_hand():
+    # 1-D, k = 1 (nearest neighbour). Reference 0, 1, 3, 6: squared radii 1, 1, 4, 9. Samples 1, 2, 4.5, 10: squared
+    # radii 1, 1, 6.25, 30.25. Sample 1 lies on the boundary of reference 0's ball (d^2 = 1), and of reference 3's;
+    # sample 2 on reference 1's; reference 0 on sample 1's.
+    ref, sam = np.array([[0.0], [1], [3], [6]]), np.array([[1.0], [2], [4.5], [10]])
+    for b in (1, 3, 10000):
+        got = fid.neighbour_metrics(ref, sam, k_pr=1, k_dc=1, batch_size=b, device="cpu")
+        # precision: 1, 2, 4.5 in some reference ball (boundaries count, `<=`); recall: every reference point is in a
+        # sample ball, reference 0 only on the boundary of sample 1's.
+        assert got["precision"] == 0.75 and got["recall"] == 1.0
+        # density: strictly inside (`<`): sample 1 in ball 1 only, 2 in ball 3, 4.5 in balls 3 and 6, 10 in none:
+        # 4 / (k M) = 4 / 4; coverage: balls 1, 3, 6 hold a sample, ball 0 only on its boundary: 3 / 4.
+        assert got["density"] == 1.0 and got["coverage"] == 0.75
+    # Duplicates: the two 0s are each other's nearest neighbour, radius 0: a sample at 0 is inside for precision
+    # (0 <= 0) but not for density / coverage (0 < 0 is false). Ball radii^2: 0, 0, 1, 4; sample 2 is strictly inside
+    # only reference 3's ball (d^2 1 < 4), on reference 1's boundary.
+    ref, sam = np.array([[0.0], [0], [1], [3]]), np.array([[0.0], [2]])
+    got = fid.neighbour_metrics(ref, sam, k_pr=1, k_dc=1, device="cpu")
+    assert got == dict(precision=1.0, recall=1.0, density=0.5, coverage=0.25)
+    assert fid.neighbour_metrics(ref, sam, ("dc",), k_dc=1, device="cpu") == dict(density=0.5, coverage=0.25)
+    # Defaults (k = 3 and 5) against Naeem et al.'s definitions written out on euclidean distances, integer points
+    # (exact squared distances in float32, many ties); radii precomputed or not, any block size.
+    rng = np.random.default_rng(0)
+    ref, sam = rng.integers(-4, 5, (40, 3)).astype(float), rng.integers(-3, 6, (30, 3)).astype(float)
+    d_rs = np.sqrt(((ref[:, None] - sam[None]) ** 2).sum(-1))  # (R, S)
+    r5 = np.sort(np.sqrt(((ref[:, None] - ref[None]) ** 2).sum(-1)), 1)[:, 5]
+    expected = dict(zip(("precision", "recall"), _precision_recall_numpy(ref, sam)),
+                    density=(d_rs < r5[:, None]).sum() / (5 * len(sam)), coverage=(d_rs.min(1) < r5).mean())
+    assert 0 < expected["density"] and 0 < expected["coverage"] < 1
+    radii = dict(zip((3, 5), fid.knn_radii(torch.tensor(ref, dtype=torch.float32), (3, 5)).T))
+    for kw in (dict(), dict(batch_size=7), dict(ref_radii=radii, batch_size=11)):
+        assert fid.neighbour_metrics(ref, sam, device="cpu", **kw) == pytest.approx(expected, abs=1e-12)
+    # A neighbourhood as large as a set: a clear error (density / coverage need more than 5 reference points,
+    # precision / recall more than 3 in each set).
+    with pytest.raises(ValueError, match="5-th nearest neighbour needs more than k=5 points per set, got 5"):
+        fid.neighbour_metrics(ref[:5], sam, ("dc",), device="cpu")
+    with pytest.raises(ValueError, match="more than k=3 points per set, got 3"):
+        fid.neighbour_metrics(ref, sam[:3], ("pr",), device="cpu")
+    assert fid.neighbour_metrics(ref[:6], sam[:3], ("dc",), device="cpu")  # density / coverage use no sample balls
+
+
+def test_fid_sfid_features_are_mixed_6d_branch1x1():
+    model = _random_inception()
+    x = _images(2, 40, 40, seed=5)
+    seen = []
+    hook = model.Mixed_6d.branch1x1.register_forward_hook(lambda m, inputs, out: seen.append(out.clone()))
+    try:
+        feats, logits, spatial = fid.get_features(model, x, return_logits=True, return_spatial=True)
+    finally:
+        hook.remove()
+    assert spatial.shape == (2, fid.SPATIAL_DIM) == (2, 2023) and spatial.dtype == np.float64
+    # Our recomputation and Mixed_6d's own branch: both calls of the module ran, with equal outputs (B, 192, 17, 17).
+    assert len(seen) == 2 and seen[0].shape == (2, 192, 17, 17) and torch.equal(seen[0], seen[1])
+    layer = seen[1].double().numpy()
+    # The first 7 channels after the ReLU, flattened per image in NHWC order: value (h, w, c) at (h * 17 + w) * 7 + c.
+    np.testing.assert_array_equal(spatial, layer[:, :7].transpose(0, 2, 3, 1).reshape(2, -1))
+    assert spatial[1, (5 * 17 + 11) * 7 + 4] == layer[1, 4, 5, 11]
+    assert spatial.min() == 0 and spatial.max() > 0  # ReLU output
+    assert np.array_equal(feats, fid.get_features(model, x)) and logits.shape == (2, 1008)  # pool3 unchanged
+
+
+def test_fid_stats_spatial_and_unreadable_any_order_and_sharding():
+    rng = np.random.default_rng(1)
+    n, d, ds, c, split = 61, 5, 6, 4, 20
+    feats, spatial, logits = rng.standard_normal((n, d)), rng.standard_normal((n, ds)) + 2, rng.standard_normal((n, c))
+    unreadable = np.array([3, 20, 21, 60])  # split 0 loses one, split 1 two, split 3 (just index 60) its only one
+    readable = np.setdiff1d(np.arange(n), unreadable)
+    expected_is = np.mean([_inception_score_numpy(logits[readable[(readable >= s) & (readable < s + split)]], split)
+                           for s in (0, 20, 40)])
+    for world in (1, 3):  # shards of shuffled samples in random batches, skipped ones too, then summed
+        parts, perm = [fid.Stats(n, split, dim=d, classes=c, spatial_dim=ds) for _ in range(world)], rng.permutation(n)
+        for r, part in enumerate(parts):
+            rows = perm[r::world]
+            part.skip(np.intersect1d(rows, unreadable))
+            for chunk in np.array_split(np.setdiff1d(rows, unreadable), 3):
+                rng.shuffle(chunk)
+                part.add(feats[chunk], logits[chunk], spatial[chunk], index=chunk)
+        _all_reduce([p.tensors for p in parts])
+        stats = parts[-1]
+        assert stats.holds == {"mu", "mu_s", "logits"}
+        for got, want in ((stats.mu_sigma(), feats[readable]), (stats.mu_sigma(spatial=True), spatial[readable])):
+            np.testing.assert_allclose(got[0], want.mean(0), rtol=1e-12)
+            np.testing.assert_allclose(got[1], np.cov(want, rowvar=False), rtol=1e-10, atol=1e-14)
+        assert stats.inception_score() == pytest.approx(expected_is, rel=1e-12)  # the empty split 3 drops out
+    # Spatial features are required exactly when kept; statistics without them have no sFID.
+    with pytest.raises(ValueError, match="spatial features must be given exactly when"):
+        stats.add(feats[:1], index=[0])
+    plain = fid.Stats(n, split, dim=d, classes=c)
+    with pytest.raises(ValueError, match="spatial features must be given exactly when"):
+        plain.add(feats[:1], spatial=spatial[:1])
+    plain.add(feats[:2])
+    assert plain.holds == {"mu"}
+    with pytest.raises(ValueError, match="no sFID features"):
+        plain.mu_sigma(spatial=True)
+    half = fid.Stats(n, split, dim=d, classes=c)
+    half.skip(unreadable)
+    half.add(feats[:10])
+    with pytest.raises(ValueError, match=r"features of 10 samples were added \(4 more skipped\), but the set has n=61"):
+        half.mu_sigma()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2517,8 +2624,8 @@ def test_fid_error_messages(tmp_path, monkeypatch):
         fid.Source(str(tmp_path / "nowhere"))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="broken.png"):
-        list(fid.Source(str(tmp_path / "bad")).batches())
+    with pytest.warns(UserWarning, match="skipped 1 unreadable of 1 images: .*broken.png"):
+        assert list(fid.Source(str(tmp_path / "bad")).batches()) == []
     np.savez(tmp_path / "other.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="arr_0"):
         fid.Source(str(tmp_path / "other.npz"))
@@ -2581,3 +2688,198 @@ def test_fid_cli_end_to_end(tmp_path, capsys):
     assert res2["fid"] == pytest.approx(res["fid"], rel=1e-6)
     with pytest.raises(SystemExit, match="only mu / sigma"):
         fid.main([str(tmp_path / "s.npz"), str(tmp_path / "ref.npz"), "--pr", "--weights", weights])
+
+
+def _fake_network(monkeypatch):
+    """For tests of the plumbing around them: the Inception becomes a fixed function of the pixels, and the Frechet
+    distance of 2048-d statistics (seconds on 2 cores, more when singular) a cheap one of all their entries.
+    Returns the list of batch sizes the Inception was called with."""
+    calls = []
+    monkeypatch.setattr(fid, "frechet_distance", lambda mu1, sigma1, mu2, sigma2: float(
+        np.sum((mu1 - mu2) ** 2) + np.sum((sigma1 - sigma2) ** 2) + np.trace(sigma1) / 1000))
+
+    def outputs(model, images, preprocess="adm", spatial=False):
+        calls.append(len(images))
+        x = fid.as_uint8_nchw(images).double().flatten(1).numpy() / 255  # (B, 3 H W)
+        f = np.tile(x, (1, -(-2048 // x.shape[1])))[:, :2048] + (preprocess == "pytorch-fid")  # (B, 2048)
+        return (f, 5 * f[:, :1008]) + ((np.sqrt(f[:, :2023]),) if spatial else ())
+
+    monkeypatch.setattr(fid, "inception_outputs", outputs)
+    return calls
+
+
+def _run_ranks(world, fn):
+    """fn(rank, reduce, gather) in one thread per fake process, reduce and gather acting across them like
+    dist.all_reduce (SUM) of each tensor and dist.all_gather_into_tensor; returns the results in rank order."""
+    barrier, slots, results = threading.Barrier(world, timeout=120), [None] * world, [None] * world
+
+    def collective(rank, value, combine):
+        slots[rank] = value
+        barrier.wait()
+        out = combine(list(slots))
+        barrier.wait()  # nobody writes its slot again before everybody has combined
+        return out
+
+    def reduce_for(rank):
+        def reduce(tensors):
+            for t, total in zip(tensors, collective(rank, tensors, lambda all_: [sum(ts) for ts in zip(*all_)])):
+                t.copy_(total)
+        return reduce
+
+    def run(rank):
+        results[rank] = fn(rank, reduce_for(rank), lambda t: collective(rank, t, torch.cat))
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r is not None for r in results), "a fake process failed (see the thread's traceback above)"
+    return results
+
+
+def _assert_same_reference(a, b, rtol=1e-10):  # rtol=0: the same arrays
+    for x, y in ((a.mu, b.mu), (a.sigma, b.sigma), (a.mu_s, b.mu_s), (a.sigma_s, b.sigma_s)):
+        assert np.array_equal(x, y) if rtol == 0 else np.allclose(x, y, rtol=rtol, atol=1e-12)
+    assert np.array_equal(a.features, b.features) and a.radii.keys() == b.radii.keys()
+    assert all(np.array_equal(a.radii[k], b.radii[k]) for k in a.radii)
+
+
+def test_fid_reference_cache(tmp_path, monkeypatch):
+    calls = _fake_network(monkeypatch)
+    np.savez(tmp_path / "ref.npz", arr_0=_images(7, 8, 8, seed=4).permute(0, 2, 3, 1).numpy())
+    ref, cache, model = str(tmp_path / "ref.npz"), str(tmp_path / "cache"), nn.Linear(2, 2)
+
+    def build(which=None, preprocess="adm", net=model):
+        calls.clear()
+        got = fid.build_reference(ref, net, which, preprocess, batch_size=3, cache_dir=cache)
+        return got, sum(calls)
+
+    first, n = build()
+    assert n == 7 and first.holds == {"mu", "mu_s", "features"} and set(first.radii) == {3, 5}
+    assert first.features.shape == (7, 2048) and first.features.dtype == np.float32
+    [file] = os.listdir(cache)
+    again, n = build()  # read back, nothing computed: the same arrays
+    assert n == 0
+    _assert_same_reference(again, first, rtol=0)
+    assert build(("fid", "pr"))[1] == 0  # asking for less: the cache serves it
+    # A changed key recomputes and overwrites: the file's mtime, other weights, another preprocessing (another file).
+    os.utime(ref, ns=(os.stat(ref).st_atime_ns, os.stat(ref).st_mtime_ns + 10**9))
+    assert build()[1] == 7 and build()[1] == 0 and os.listdir(cache) == [file]
+    other = nn.Linear(2, 2)
+    assert build(net=other)[1] == 7 and build()[1] == 7 and build()[1] == 0
+    pytorch_fid, n = build(preprocess="pytorch-fid")
+    assert n == 7 and not np.array_equal(pytorch_fid.features, first.features) and len(os.listdir(cache)) == 2
+    assert build()[1] == 0
+    # The same key but a request for more than the file holds: recomputed, and the file then holds both.
+    os.remove(os.path.join(cache, file))
+    assert build(("fid",))[1] == 7 and build(("fid",))[1] == 0
+    assert build(("fid", "dc"))[1] == 7 and build()[1] == 7 and build()[1] == 0  # sfid and pr were still missing
+    with open(os.path.join(cache, file), "wb") as f:
+        f.write(b"garbage")  # a broken file is recomputed, not trusted
+    assert build()[1] == 7 and build()[1] == 0 and not [f for f in os.listdir(cache) if f.endswith(".tmp")]
+    # Sharded: all processes use the cache, or none does (here rank 1 sees another reference mtime: both compute).
+    results = _run_ranks(2, lambda rank, reduce, gather: fid.build_reference(
+        ref, model, None, batch_size=3, shard=(rank, 2), reduce=reduce, gather=gather, cache_dir=cache))
+    for got in results:
+        _assert_same_reference(got, first, rtol=0)
+    calls.clear()
+    real_load = fid._load_cache
+    monkeypatch.setattr(fid, "_load_cache", lambda file, key, name: real_load(file, key, name)
+                        if threading.current_thread().name != "rank1" else None)
+    results = _run_ranks(2, lambda rank, reduce, gather: (threading.current_thread().__setattr__("name", f"rank{rank}"),
+                         fid.build_reference(ref, model, None, batch_size=3, shard=(rank, 2), reduce=reduce,
+                                             gather=gather, cache_dir=cache))[1])
+    assert sum(calls) == 7  # 4 + 3 images, computed by both processes
+    for got in results:
+        _assert_same_reference(got, first)
+
+
+def test_fid_unreadable_images_are_skipped(tmp_path, monkeypatch):
+    calls = _fake_network(monkeypatch)
+    images, model = _images(9, 8, 8, seed=6).permute(0, 2, 3, 1).numpy(), nn.Linear(2, 2)
+    for folder, bad in (("ref", ()), ("ref_bad", ("2b", "6b")), ("sam", ()), ("sam_bad", ("0b", "4b", "gone"))):
+        (tmp_path / folder).mkdir()
+        for i, image in enumerate(images[:8] if folder.startswith("ref") else images[1:]):
+            Image.fromarray(image).save(tmp_path / folder / f"{i}.png")
+        for i, name in enumerate(bad):  # an empty file, a truncated PNG, one that read_image fails on otherwise
+            (tmp_path / folder / f"{name}.png").write_bytes((tmp_path / folder / "1.png").read_bytes()[:50 * i])
+    real_read = fid.read_image
+    monkeypatch.setattr(fid, "read_image", lambda p: real_read(p) if "gone" not in p else (_ for _ in ()).throw(
+        RuntimeError("vanished")))
+
+    def metrics(sam, ref, world=1):  # compute_metrics of a sample folder, the reference sharded over `world`
+        stats = fid.Stats(len(fid.Source(sam)), spatial_dim=fid.SPATIAL_DIM)
+        feats = fid.read_outputs(model, fid.Source(sam), stats, batch_size=3, keep_features=True)
+        refs = _run_ranks(world, lambda rank, reduce, gather: fid.build_reference(
+            ref, model, batch_size=2, shard=(rank, world), reduce=reduce, gather=gather))
+        return [fid.compute_metrics(stats, r, feats, device="cpu") for r in refs]
+
+    [clean] = metrics(str(tmp_path / "sam"), str(tmp_path / "ref"))
+    assert clean.keys() == {"fid", "sfid", "inception_score", "precision", "recall", "density", "coverage"}
+    calls.clear()
+    with pytest.warns(UserWarning) as caught:
+        got = metrics(str(tmp_path / "sam_bad"), str(tmp_path / "ref_bad"), world=3)
+    assert sum(calls) == 8 + 8  # the readable ones, once each
+    assert all(g == pytest.approx(clean, rel=1e-9) for g in got)  # the statistics of the readable images alone
+    # One warning per pass over a range with unreadable files: the samples, and the reference's shards [0, 4), [8, 10)
+    # (sorted: 0 1 2 2b 3 4 5 6 6b 7); the first file with its error, then the names.
+    ref_a, ref_b, sam = sorted((str(w.message) for w in caught), key=lambda m: ("sam_bad" in m, "6b" in m))
+    assert "ref_bad: skipped 1 unreadable of 4 images: " in ref_a and "2b.png (cannot read image" in ref_a
+    assert "ref_bad: skipped 1 unreadable of 2 images: " in ref_b and "6b.png (cannot read image" in ref_b
+    assert "sam_bad: skipped 3 unreadable of 11 images: " in sam and "0b.png (cannot read image" in sam
+    assert "4b.png, " in sam and sam.endswith("gone.png")
+
+
+def test_fid_metrics_cli_equals_library(tmp_path, monkeypatch, capsys, fid_weights):
+    _fake_network(monkeypatch)
+    weights, model = fid_weights, _random_inception()
+    sam_images = _images(9, 8, 8, seed=7).permute(0, 2, 3, 1).numpy()
+    (tmp_path / "samples").mkdir()
+    for i, image in enumerate(sam_images):
+        Image.fromarray(image).save(tmp_path / "samples" / f"{i:02d}.png")
+    ref, sam = str(tmp_path / "ref.npz"), str(tmp_path / "samples")
+    np.savez(ref, arr_0=_images(8, 8, 8, seed=8).permute(0, 2, 3, 1).numpy())
+    cli = fid.main([sam, ref, "--weights", weights, "--device", "cpu", "--cache-dir", str(tmp_path / "cache")])
+    assert list(cli) == ["fid", "sfid", "inception_score", "precision", "recall", "density", "coverage"]
+    out = capsys.readouterr().out
+    assert all(f"{fid.RESULTS[k]}: {v:.6g}\n" in out for k, v in cli.items())
+    # The library, as pixelgen.py runs it: the cached Reference, the samples' Stats and features sharded i mod world
+    # (per batch: pool3, logits, sFID's features), summed, gathered, then compute_metrics.
+    reference = fid.build_reference(ref, model, cache_dir=str(tmp_path / "cache"))
+
+    def rank_metrics(rank, reduce, gather, world):
+        mine = np.arange(rank, len(sam_images), world)
+        stats, kept = fid.Stats(len(sam_images), spatial_dim=fid.SPATIAL_DIM), []
+        for idx in np.array_split(mine, 2):
+            f, logits, spatial = fid.get_features(model, sam_images[idx], return_logits=True, return_spatial=True)
+            stats.add(f, logits, spatial, index=idx)
+            kept.append(f)
+        if world > 1:
+            reduce(stats.tensors)
+        return fid.compute_metrics(stats, reference, fid.gather_features(np.concatenate(kept), len(sam_images), world,
+                                                                          gather), device="cpu")
+
+    for world in (1, 3):
+        for got in _run_ranks(world, lambda rank, reduce, gather: rank_metrics(rank, reduce, gather, world)):
+            assert list(got) == list(cli) and got == pytest.approx(cli, rel=1e-12)
+            assert [got[k] for k in ("precision", "recall", "density", "coverage")] == [
+                cli[k] for k in ("precision", "recall", "density", "coverage")]  # set functions: exactly
+    # A statistics-only reference: by default the metrics it allows; asked for more, a clear error.
+    assert fid.main([ref, "--save-stats", str(tmp_path / "ref_stats.npz"), "--weights", weights]) == {}
+    with np.load(tmp_path / "ref_stats.npz") as z:
+        assert sorted(z.files) == ["mu", "mu_s", "sigma", "sigma_s"]
+        np.savez(tmp_path / "mu_only.npz", mu=z["mu"], sigma=z["sigma"])
+    stats_only = fid.main([sam, str(tmp_path / "ref_stats.npz"), "--weights", weights])
+    assert stats_only == {k: pytest.approx(cli[k], rel=1e-9) for k in ("fid", "sfid", "inception_score")}
+    assert fid.main([sam, str(tmp_path / "mu_only.npz"), "--weights", weights]).keys() == {"fid", "inception_score"}
+    for flags, message in [(["--prdc"], "mu_only.npz holds only mu / sigma: precision / recall and density / coverage "
+                                        r"need pool3 features or images \(arr_0\)"),
+                           (["--sfid"], r"sFID needs mu_s / sigma_s or images \(arr_0\)"),
+                           (["--all"], "sFID needs .*; precision / recall and density / coverage need")]:
+        with pytest.raises(SystemExit, match=message):
+            fid.main([sam, str(tmp_path / "mu_only.npz"), "--weights", weights, *flags])
+    # Tiny values print as such (e.g. the FID of a set with itself, rounding errors), not as 0.000000.
+    monkeypatch.setattr(fid, "frechet_distance", lambda *stats: 2.5e-14)
+    fid.main([sam, str(tmp_path / "mu_only.npz"), "--weights", weights])
+    assert "FID: 2.5e-14\n" in capsys.readouterr().out

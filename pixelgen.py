@@ -514,9 +514,10 @@ class Config:
     ckpt: str = ""                    # --sample: our checkpoint or an official Lightning .ckpt; "" = OUT_DIR/ckpt.pt
     ema_decay: tuple = ()             # --sample: EMA decay(s) of the checkpoint to sample; () = its first
     unsafe_load: bool = False         # allow unpickling arbitrary objects (trusted official files only)
-    fid_ref: str = ""                 # FID/IS against an ADM reference batch, a statistics npz or an image folder
+    fid_ref: str = ""                 # evaluate against an ADM reference batch, a statistics npz or an image folder
     fid_weights: str = ""             # pt_inception-2015-12-05-6726825d.pth; "" = torch hub cache
     fid_preprocess: str = "adm"       # adm (ADM suite, torch-fidelity) | pytorch-fid
+    metrics: tuple = ()               # some of fid sfid is pr dc (fid.py); () = every one the reference allows
     eval_every: int = 0               # --train: evaluate the EMA model(s) every N steps and at the end; 0 = never
     eval_samples: int = 50000         # --train: images per online evaluation (official validation: 50000)
     # bookkeeping
@@ -770,6 +771,11 @@ class Procs(NamedTuple):
     def all_sum(self, tensors):  # sum host tensors over the processes, in place
         for u in tensors if self.ctrl is not None else ():
             dist.all_reduce(u, group=self.ctrl)
+
+    def gather(self, u):  # every process's host tensor u, in rank order, in one buffer (one copy per process)
+        out = torch.empty((self.world * len(u), *u.shape[1:]), dtype=u.dtype)
+        dist.all_gather(list(out.chunk(self.world)), u, group=self.ctrl)
+        return out
 
 
 def setup_dist(cfg):
@@ -1176,8 +1182,9 @@ def evaluate_online(emas, cfg, procs, step, log, fid_ctx):  # a failure (on any 
     except Exception as e:
         return log(f"evaluation at step {step} failed, training goes on: {e!r}")
     for r in rows:
-        log(f"eval step {step} ema {r['ema']} cfg {r['cfg_scale']:g}: FID {r['fid']:.3f} IS {r['inception_score']:.2f} "
-            f"({time.time() - t0:.0f} s)", dict(step=step, **r, eval_seconds=round(time.time() - t0, 1)))
+        log(f"eval step {step} ema {r['ema']} cfg {r['cfg_scale']:g}: " + ", ".join(
+            f"{name} {r[k]:.4g}" for k, name in COLUMNS.items() if k in r) + f" ({time.time() - t0:.0f} s)",
+            dict(step=step, **r, eval_seconds=round(time.time() - t0, 1)))
 
 
 def grid(emas, cfg, procs, step, log):  # a sample grid from the first EMA, one column per class
@@ -1255,46 +1262,67 @@ def save_grid(imgs, path, classes):  # (B, H, W, 3) uint8 -> one PNG; one column
 
 
 
-def fid_setup(cfg, procs):  # (FID Inception, kept on the CPU; reference (mu, sigma)), once per run, sharded
+COLUMNS = dict(fid="FID", sfid="sFID", inception_score="IS", precision="Prec", recall="Recall", density="Density",
+               coverage="Coverage")  # the paper's table and the ADM suite's, plus Naeem et al.'s two
+
+
+def eval_table(rows):  # a line per setting with every metric it has; the best FID is marked when there are several
+    cols, best = [k for k in COLUMNS if k in rows[0]], min(rows, key=lambda r: r.get("fid", 0))
+    lines = [f"{'ema':>8} {'cfg':>6}" + "".join(f"{COLUMNS[k]:>10}" for k in cols)]
+    for r in rows:
+        lines.append(f"{r['ema']!s:>8} {r['cfg_scale']:>6g}" + "".join(f"{r[k]:>10.4g}" for k in cols)
+                     + ("  <- best FID" if r is best and len(rows) > 1 else ""))
+    return "\n".join(lines)
+
+
+def fid_setup(cfg, procs):
+    """(FID Inception, kept on the CPU between evaluations; the reference side of every metric; the metrics), once
+    per run: features and statistics of the reference images, sharded over the processes and cached in OUT_DIR, so
+    that sweeps and later evaluations reuse them (keyed by the reference file, the Inception's weights and the
+    preprocessing; a stale cache is never used)."""
     try:
         net = fid.load_inception(cfg.fid_weights or None, procs.device)
-        ref = fid.reference_stats(cfg.fid_ref, net, cfg.fid_preprocess, shard=(procs.rank, procs.world),
-                                  reduce=procs.all_sum)
+        ref = fid.build_reference(cfg.fid_ref, net, cfg.metrics or None, cfg.fid_preprocess, shard=(procs.rank,
+                                  procs.world), reduce=procs.all_sum, gather=procs.gather, cache_dir=cfg.out_dir)
+        return net.cpu(), ref, fid.resolve_metrics(cfg.metrics or None, ref)
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {str(e).replace('(--weights)', '(--fid_weights)')}")
-    return net.cpu(), ref
 
 
 def evaluate(emas, n, cfg, procs, out_dir=None, fid_ctx=None):
     """The sampling loop of --sample, online evaluation and sweeps. For every EMA model and CFG scale: n images, image
     i of class i % K from noise seeded by (seed, i) (the same for every setting), sharded over the processes (rank
-    i mod world). With out_dir, writes each setting's samples (ADM npz, grid, PNGs with --save_pngs); with fid_ctx =
-    (Inception, reference stats), returns a row of FID and IS per setting, from features sharded like the images.
-    Each process's work is checked by all before the next collective: a failure anywhere raises everywhere."""
+    i mod world). With out_dir, writes each setting's samples (ADM npz, grid, PNGs with --save_pngs); with fid_ctx,
+    returns a row per setting of every metric, from Inception outputs computed where the images are: sums over the
+    processes, pool3 features gathered for the nearest neighbours. A failure anywhere raises everywhere."""
     rows, net = [], fid_ctx[0].to(procs.device) if fid_ctx else None
+    which = [m for m in fid_ctx[2] if m != "pr" or cfg.metrics or n > fid.PR_K] if fid_ctx else ()  # (k = 3)
     try:
         for d, model in emas.items():
             for w in cfg.cfg_scale:
                 tag = "" if len(emas) * len(cfg.cfg_scale) == 1 else f"_ema{d}_cfg{w:g}"
-                stats = procs.together(sample_shard, model, w, n, tag, cfg, procs, out_dir, net)
+                stats, feats = procs.together(sample_shard, model, w, n, tag, cfg, procs, out_dir, net, which)
                 if out_dir:  # rank 0 merges the shards while the others wait on the host
                     procs.together(merge_samples, n, os.path.join(out_dir, f"samples{tag}.npz"), model, procs)
                 if net:
                     procs.all_sum(stats.tensors)
+                    feats = fid.gather_features(feats, n, procs.world, procs.gather) if feats is not None else None
                     rows.append(dict(ema=d, cfg_scale=w, sampler=cfg.sampler, sample_steps=cfg.sample_steps,
-                                     time_shift=cfg.time_shift, num_samples=n, fid=fid.frechet_distance(
-                                         *stats.mu_sigma(), *fid_ctx[1]), inception_score=stats.inception_score()))
+                                     time_shift=cfg.time_shift, num_samples=n, **fid.compute_metrics(
+                                         stats, fid_ctx[1], feats, which, device=procs.device)))
     finally:
         if net:
             net.cpu()  # the Inception does not stay in GPU memory between evaluations
     return rows
 
 
-def sample_shard(model, w, n, tag, cfg, procs, out_dir, net):
-    """This process's images of one setting (i = rank, rank + world, ...): Inception statistics with `net`, and with
-    out_dir a shard file (and PNGs) for merge_samples. Local work only: no collective."""
+def sample_shard(model, w, n, tag, cfg, procs, out_dir, net, which):
+    """This process's images of one setting (i = rank, rank + world, ...), local work only: with `net` their Inception
+    sums (and pool3 features for precision / recall, density / coverage), with out_dir a shard file (and PNGs) for
+    merge_samples."""
     mine, bs = list(range(procs.rank, n, procs.world)), max(1, cfg.batch_size // procs.world)
-    stats, imgs = fid.Stats(n) if net else None, []
+    stats, imgs, feats = fid.Stats(n, spatial_dim=fid.SPATIAL_DIM * ("sfid" in which)) if net else None, [], []
+    keep = net is not None and bool({"pr", "dc"} & set(which))  # the pool3 features, for nearest neighbours
     pngs = os.path.join(out_dir, f"images{tag}") if out_dir and cfg.save_pngs else None
     if out_dir:
         os.makedirs(pngs or out_dir, exist_ok=True)
@@ -1302,7 +1330,9 @@ def sample_shard(model, w, n, tag, cfg, procs, out_dir, net):
         idx = mine[j: j + bs]
         im = sample_images(model, idx, cfg, procs.device, w)
         if net:
-            stats.add(*fid.get_features(net, im, cfg.fid_preprocess, return_logits=True), index=idx)
+            f, logits, *spatial = fid.inception_outputs(net, im, cfg.fid_preprocess, spatial="sfid" in which)
+            stats.add(f, logits, *spatial, index=idx)
+            feats += [f.astype(np.float32)] if keep else []
         imgs += [im] if out_dir else []
         for i, a in zip(idx, im if pngs else []):
             Image.fromarray(a).save(os.path.join(pngs, f"{i:06d}.png"))
@@ -1310,7 +1340,7 @@ def sample_shard(model, w, n, tag, cfg, procs, out_dir, net):
         size = model.grid * model.patch_size
         np.savez(os.path.join(out_dir, f"samples{tag}_rank{procs.rank}.npz"), idx=mine,
                  arr_0=np.concatenate(imgs) if imgs else np.zeros((0, size, size, 3), np.uint8))
-    return stats
+    return stats, (np.concatenate(feats) if feats else np.zeros((0, 2048), np.float32)) if keep else None
 
 
 def merge_samples(n, path, model, procs):  # rank 0: the shards -> one ADM npz in index order (+ its grid)
@@ -1345,12 +1375,7 @@ def sample_main(cfg):
         with open(out + ".tmp", "w") as f:
             json.dump((json.load(open(out)) if os.path.isfile(out) else []) + rows, f, indent=1)
         os.replace(out + ".tmp", out)
-        best = min(rows, key=lambda r: r["fid"])
-        print(f"{'ema':>8} {'cfg':>6} {'FID':>9} {'IS':>9}")
-        for r in rows:
-            print(f"{r['ema']!s:>8} {r['cfg_scale']:>6g} {r['fid']:>9.3f} {r['inception_score']:>9.2f}"
-                  + ("  <- best FID" if r is best and len(rows) > 1 else ""))
-        print(f"appended {len(rows)} row(s) to {out}")
+        print(eval_table(rows) + f"\nappended {len(rows)} row(s) to {out}")
     if procs.ddp:
         dist.destroy_process_group()
 
@@ -1438,7 +1463,7 @@ MODES = dict(train="train; under torchrun on all processes; resumes from OUT_DIR
 
 SAMPLE_FLAGS = ("recipe", "out_dir", "device", "seed", "batch_size", "compile", "t_eps", "sampler", "sample_steps",
                 "cfg_scale", "cfg_interval", "time_shift", "num_samples", "save_pngs", "ckpt", "ema_decay",
-                "unsafe_load", "fid_ref", "fid_weights", "fid_preprocess", "background")  # the Config --sample reads
+                "unsafe_load", "fid_ref", "fid_weights", "fid_preprocess", "metrics", "background")  # what --sample reads
 
 
 def cli():  # the parser: the modes, then one flag per Config field, its help the field's comment in Config
@@ -1451,7 +1476,7 @@ def cli():  # the parser: the modes, then one flag per Config field, its help th
     choices = dict(recipe=["auto", *RECIPES], model=list(MODELS), sampler=list(SAMPLERS),
                    device=["auto", "cpu", "cuda"], perceptual_init=["pretrained", "random"],
                    fid_preprocess=["adm", "pytorch-fid"])
-    tuples = dict(cfg_interval=(float, 2), background=(int, 3))  # (type, count); other tuples: one or more floats
+    tuples = dict(cfg_interval=(float, 2), background=(int, 3), metrics=(str, "+"))  # (type, count); else floats
     group, groups = "", {}
     for line in inspect.getsource(Config).splitlines():
         name, _, text = line.strip().partition("#")
@@ -1529,6 +1554,8 @@ def flag_errors(cfg, mode):  # a message for each bad value, in order; parse_arg
         yield f"--repa_layer {cfg.repa_layer} must be below {MODELS[cfg.model]['depth']}, the depth of {cfg.model}"
     if (cfg.eval_samples if mode == "train" and cfg.eval_every else cfg.num_samples if cfg.fid_ref else 2) < 2:
         yield "FID needs at least 2 samples (--eval_samples, --num_samples)"
+    if set(cfg.metrics) - set(fid.METRICS):
+        yield f"--metrics takes some of {' '.join(fid.METRICS)}, got {' '.join(cfg.metrics)}"
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         yield "--wandb needs the wandb package (pip install wandb); it is not a dependency of this project"
 

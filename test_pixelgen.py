@@ -1612,8 +1612,26 @@ def _slow_save(rank, out, mp):  # rank 0 writes a checkpoint for longer than the
     pg.train(small_cfg(out, max_steps=3, ckpt_every=2))
 
 
+def _sample_args(root, out, world):  # --sample of a sweep with every metric, 2 images per batch and process
+    return ["--sample", "--ckpt", os.path.join(root, "ckpt.pt"), "--out_dir", out, "--num_samples", "8",
+            "--batch_size", str(2 * world), "--sample_steps", "2", "--fid_ref", os.path.join(root, "ref.npz"),
+            "--fid_weights", os.path.join(root, "inception.pth"), "--cfg_scale", "1", "2"]
+
+
+def _eval_files(root):  # a small checkpoint, a reference batch and Inception weights, for both process counts
+    m = randomize(pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10))
+    torch.save(dict(model=m.state_dict(), ema=m.state_dict(), emas={"0.9999": m.state_dict()}),
+               os.path.join(root, "ckpt.pt"))
+    _fid_files(root)
+
+
+def _sample(rank, out, mp):  # --sample with a sweep and every metric, sharded over 2 processes
+    _next_port()
+    pg.main(_sample_args(os.path.dirname(out), out, world=2))
+
+
 SCENARIOS = dict(split=_split, grad=_grad, stop=_stop, late_stop=_late_stop, eval_fails=_eval_fails,
-                 slow_save=_slow_save)
+                 slow_save=_slow_save, sample=_sample)
 _PORTS = []
 
 
@@ -1642,6 +1660,7 @@ def two_processes(tmp_path_factory):
     """Runs every scenario in one spawn of 2 processes (starting them costs more than most scenarios); a scenario
     that hangs (the failures these tests guard against) is killed after a while and reported by its test."""
     root = tmp_path_factory.mktemp("two_processes")
+    _eval_files(root)
     ctx = torch.multiprocessing.spawn(_two_process_worker, args=(str(root), [_free_port() for _ in range(20)]),
                                       nprocs=2, join=False)
     deadline = time.time() + 150
@@ -1724,6 +1743,27 @@ def test_a_slow_checkpoint_write_is_waited_for_on_the_host(two_processes):
     assert ckpt(out / "ckpt.pt")["step"] == 3
 
 
+def test_two_processes_sample_and_evaluate_as_one(tmp_path, two_processes):
+    """The images (sampled in batches of the same size), the Inception sums and the gathered features do not depend on
+    the number of processes: every metric agrees to the rounding of the float64 sums (amplified by FID's singular
+    covariances of 8 samples)."""
+    out, threads = _outcome(two_processes, "sample"), torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of the two processes: the same matmul kernels, the same rounding
+    try:
+        pg.main(_sample_args(str(two_processes), str(tmp_path), world=1))
+    finally:
+        torch.set_num_threads(threads)
+    one, two = (json.load(open(d / "eval.json")) for d in (tmp_path, out))
+    assert len(one) == len(two) == 2 and METRIC_KEYS <= set(one[0])
+    for a, b in zip(one, two):
+        for k in METRIC_KEYS:
+            assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-12), k
+    for setting in ("cfg1", "cfg2"):
+        with np.load(tmp_path / f"samples_ema0.9999_{setting}.npz") as a, np.load(out / f"samples_ema0.9999_"
+                                                                                  f"{setting}.npz") as b:
+            assert np.array_equal(a["arr_0"], b["arr_0"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling and evaluation
 
@@ -1803,43 +1843,51 @@ def _fid_files(tmp_path):  # random-weight Inception weights and a small ADM-sty
     return _save_weights(tmp_path / "inception.pth"), str(ref)
 
 
-def test_online_fid_equals_sample_fid_equals_fid_py(tmp_path):
+METRIC_KEYS = {"fid", "sfid", "inception_score", "precision", "recall", "density", "coverage"}
+
+
+def test_online_rows_equal_sample_rows_equal_fid_py_for_every_metric(tmp_path, monkeypatch):
     weights, ref = _fid_files(tmp_path)
     pg.train(small_cfg(tmp_path / "run", max_steps=2, eval_every=2, eval_samples=5, keep_every=2, sample_steps=2,
                        ema=(0.9, 0.5), fid_ref=ref, fid_weights=weights))
-    online = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl") if '"fid"' in l]
+    online = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"fid"' in line]
     assert [(r["step"], r["ema"], r["num_samples"]) for r in online] == [(2, 0.9, 5), (2, 0.5, 5)]
-    assert all(r["eval_seconds"] > 0 and r["inception_score"] >= 1 for r in online)
+    assert all(r["eval_seconds"] > 0 and r["inception_score"] >= 1 and METRIC_KEYS <= set(r) for r in online)
     assert not list((tmp_path / "run").glob("eval_*"))  # with a reference, no samples are kept
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "eval step 2 ema 0.9 cfg 2: FID " in log and ", sFID " in log and ", Coverage " in log
     out = tmp_path / "sampled"
-    cfg, _ = pg.parse_args(["--sample", "--ckpt", str(tmp_path / "run" / "ckpt_0000002.pt"), "--out_dir", str(out),
-                            "--num_samples", "5", "--batch_size", "4", "--ema_decay", "0.9", "0.5", "--fid_ref", ref,
-                            "--fid_weights", weights])
-    pg.sample_main(cfg)
+    args = ["--sample", "--ckpt", str(tmp_path / "run" / "ckpt_0000002.pt"), "--out_dir", str(out), "--num_samples",
+            "5", "--batch_size", "4", "--ema_decay", "0.9", "0.5", "--fid_ref", ref, "--fid_weights", weights]
+    pg.sample_main(pg.parse_args(args)[0])
     rows = json.load(open(out / "eval.json"))
     assert [(r["step"], r["ema"], r["cfg_scale"], r["sample_steps"]) for r in rows] == [(2, 0.9, 2.0, 2), (2, 0.5, 2.0, 2)]
-    assert set(rows[0]) == {"ckpt", "step", "ema", "cfg_scale", "sampler", "sample_steps", "time_shift", "num_samples",
-                            "fid", "inception_score"}
+    assert set(rows[0]) == {"ckpt", "step", "ema", "cfg_scale", "sampler", "sample_steps", "time_shift",
+                            "num_samples"} | METRIC_KEYS
     for r, o in zip(rows, online):  # the same images in the same batches: the same numbers
-        assert r["fid"] == pytest.approx(o["fid"], rel=1e-9) and r["inception_score"] == pytest.approx(o["inception_score"], rel=1e-9)
-        res = fid.main([str(out / f"samples_ema{r['ema']}_cfg2.npz"), ref, "--weights", weights, "--is"])
-        assert res["fid"] == pytest.approx(r["fid"], rel=1e-6) and res["inception_score"] == pytest.approx(
-            r["inception_score"], rel=1e-9)
+        res = fid.main([str(out / f"samples_ema{r['ema']}_cfg2.npz"), ref, "--weights", weights, "--all"])
+        for k in METRIC_KEYS:
+            assert r[k] == pytest.approx(o[k], rel=1e-9) and res[k] == pytest.approx(r[k], rel=1e-6), k
     assert online[0]["fid"] != online[1]["fid"]
+    assert list(out.glob("ref.npz.adm.*.npz"))  # the reference side, cached beside the run: the next run reuses it
+    monkeypatch.setattr(fid, "read_outputs", lambda *a, **k: pytest.fail("the reference was computed again"))
+    pg.sample_main(pg.parse_args(args + ["--ema_decay", "0.9"])[0])
+    assert json.load(open(out / "eval.json"))[-1]["fid"] == rows[0]["fid"]
 
 
 def test_sweep_rows_same_noise_and_best_marked(tmp_path, capsys):
     weights, ref = _fid_files(tmp_path)
     pg.train(small_cfg(tmp_path, max_steps=1, ema=(0.9, 0.5)))
-    args = ["--sample", "--out_dir", str(tmp_path), "--num_samples", "3", "--sample_steps", "2", "--fid_ref", ref,
+    args = ["--sample", "--out_dir", str(tmp_path), "--num_samples", "4", "--sample_steps", "2", "--fid_ref", ref,
             "--fid_weights", weights]
     pg.sample_main(pg.parse_args(args + ["--ema_decay", "0.9", "0.5", "--cfg_scale", "1", "3"])[0])
     rows = json.load(open(tmp_path / "eval.json"))
     assert [(r["ema"], r["cfg_scale"]) for r in rows] == [(0.9, 1.0), (0.9, 3.0), (0.5, 1.0), (0.5, 3.0)]
     table = capsys.readouterr().out
     best = min(rows, key=lambda r: r["fid"])
-    marked = [l for l in table.splitlines() if "<- best FID" in l]
-    assert len(marked) == 1 and f" {best['fid']:.3f} " in marked[0]
+    marked = [line for line in table.splitlines() if "<- best FID" in line]
+    header = "     ema    cfg       FID      sFID        IS      Prec    Recall   Density  Coverage"
+    assert header in table and len(marked) == 1 and f" {best['fid']:>9.4g} " in marked[0]  # every column
     for r in rows:
         assert (tmp_path / f"samples_ema{r['ema']}_cfg{r['cfg_scale']:g}.npz").exists()
         assert (tmp_path / f"grid_ema{r['ema']}_cfg{r['cfg_scale']:g}.png").exists()
@@ -1847,6 +1895,23 @@ def test_sweep_rows_same_noise_and_best_marked(tmp_path, capsys):
     with np.load(tmp_path / "samples.npz") as a, np.load(tmp_path / "samples_ema0.5_cfg3.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"])  # every setting starts from the same noise
     assert len(json.load(open(tmp_path / "eval.json"))) == 5  # appended
+
+
+def test_evaluation_metrics_follow_the_reference_and_the_flag(tmp_path):
+    weights, ref = _fid_files(tmp_path)
+    with np.load(ref) as f:  # a statistics-only reference: mu and sigma of its images, nothing else
+        mu, sigma = fid.feature_statistics(fid.get_features(fid.load_inception(weights, "cpu"), f["arr_0"]))
+    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
+    pg.train(small_cfg(tmp_path / "run", max_steps=1))
+    base = ["--sample", "--out_dir", str(tmp_path / "run"), "--num_samples", "4", "--sample_steps", "1",
+            "--fid_weights", weights]
+    for extra, want in [(["--fid_ref", str(tmp_path / "stats.npz")], {"fid", "inception_score"}),  # all it allows
+                        (["--fid_ref", ref, "--metrics", "fid", "dc"], {"fid", "density", "coverage"})]:
+        pg.sample_main(pg.parse_args(base + extra)[0])
+        assert set(json.load(open(tmp_path / "run" / "eval.json"))[-1]) & METRIC_KEYS == want
+    with pytest.raises(SystemExit, match=r"stats.npz holds only mu / sigma: precision / recall need pool3 features or "
+                                         r"images \(arr_0\)"):
+        pg.sample_main(pg.parse_args(base + ["--fid_ref", str(tmp_path / "stats.npz"), "--metrics", "fid", "pr"])[0])
 
 
 def test_evaluation_bad_input_and_failures(tmp_path, monkeypatch, capsys):

@@ -1183,7 +1183,7 @@ def evaluate_online(emas, cfg, procs, step, log, fid_ctx):  # a failure (on any 
         return log(f"evaluation at step {step} failed, training goes on: {e!r}")
     for r in rows:
         log(f"eval step {step} ema {r['ema']} cfg {r['cfg_scale']:g}: " + ", ".join(
-            f"{name} {r[k]:.4g}" for k, name in COLUMNS.items() if k in r) + f" ({time.time() - t0:.0f} s)",
+            f"{name} {r[k]:.4g}" for k, name in fid.RESULTS.items() if k in r) + f" ({time.time() - t0:.0f} s)",
             dict(step=step, **r, eval_seconds=round(time.time() - t0, 1)))
 
 
@@ -1262,24 +1262,19 @@ def save_grid(imgs, path, classes):  # (B, H, W, 3) uint8 -> one PNG; one column
 
 
 
-COLUMNS = dict(fid="FID", sfid="sFID", inception_score="IS", precision="Prec", recall="Recall", density="Density",
-               coverage="Coverage")  # the paper's table and the ADM suite's, plus Naeem et al.'s two
-
-
 def eval_table(rows):  # a line per setting with every metric it has; the best FID is marked when there are several
-    cols, best = [k for k in COLUMNS if k in rows[0]], min(rows, key=lambda r: r.get("fid", 0))
-    lines = [f"{'ema':>8} {'cfg':>6}" + "".join(f"{COLUMNS[k]:>10}" for k in cols)]
+    cols, best = [k for k in fid.RESULTS if k in rows[0]], min(rows, key=lambda r: r["fid"])  # eval.json's keys
+    lines = [f"{'ema':>8} {'cfg':>6}" + "".join(f"{k:>{max(10, len(k)) + 1}}" for k in cols)]
     for r in rows:
-        lines.append(f"{r['ema']!s:>8} {r['cfg_scale']:>6g}" + "".join(f"{r[k]:>10.4g}" for k in cols)
+        lines.append(f"{r['ema']!s:>8} {r['cfg_scale']:>6g}" + "".join(f"{r[k]:>{max(10, len(k)) + 1}.4g}" for k in cols)
                      + ("  <- best FID" if r is best and len(rows) > 1 else ""))
     return "\n".join(lines)
 
 
 def fid_setup(cfg, procs):
     """(FID Inception, kept on the CPU between evaluations; the reference side of every metric; the metrics), once
-    per run: features and statistics of the reference images, sharded over the processes and cached in OUT_DIR, so
-    that sweeps and later evaluations reuse them (keyed by the reference file, the Inception's weights and the
-    preprocessing; a stale cache is never used)."""
+    per run: the reference images' features and statistics, sharded over the processes and cached in OUT_DIR for
+    sweeps and later evaluations (keyed by the reference file, the Inception's weights and the preprocessing)."""
     try:
         net = fid.load_inception(cfg.fid_weights or None, procs.device)
         ref = fid.build_reference(cfg.fid_ref, net, cfg.metrics or None, cfg.fid_preprocess, shard=(procs.rank,
@@ -1293,8 +1288,8 @@ def evaluate(emas, n, cfg, procs, out_dir=None, fid_ctx=None):
     """The sampling loop of --sample, online evaluation and sweeps. For every EMA model and CFG scale: n images, image
     i of class i % K from noise seeded by (seed, i) (the same for every setting), sharded over the processes (rank
     i mod world). With out_dir, writes each setting's samples (ADM npz, grid, PNGs with --save_pngs); with fid_ctx,
-    returns a row per setting of every metric, from Inception outputs computed where the images are: sums over the
-    processes, pool3 features gathered for the nearest neighbours. A failure anywhere raises everywhere."""
+    returns (on rank 0) a row per setting of every metric, from Inception outputs computed where the images are:
+    sums over the processes, pool3 features gathered for the nearest neighbours. A failure anywhere raises everywhere."""
     rows, net = [], fid_ctx[0].to(procs.device) if fid_ctx else None
     which = [m for m in fid_ctx[2] if m != "pr" or cfg.metrics or n > fid.PR_K] if fid_ctx else ()  # (k = 3)
     try:
@@ -1306,10 +1301,11 @@ def evaluate(emas, n, cfg, procs, out_dir=None, fid_ctx=None):
                     procs.together(merge_samples, n, os.path.join(out_dir, f"samples{tag}.npz"), model, procs)
                 if net:
                     procs.all_sum(stats.tensors)
-                    feats = fid.gather_features(feats, n, procs.world, procs.gather) if feats is not None else None
+                    feats = None if feats is None else fid.gather_features(feats, n, procs.world, procs.gather)
+                    metrics = procs.together(lambda: {} if procs.rank else fid.compute_metrics(
+                        stats, fid_ctx[1], feats, which, device=procs.device))  # rank 0 computes, the others wait
                     rows.append(dict(ema=d, cfg_scale=w, sampler=cfg.sampler, sample_steps=cfg.sample_steps,
-                                     time_shift=cfg.time_shift, num_samples=n, **fid.compute_metrics(
-                                         stats, fid_ctx[1], feats, which, device=procs.device)))
+                                     time_shift=cfg.time_shift, num_samples=n, **metrics))
     finally:
         if net:
             net.cpu()  # the Inception does not stay in GPU memory between evaluations
@@ -1321,8 +1317,8 @@ def sample_shard(model, w, n, tag, cfg, procs, out_dir, net, which):
     sums (and pool3 features for precision / recall, density / coverage), with out_dir a shard file (and PNGs) for
     merge_samples."""
     mine, bs = list(range(procs.rank, n, procs.world)), max(1, cfg.batch_size // procs.world)
-    stats, imgs, feats = fid.Stats(n, spatial_dim=fid.SPATIAL_DIM * ("sfid" in which)) if net else None, [], []
-    keep = net is not None and bool({"pr", "dc"} & set(which))  # the pool3 features, for nearest neighbours
+    stats = fid.Stats(n, spatial_dim=fid.SPATIAL_DIM * ("sfid" in which)) if net else None
+    imgs, feats, keep = [], [np.zeros((0, 2048), np.float32)], net is not None and bool({"pr", "dc"} & set(which))
     pngs = os.path.join(out_dir, f"images{tag}") if out_dir and cfg.save_pngs else None
     if out_dir:
         os.makedirs(pngs or out_dir, exist_ok=True)
@@ -1340,7 +1336,7 @@ def sample_shard(model, w, n, tag, cfg, procs, out_dir, net, which):
         size = model.grid * model.patch_size
         np.savez(os.path.join(out_dir, f"samples{tag}_rank{procs.rank}.npz"), idx=mine,
                  arr_0=np.concatenate(imgs) if imgs else np.zeros((0, size, size, 3), np.uint8))
-    return stats, (np.concatenate(feats) if feats else np.zeros((0, 2048), np.float32)) if keep else None
+    return stats, np.concatenate(feats) if keep else None
 
 
 def merge_samples(n, path, model, procs):  # rank 0: the shards -> one ADM npz in index order (+ its grid)

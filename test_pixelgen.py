@@ -151,6 +151,24 @@ def compiled(monkeypatch):
     torch._dynamo.reset()
 
 
+def _fake_network(monkeypatch):
+    """For tests of the plumbing around them: the Inception becomes a fixed function of the pixels, and the Frechet
+    distance of 2048-d statistics (seconds on 2 cores, more when singular) a cheap one of all their entries.
+    Returns the list of batch sizes the Inception was called with."""
+    calls = []
+    monkeypatch.setattr(fid, "frechet_distance", lambda mu1, sigma1, mu2, sigma2: float(
+        np.sum((mu1 - mu2) ** 2) + np.sum((sigma1 - sigma2) ** 2) + np.trace(sigma1) / 1000))
+
+    def outputs(model, images, preprocess="adm", spatial=False):
+        calls.append(len(images))
+        x = fid.as_uint8_nchw(images).double().flatten(1).numpy() / 255  # (B, 3 H W)
+        f = np.tile(x, (1, -(-2048 // x.shape[1])))[:, :2048] + (preprocess == "pytorch-fid")  # (B, 2048)
+        return (f, 5 * f[:, :1008]) + ((np.sqrt(f[:, :2023]),) if spatial else ())
+
+    monkeypatch.setattr(fid, "inception_outputs", outputs)
+    return calls
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Model: JiT
 
@@ -1351,12 +1369,14 @@ def test_compiled_runs_survive_the_adaptive_weight_from_scratch_and_after_a_resu
     """w_ad backpropagates twice through the compiled graphs (retain_graph), which a compiled backward built with
     donated buffers refuses: the 160-epoch recipe must run compiled, also within 50 steps after a resume."""
     import torch._functorch.config
-    monkeypatch.setattr(torch._functorch.config, "donated_buffer", True)  # torch's default, whatever ran before
     monkeypatch.setattr(pg.PixelGenLoss, "adapt_every", 2)  # (official: 50)
-    kw = dict(compile=True, adaptive_from=1, ckpt_every=1)
-    pg.train(small_cfg(tmp_path / "scratch", max_steps=3, **kw))  # steps 0 and 1 plain, step 2 adapts
-    pg.train(small_cfg(tmp_path / "resumed", max_steps=1, **kw))
-    pg.train(small_cfg(tmp_path / "resumed", max_steps=3, **kw))  # resumed at step 1, not a multiple of 2
+    kw = dict(compile=True, adaptive_from=1, keep_every=1, lpips_weight=0.0)  # (w_ad balances P-DINO then)
+    with torch._functorch.config.patch(donated_buffer=True):  # torch's default, whatever ran before
+        pg.train(small_cfg(tmp_path / "scratch", max_steps=3, **kw))  # steps 0 and 1 plain, step 2 adapts
+    (tmp_path / "resumed").mkdir()
+    os.link(tmp_path / "scratch" / "ckpt_0000001.pt", tmp_path / "resumed" / "ckpt.pt")
+    with torch._functorch.config.patch(donated_buffer=True):
+        pg.train(small_cfg(tmp_path / "resumed", max_steps=3, **kw))  # resumed at step 1, not a multiple of 2
     for run in ("scratch", "resumed"):
         ck = ckpt(tmp_path / run / "ckpt.pt")
         assert ck["step"] == 3 and ck["loss"]["percept_weight"] != 1 and torch.isfinite(ck["loss"]["percept_weight"])
@@ -1626,6 +1646,7 @@ def _eval_files(root):  # a small checkpoint, a reference batch and Inception we
 
 
 def _sample(rank, out, mp):  # --sample with a sweep and every metric, sharded over 2 processes
+    _fake_network(mp)
     _next_port()
     pg.main(_sample_args(os.path.dirname(out), out, world=2))
 
@@ -1646,9 +1667,10 @@ def _two_process_worker(rank, root, ports):
     for name, scenario in SCENARIOS.items():
         os.makedirs(os.path.join(root, name), exist_ok=True)
         try:
+            t0 = time.time()
             with pytest.MonkeyPatch.context() as mp:
                 scenario(rank, os.path.join(root, name), mp)
-            open(os.path.join(root, f"{name}.rank{rank}.done"), "w").close()
+            open(os.path.join(root, f"{name}.rank{rank}.done"), "w").write(f"{time.time() - t0:.1f} s")
         except BaseException as e:  # noqa: B036 (SystemExit too): recorded for the test of this scenario
             open(os.path.join(root, f"{name}.rank{rank}.error"), "w").write(repr(e))
             if torch.distributed.is_initialized():
@@ -1743,11 +1765,12 @@ def test_a_slow_checkpoint_write_is_waited_for_on_the_host(two_processes):
     assert ckpt(out / "ckpt.pt")["step"] == 3
 
 
-def test_two_processes_sample_and_evaluate_as_one(tmp_path, two_processes):
+def test_two_processes_sample_and_evaluate_as_one(tmp_path, two_processes, monkeypatch):
     """The images (sampled in batches of the same size), the Inception sums and the gathered features do not depend on
     the number of processes: every metric agrees to the rounding of the float64 sums (amplified by FID's singular
     covariances of 8 samples)."""
     out, threads = _outcome(two_processes, "sample"), torch.get_num_threads()
+    _fake_network(monkeypatch)
     torch.set_num_threads(1)  # as each of the two processes: the same matmul kernels, the same rounding
     try:
         pg.main(_sample_args(str(two_processes), str(tmp_path), world=1))
@@ -1847,6 +1870,7 @@ METRIC_KEYS = {"fid", "sfid", "inception_score", "precision", "recall", "density
 
 
 def test_online_rows_equal_sample_rows_equal_fid_py_for_every_metric(tmp_path, monkeypatch):
+    _fake_network(monkeypatch)  # the plumbing is under test: the same outputs in, the same numbers out
     weights, ref = _fid_files(tmp_path)
     pg.train(small_cfg(tmp_path / "run", max_steps=2, eval_every=2, eval_samples=5, keep_every=2, sample_steps=2,
                        ema=(0.9, 0.5), fid_ref=ref, fid_weights=weights))
@@ -1875,7 +1899,8 @@ def test_online_rows_equal_sample_rows_equal_fid_py_for_every_metric(tmp_path, m
     assert json.load(open(out / "eval.json"))[-1]["fid"] == rows[0]["fid"]
 
 
-def test_sweep_rows_same_noise_and_best_marked(tmp_path, capsys):
+def test_sweep_rows_same_noise_and_best_marked(tmp_path, capsys, monkeypatch):
+    _fake_network(monkeypatch)
     weights, ref = _fid_files(tmp_path)
     pg.train(small_cfg(tmp_path, max_steps=1, ema=(0.9, 0.5)))
     args = ["--sample", "--out_dir", str(tmp_path), "--num_samples", "4", "--sample_steps", "2", "--fid_ref", ref,
@@ -1886,8 +1911,8 @@ def test_sweep_rows_same_noise_and_best_marked(tmp_path, capsys):
     table = capsys.readouterr().out
     best = min(rows, key=lambda r: r["fid"])
     marked = [line for line in table.splitlines() if "<- best FID" in line]
-    header = "     ema    cfg       FID      sFID        IS      Prec    Recall   Density  Coverage"
-    assert header in table and len(marked) == 1 and f" {best['fid']:>9.4g} " in marked[0]  # every column
+    header = "     ema    cfg        fid       sfid inception_score  precision     recall    density   coverage"
+    assert header in table and len(marked) == 1 and f" {best['fid']:>10.4g} " in marked[0]  # every column
     for r in rows:
         assert (tmp_path / f"samples_ema{r['ema']}_cfg{r['cfg_scale']:g}.npz").exists()
         assert (tmp_path / f"grid_ema{r['ema']}_cfg{r['cfg_scale']:g}.png").exists()
@@ -1897,7 +1922,8 @@ def test_sweep_rows_same_noise_and_best_marked(tmp_path, capsys):
     assert len(json.load(open(tmp_path / "eval.json"))) == 5  # appended
 
 
-def test_evaluation_metrics_follow_the_reference_and_the_flag(tmp_path):
+def test_evaluation_metrics_follow_the_reference_and_the_flag(tmp_path, monkeypatch):
+    _fake_network(monkeypatch)
     weights, ref = _fid_files(tmp_path)
     with np.load(ref) as f:  # a statistics-only reference: mu and sigma of its images, nothing else
         mu, sigma = fid.feature_statistics(fid.get_features(fid.load_inception(weights, "cpu"), f["arr_0"]))
@@ -2753,24 +2779,6 @@ def test_fid_cli_end_to_end(tmp_path, capsys):
     assert res2["fid"] == pytest.approx(res["fid"], rel=1e-6)
     with pytest.raises(SystemExit, match="only mu / sigma"):
         fid.main([str(tmp_path / "s.npz"), str(tmp_path / "ref.npz"), "--pr", "--weights", weights])
-
-
-def _fake_network(monkeypatch):
-    """For tests of the plumbing around them: the Inception becomes a fixed function of the pixels, and the Frechet
-    distance of 2048-d statistics (seconds on 2 cores, more when singular) a cheap one of all their entries.
-    Returns the list of batch sizes the Inception was called with."""
-    calls = []
-    monkeypatch.setattr(fid, "frechet_distance", lambda mu1, sigma1, mu2, sigma2: float(
-        np.sum((mu1 - mu2) ** 2) + np.sum((sigma1 - sigma2) ** 2) + np.trace(sigma1) / 1000))
-
-    def outputs(model, images, preprocess="adm", spatial=False):
-        calls.append(len(images))
-        x = fid.as_uint8_nchw(images).double().flatten(1).numpy() / 255  # (B, 3 H W)
-        f = np.tile(x, (1, -(-2048 // x.shape[1])))[:, :2048] + (preprocess == "pytorch-fid")  # (B, 2048)
-        return (f, 5 * f[:, :1008]) + ((np.sqrt(f[:, :2023]),) if spatial else ())
-
-    monkeypatch.setattr(fid, "inception_outputs", outputs)
-    return calls
 
 
 def _run_ranks(world, fn):

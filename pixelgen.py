@@ -1224,8 +1224,11 @@ def load_denoiser(path, unsafe=False, decays=(), use_ema=True):
                   num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
     except KeyError as e:
         raise SystemExit(f"error: {path} has no JiT weights (missing {e})")
+    depth, width = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1), \
+        sd["pos_embed"].shape[-1]
+    fit = {k: v for k, v in MODELS.items() if (v["depth"], v["hidden_size"]) == (depth, width)}  # (quick to rule out)
     report = []
-    for name, preset in MODELS.items():
+    for name, preset in (fit or MODELS).items():
         with torch.device("meta"):
             ref = {k: v.shape for k, v in JiT(**preset, **kw).state_dict().items()}
         diff = sorted(set(ref) ^ set(sd)) + [f"{k} {tuple(sd[k].shape)} vs {tuple(ref[k])}" for k in ref

@@ -8,6 +8,7 @@ sampling and evaluation, benchmark), then dino.py and fid.py. Training runs use 
 (`small_perceptual_nets`), since their size does not matter there."""
 import contextlib
 import copy
+import fcntl
 import functools
 import gc
 import json
@@ -33,7 +34,7 @@ import dino
 import fid
 import pixelgen as pg
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))  # -n 2: 2 x 1
 REAL_PERCEPTUAL_NETS = pg.perceptual_nets
 
 
@@ -581,7 +582,7 @@ def test_micro_batch_shares_add_up_to_the_global_batch(gate_pdino):
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=n)
     # the old per-micro-batch means weight the one gated sample of the first half like the two of the second
     local = [loss_of(loss_fn, m2, x[s], y[s], t[s], eps[s]) for s in (slice(0, 3), slice(3, 6))]
-    assert abs(sum(p["lpips"] for p in local) / 2 - whole["lpips"]) > 1e-4
+    assert abs(sum(p["lpips"] for p in local) / 2 - whole["lpips"]) > 1e-5 * whole["lpips"]  # (float rounding: 1e-7)
 
 
 def test_bf16_autocast_objective_close_to_fp32():
@@ -610,17 +611,6 @@ def test_dino_features_are_normalised_in_float32_under_bf16_autocast():
     x = (torch.rand(2, 3, 32, 32) * 2 - 1).bfloat16().float()  # values a bf16 x_hat holds exactly
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         assert torch.equal(d(x.bfloat16(), 16), d(x, 16))
-
-
-def test_a_compiled_dinov2_runs_compiled_in_the_loss(compiled):
-    """Module.compile() compiles the module's call: the loss must call DINOv2 as a module, not a method of it."""
-    torch.manual_seed(0)
-    d = dino.DINOv2(embed_dim=64, depth=1, num_heads=4)
-    d.compile()
-    loss_fn = pg.PixelGenLoss(64, d, None, lpips_weight=0, repa_layer=2, num_classes=10)
-    x, y, eps = batch()
-    loss_of(loss_fn, randomize(tiny_jit()), x, y, torch.tensor([0.1, 0.5, 0.2, 0.9]), eps)["loss"].backward()
-    assert compiled and all("ls1" in gm.code for gm in compiled)  # DINOv2's graphs (its LayerScale), nothing else
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1370,7 +1360,9 @@ def test_compiled_runs_survive_the_adaptive_weight_from_scratch_and_after_a_resu
     donated buffers refuses: the 160-epoch recipe must run compiled, also within 50 steps after a resume."""
     import torch._functorch.config
     monkeypatch.setattr(pg.PixelGenLoss, "adapt_every", 2)  # (official: 50)
-    kw = dict(compile=True, adaptive_from=1, keep_every=1, lpips_weight=0.0)  # (w_ad balances P-DINO then)
+    monkeypatch.setitem(pg.MODELS, "tiny", dict(depth=2, hidden_size=64, num_heads=4, bottleneck_dim=16,
+                                                 in_context_len=2, in_context_start=1))  # less to trace
+    kw = dict(compile=True, adaptive_from=1, keep_every=1, lpips_weight=0.0, model="tiny", repa_layer=1)
     with torch._functorch.config.patch(donated_buffer=True):  # torch's default, whatever ran before
         pg.train(small_cfg(tmp_path / "scratch", max_steps=3, **kw))  # steps 0 and 1 plain, step 2 adapts
     (tmp_path / "resumed").mkdir()
@@ -1677,21 +1669,27 @@ def _two_process_worker(rank, root, ports):
                 torch.distributed.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def two_processes(tmp_path_factory):
-    """Runs every scenario in one spawn of 2 processes (starting them costs more than most scenarios); a scenario
+    """Runs every scenario in one spawn of 2 processes (starting them costs more than most scenarios), once per test
+    session: with pytest-xdist the first worker to get here runs it, the other waits for its results. A scenario
     that hangs (the failures these tests guard against) is killed after a while and reported by its test."""
-    root = tmp_path_factory.mktemp("two_processes")
-    _eval_files(root)
-    ctx = torch.multiprocessing.spawn(_two_process_worker, args=(str(root), [_free_port() for _ in range(20)]),
-                                      nprocs=2, join=False)
-    deadline = time.time() + 150
-    try:
-        while not ctx.join(timeout=2) and time.time() < deadline:
-            pass
-    finally:
-        for p in ctx.processes:
-            p.kill() if p.is_alive() else None
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "two_processes"
+    with open(f"{root}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not root.exists():
+            root.mkdir()
+            _eval_files(root)
+            ctx = torch.multiprocessing.spawn(_two_process_worker, args=(str(root), [_free_port() for _ in range(20)]),
+                                              nprocs=2, join=False)
+            deadline = time.time() + 150
+            try:
+                while not ctx.join(timeout=2) and time.time() < deadline:
+                    pass
+            finally:
+                for p in ctx.processes:
+                    p.kill() if p.is_alive() else None
     return root
 
 

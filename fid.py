@@ -626,6 +626,33 @@ def compute_metrics(samples, ref, sample_features=None, which=None, batch_size=1
     return out
 
 
+class Evaluation:
+    """One process's share of evaluating n samples against a Reference: add() batches of its uint8 images with their
+    indices (any order and sharding: sums of Inception outputs, and pool3 features for pr / dc), then collect() sums
+    and gathers them over the processes (reduce, gather: see build_reference), then metrics()."""
+
+    def __init__(self, model, ref, which, n, preprocess="adm"):
+        self.model, self.ref, self.which, self.preprocess, self.spatial = model, ref, which, preprocess, "sfid" in which
+        self.stats = Stats(n, spatial_dim=SPATIAL_DIM if self.spatial else 0)
+        self.features = [np.zeros((0, 2048), np.float32)] if {"pr", "dc"} & set(which) else None
+
+    def add(self, images, index):
+        feats, logits, *spatial = inception_outputs(self.model, images, self.preprocess, self.spatial)
+        self.stats.add(feats, logits, *spatial, index=index)
+        if self.features is not None:
+            self.features.append(feats.astype(np.float32))
+
+    def collect(self, world=1, reduce=None, gather=None):  # every process calls it
+        if reduce is not None:
+            reduce(self.stats.tensors)
+        if self.features is not None:
+            self.features = [gather_features(np.concatenate(self.features), self.stats.n, world, gather)]
+
+    def metrics(self, device=None):
+        feats = None if self.features is None else self.features[0]
+        return compute_metrics(self.stats, self.ref, feats, self.which, device=device)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs: image folders, ADM npz batches (arr_0) and statistics npz files (mu, sigma).
 

@@ -1291,22 +1291,21 @@ def evaluate(emas, n, cfg, procs, out_dir=None, fid_ctx=None):
     """The sampling loop of --sample, online evaluation and sweeps. For every EMA model and CFG scale: n images, image
     i of class i % K from noise seeded by (seed, i) (the same for every setting), sharded over the processes (rank
     i mod world). With out_dir, writes each setting's samples (ADM npz, grid, PNGs with --save_pngs); with fid_ctx,
-    returns (on rank 0) a row per setting of every metric, from Inception outputs computed where the images are:
-    sums over the processes, pool3 features gathered for the nearest neighbours. A failure anywhere raises everywhere."""
+    returns (on rank 0) a row per setting of every metric (fid.Evaluation: Inception outputs computed where the
+    images are, summed and gathered over the processes). A failure anywhere raises everywhere."""
     rows, net = [], fid_ctx[0].to(procs.device) if fid_ctx else None
     which = [m for m in fid_ctx[2] if m != "pr" or cfg.metrics or n > fid.PR_K] if fid_ctx else ()  # (k = 3)
     try:
         for d, model in emas.items():
             for w in cfg.cfg_scale:
                 tag = "" if len(emas) * len(cfg.cfg_scale) == 1 else f"_ema{d}_cfg{w:g}"
-                stats, feats = procs.together(sample_shard, model, w, n, tag, cfg, procs, out_dir, net, which)
+                ev = fid.Evaluation(net, fid_ctx[1], which, n, cfg.fid_preprocess) if net else None
+                procs.together(sample_shard, model, w, n, tag, cfg, procs, out_dir, ev)
                 if out_dir:  # rank 0 merges the shards while the others wait on the host
                     procs.together(merge_samples, n, os.path.join(out_dir, f"samples{tag}.npz"), model, procs)
-                if net:
-                    procs.all_sum(stats.tensors)
-                    feats = None if feats is None else fid.gather_features(feats, n, procs.world, procs.gather)
-                    metrics = procs.together(lambda: {} if procs.rank else fid.compute_metrics(
-                        stats, fid_ctx[1], feats, which, device=procs.device))  # rank 0 computes, the others wait
+                if ev:
+                    ev.collect(procs.world, procs.all_sum, procs.gather)
+                    metrics = procs.together(lambda: {} if procs.rank else ev.metrics(procs.device))  # rank 0's
                     rows.append(dict(ema=d, cfg_scale=w, sampler=cfg.sampler, sample_steps=cfg.sample_steps,
                                      time_shift=cfg.time_shift, num_samples=n, **metrics))
     finally:
@@ -1315,23 +1314,18 @@ def evaluate(emas, n, cfg, procs, out_dir=None, fid_ctx=None):
     return rows
 
 
-def sample_shard(model, w, n, tag, cfg, procs, out_dir, net, which):
-    """This process's images of one setting (i = rank, rank + world, ...), local work only: with `net` their Inception
-    sums (and pool3 features for precision / recall, density / coverage), with out_dir a shard file (and PNGs) for
-    merge_samples."""
-    mine, bs = list(range(procs.rank, n, procs.world)), max(1, cfg.batch_size // procs.world)
-    stats = fid.Stats(n, spatial_dim=fid.SPATIAL_DIM * ("sfid" in which)) if net else None
-    imgs, feats, keep = [], [np.zeros((0, 2048), np.float32)], net is not None and bool({"pr", "dc"} & set(which))
+def sample_shard(model, w, n, tag, cfg, procs, out_dir, ev):
+    """This process's images of one setting (i = rank, rank + world, ...), local work only: into the Evaluation ev,
+    and with out_dir into a shard file (and PNGs) for merge_samples."""
+    mine, bs, imgs = list(range(procs.rank, n, procs.world)), max(1, cfg.batch_size // procs.world), []
     pngs = os.path.join(out_dir, f"images{tag}") if out_dir and cfg.save_pngs else None
     if out_dir:
         os.makedirs(pngs or out_dir, exist_ok=True)
     for j in tqdm(range(0, len(mine), bs), disable=procs.rank != 0, desc=f"sampling{tag}", leave=False):
         idx = mine[j: j + bs]
         im = sample_images(model, idx, cfg, procs.device, w)
-        if net:
-            f, logits, *spatial = fid.inception_outputs(net, im, cfg.fid_preprocess, spatial="sfid" in which)
-            stats.add(f, logits, *spatial, index=idx)
-            feats += [f.astype(np.float32)] if keep else []
+        if ev:
+            ev.add(im, idx)
         imgs += [im] if out_dir else []
         for i, a in zip(idx, im if pngs else []):
             Image.fromarray(a).save(os.path.join(pngs, f"{i:06d}.png"))
@@ -1339,7 +1333,6 @@ def sample_shard(model, w, n, tag, cfg, procs, out_dir, net, which):
         size = model.grid * model.patch_size
         np.savez(os.path.join(out_dir, f"samples{tag}_rank{procs.rank}.npz"), idx=mine,
                  arr_0=np.concatenate(imgs) if imgs else np.zeros((0, size, size, 3), np.uint8))
-    return stats, np.concatenate(feats) if keep else None
 
 
 def merge_samples(n, path, model, procs):  # rank 0: the shards -> one ADM npz in index order (+ its grid)

@@ -652,6 +652,16 @@ class Evaluation:
         feats = None if self.features is None else self.features[0]
         return compute_metrics(self.stats, self.ref, feats, self.which, device=device)
 
+def table(rows):  # evaluation rows: a line per setting (ema, cfg) with its metrics; the best FID marked among several
+    cols, best = [k for k in RESULTS if k in rows[0]], min(rows, key=lambda r: r["fid"])
+    width = {k: max(10, len(k)) + 1 for k in cols}
+    lines = [f"{'ema':>8} {'cfg':>6}" + "".join(f"{k:>{width[k]}}" for k in cols)]
+    for r in rows:
+        lines.append(f"{r['ema']!s:>8} {r['cfg_scale']:>6g}" + "".join(f"{r[k]:>{width[k]}.4g}" for k in cols)
+                     + ("  <- best FID" if r is best and len(rows) > 1 else ""))
+    return "\n".join(lines)
+
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs: image folders, ADM npz batches (arr_0) and statistics npz files (mu, sigma).

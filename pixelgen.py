@@ -43,7 +43,6 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -462,7 +461,7 @@ def to_uint8(x):  # (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded as of
 # Config: every field is a CLI flag (--name); a recipe (below) overrides a few defaults; explicit flags win.
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     # what to run
     recipe: str = "auto"              # xl-80ep | xl-160ep | l-200k | demo; auto: demo without --data_path, else xl-80ep
@@ -688,7 +687,7 @@ def collate(batch):  # replaces unreadable images by readable ones of the same b
 class GlobalBatches(torch.utils.data.Sampler):
     """This process's micro-batches of dataset indices, from `step` on, without end. Step s of epoch e is positions
     [sB, (s + 1)B) of a permutation seeded by (seed, e) (a tail that fills no global batch is left out); process r
-    takes the r-th of `world` contiguous slices of it, as `accum` contiguous micro-batches (SPEC 8.1)."""
+    takes the r-th of `world` contiguous slices of it, as `accum` contiguous micro-batches."""
 
     def __init__(self, n, batch, world, rank, accum, seed, step=0):
         self.n, self.B, self.accum, self.seed, self.step = n, batch, accum, seed, step
@@ -1265,15 +1264,6 @@ def save_grid(imgs, path, classes):  # (B, H, W, 3) uint8 -> one PNG; one column
 
 
 
-def eval_table(rows):  # a line per setting with every metric it has; the best FID is marked when there are several
-    cols, best = [k for k in fid.RESULTS if k in rows[0]], min(rows, key=lambda r: r["fid"])  # eval.json's keys
-    lines = [f"{'ema':>8} {'cfg':>6}" + "".join(f"{k:>{max(10, len(k)) + 1}}" for k in cols)]
-    for r in rows:
-        lines.append(f"{r['ema']!s:>8} {r['cfg_scale']:>6g}" + "".join(f"{r[k]:>{max(10, len(k)) + 1}.4g}" for k in cols)
-                     + ("  <- best FID" if r is best and len(rows) > 1 else ""))
-    return "\n".join(lines)
-
-
 def fid_setup(cfg, procs):
     """(FID Inception, kept on the CPU between evaluations; the reference side of every metric; the metrics), once
     per run: the reference images' features and statistics, sharded over the processes and cached in OUT_DIR for
@@ -1367,7 +1357,7 @@ def sample_main(cfg):
         with open(out + ".tmp", "w") as f:
             json.dump((json.load(open(out)) if os.path.isfile(out) else []) + rows, f, indent=1)
         os.replace(out + ".tmp", out)
-        print(eval_table(rows) + f"\nappended {len(rows)} row(s) to {out}")
+        print(fid.table(rows) + f"\nappended {len(rows)} row(s) to {out}")
     if procs.ddp:
         dist.destroy_process_group()
 
@@ -1452,10 +1442,9 @@ MODES = dict(train="train; under torchrun on all processes; resumes from OUT_DIR
              sample="sample a checkpoint: samples.npz and grid.png per setting; FID and IS with --fid_ref (eval.json)",
              bench="time the training step by component, sampling, peak memory (MFU on CUDA)")
 
-
 SAMPLE_FLAGS = ("recipe", "out_dir", "device", "seed", "batch_size", "compile", "t_eps", "sampler", "sample_steps",
                 "cfg_scale", "cfg_interval", "time_shift", "num_samples", "save_pngs", "ckpt", "ema_decay",
-                "unsafe_load", "fid_ref", "fid_weights", "fid_preprocess", "metrics", "background")  # what --sample reads
+                "unsafe_load", "fid_ref", "fid_weights", "fid_preprocess", "metrics", "background")  # --sample reads
 
 
 def cli():  # the parser: the modes, then one flag per Config field, its help the field's comment in Config

@@ -195,7 +195,8 @@ def test_state_dict_matches_official_layout(name):
     expected = ([("pos_embed", (1, 256, D)), ("in_context_posemb", (1, 32, D)), ("t_embedder.mlp.0.weight", (D, 256)),
                  ("t_embedder.mlp.0.bias", (D,)), ("t_embedder.mlp.2.weight", (D, D)), ("t_embedder.mlp.2.bias", (D,)),
                  ("y_embedder.embedding_table.weight", (1001, D))] + o["embed"]
-                + [(f"blocks.{i}.{k}", tuple(dims[s] for s in shape)) for i in range(o["depth"]) for k, shape in BLOCK_KEYS]
+                + [(f"blocks.{i}.{k}", tuple(dims[s] for s in shape))
+                   for i in range(o["depth"]) for k, shape in BLOCK_KEYS]
                 + [("final_layer.norm_final.weight", (D,)), ("final_layer.linear.weight", (768, D)),
                    ("final_layer.linear.bias", (768,)), ("final_layer.adaLN_modulation.1.weight", (2 * D, D)),
                    ("final_layer.adaLN_modulation.1.bias", (2 * D,))])
@@ -420,7 +421,8 @@ def test_loss_terms_against_direct_computation():
     assert lpips_v > 0 and pdino > 0
 
 
-@pytest.mark.parametrize("ts,n_gated", [([0.1, 0.2, 0.29, 0.0], 0), ([0.3, 0.5, 0.99, 0.31], 4), ([0.1, 0.3, 0.2, 0.7], 2)])
+@pytest.mark.parametrize("ts,n_gated", [([0.1, 0.2, 0.29, 0.0], 0), ([0.3, 0.5, 0.99, 0.31], 4),
+                                        ([0.1, 0.3, 0.2, 0.7], 2)])
 def test_gate_edge_cases_run_nets_on_gated_samples_only(ts, n_gated):
     model, loss_fn = randomize(tiny_jit()), make_loss()
     x, y, eps = batch()
@@ -787,7 +789,8 @@ def test_cli_flags_and_errors(tmp_path, capsys):
                      (["--cfg_interval", "0.9", "0.1"], "--cfg_interval LO HI needs LO <= HI, got 0.9 0.1"),
                      (["--time_shift", "0"], "--time_shift must be positive, got 0"),
                      (["--repa_layer", "6"], "--repa_layer 6 must be below 6, the depth of PixelGen-T/16"),
-                     (["--image_size", "60"], "--image_size 60 is not a multiple of 16, the patch size of PixelGen-T/16"),
+                     (["--image_size", "60"],
+                      "--image_size 60 is not a multiple of 16, the patch size of PixelGen-T/16"),
                      (["--grad_accum", "0"], "must be positive"), (["--keep_every", "-1"], "0 or more"),
                      (["--ema", "0.999", "1.0"], "in [0, 1), got 0.999 1.0"), (["--num_classes", "-1"], "0 or more"),
                      (["--background", "255", "0", "300"], "--background R G B takes values in 0..255"),
@@ -803,7 +806,8 @@ def test_cli_flags_and_errors(tmp_path, capsys):
 
 
 def test_sample_reads_ema_as_ema_decay_and_names_the_flags_it_ignores(tmp_path, capsys):
-    cfg, _ = pg.parse_args(["--sample", "--ema", "0.9", "--num_classes", "10", "--image_size", "128", "--cfg_scale", "2"])
+    cfg, _ = pg.parse_args(["--sample", "--ema", "0.9", "--num_classes", "10", "--image_size", "128",
+                            "--cfg_scale", "2"])
     out = capsys.readouterr().out
     assert cfg.ema_decay == (0.9,) and "--sample reads --ema as --ema_decay 0.9" in out
     assert "--sample ignores --num_classes, --image_size" in out and "--cfg_scale" not in out
@@ -1188,7 +1192,8 @@ def _split_step(cfg, world, rank, K, model_seed=0):
     torch.manual_seed(model_seed)
     model = tiny_jit()
     net = Spy(model, pg.PixelGenLoss(64, None, None, lpips_weight=0, pdino_weight=0, repa_weight=0))
-    imgs = torch.randint(0, 256, (cfg.batch_size, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    imgs = torch.randint(0, 256, (cfg.batch_size, 3, 32, 32), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(1))
     b, first = cfg.batch_size // (world * K), rank * (cfg.batch_size // world)
     batches = iter([(imgs[first + k * b: first + (k + 1) * b], torch.zeros(b, dtype=torch.long), 0) for k in range(K)])
     pg.train_step(net, torch.optim.SGD(model.parameters(), lr=0.0), {0.9: copy.deepcopy(model)}, batches,
@@ -1202,7 +1207,8 @@ def test_each_sample_draws_from_seed_step_and_position_for_any_split():
     loss normalisers (B, G) are the global batch's: the same for any split over processes and micro-batches."""
     cfg = small_cfg("unused", batch_size=8, flip=True, label_dropout=0.5)
     gen = torch.Generator().manual_seed(pg.seed_for(cfg.seed, 7))  # the rule by hand, for step 7
-    t, drop, flip = pg.sample_t(8, -0.8, 0.8, gen), torch.rand(8, generator=gen) < 0.5, torch.rand(8, generator=gen) < 0.5
+    t = pg.sample_t(8, -0.8, 0.8, gen)
+    drop, flip = torch.rand(8, generator=gen) < 0.5, torch.rand(8, generator=gen) < 0.5
     eps = torch.stack([torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(pg.seed_for(cfg.seed, 7, i)))
                        for i in range(8)])
     for world, K in [(1, 1), (1, 2), (2, 1), (2, 2), (4, 2)]:
@@ -1230,9 +1236,11 @@ def test_the_training_step_waits_for_nothing_on_the_device(monkeypatch):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             if func in (aten._to_copy.default, aten.copy_.default):
-                src, dst = (args[0], kwargs.get("device")) if func is aten._to_copy.default else (args[1], args[0].device)
+                to_copy = func is aten._to_copy.default
+                src, dst = (args[0], kwargs.get("device")) if to_copy else (args[1], args[0].device)
                 blocking = not kwargs.get("non_blocking", len(args) > 2 and args[2])
-                if dst is not None and torch.device(dst) != src.device and (blocking or torch.device(dst).type == "cpu"):
+                to_host = dst is not None and torch.device(dst).type == "cpu"
+                if dst is not None and torch.device(dst) != src.device and (blocking or to_host):
                     syncs.append(f"{func}: {src.device} -> {dst}")
             elif func in (aten._local_scalar_dense.default, aten.nonzero.default) and args[0].device.type != "cpu":
                 syncs.append(str(func))
@@ -1442,8 +1450,9 @@ def test_several_ema_decays_are_updated_saved_resumed_and_loaded(tmp_path):
     decays = (0.9, 0.5)
     seen = []
     pg.train(small_cfg(tmp_path / "straight", max_steps=3, ema=decays),
-             hook=lambda step, model, emas: seen.append({d: [p.clone() for p in e.parameters()] for d, e in emas.items()}
-                                                        | {"model": [p.clone() for p in model.parameters()]}))
+             hook=lambda step, model, emas: seen.append(
+                 {d: [p.clone() for p in e.parameters()] for d, e in emas.items()}
+                 | {"model": [p.clone() for p in model.parameters()]}))
     for d in decays:  # each ema = d ema + (1 - d) model after every step, from the initial weights
         torch.manual_seed(1234)  # the run's seed: its initial weights
         want = [p.clone() for p in pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10).parameters()]
@@ -1466,8 +1475,9 @@ def test_several_ema_decays_are_updated_saved_resumed_and_loaded(tmp_path):
 def test_a_resume_that_does_not_match_stops_with_what_differs(tmp_path):
     pg.train(small_cfg(tmp_path / "run", max_steps=2))
     before = {f: (tmp_path / "run" / f).read_bytes() for f in ("ckpt.pt", "log.txt", "metrics.jsonl")}
-    with pytest.raises(SystemExit, match=r"ckpt.pt was written by another run: PixelGen-T/16 at 32 px with 10 classes\. "
-                                         r"It differs in --model PixelGen-T/16 \(this run: PixelGen-S/16\)\.\nUse another"):
+    with pytest.raises(SystemExit, match=r"ckpt.pt was written by another run: PixelGen-T/16 at 32 px with 10 "
+                                         r"classes\. It differs in --model PixelGen-T/16 \(this run: PixelGen-S/16\)"
+                                         r"\.\nUse another"):
         pg.train(small_cfg(tmp_path / "run", max_steps=4, model="PixelGen-S/16"))
     rng = np.random.default_rng(0)
     for c in ("apps", "devices", "places"):  # other data: 3 classes of 4 images
@@ -1496,13 +1506,15 @@ def test_a_failed_start_leaves_no_trace(tmp_path):
 def test_a_run_that_cannot_fit_stops_before_building_with_one_that_does(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pg, "build", lambda *a, **k: pytest.fail("built before the memory check"))
     available = 20.0  # GiB, as a laptop might have
-    monkeypatch.setattr(pg, "open", lambda f, *a: __import__("io").StringIO(f"MemAvailable: {int(available * 2**20)} kB")
+    meminfo = f"MemAvailable: {int(available * 2**20)} kB"
+    monkeypatch.setattr(pg, "open", lambda f, *a: __import__("io").StringIO(meminfo)
                         if f == "/proc/meminfo" else open(f, *a), raising=False)
     cfg = small_cfg(tmp_path, model="PixelGen-XL/16", image_size=256, batch_size=256)  # the default recipe on a CPU
     assert pg.memory_need(cfg, 1, cuda=False) > 200 > pg.memory_need(cfg, 8, cuda=True) > 20  # batch 32 per GPU
-    with pytest.raises(SystemExit, match=r"PixelGen-XL/16 at 256 px in micro-batches of 256 images needs about \d+ GiB, "
-                                         r"but this host has 20 GiB available\. A run that fits: python pixelgen\.py "
-                                         r"--train --model PixelGen-S/16 --image_size 128 --batch_size 32\n") as e:
+    with pytest.raises(SystemExit, match=r"PixelGen-XL/16 at 256 px in micro-batches of 256 images needs about "
+                                         r"\d+ GiB, but this host has 20 GiB available\. A run that fits: "
+                                         r"python pixelgen\.py --train --model PixelGen-S/16 --image_size 128 "
+                                         r"--batch_size 32\n") as e:
         pg.train(cfg)
     fits = pg.dataclasses.replace(cfg, model="PixelGen-S/16", image_size=128, batch_size=32)
     assert pg.memory_need(fits, 1, cuda=False) < available and "--no-memory_check" in str(e.value)
@@ -1548,7 +1560,8 @@ def _split(rank, out, mp):  # the global batch of 8 over 2 processes, without an
         _next_port()
         weights = []
         pg.train(small_cfg(os.path.join(out, name), max_steps=3, batch_size=8, ckpt_every=3, grad_accum=accum),
-                 hook=lambda step, model, emas: weights.append(torch.cat([p.detach().flatten() for p in model.parameters()])))
+                 hook=lambda step, model, emas: weights.append(
+                     torch.cat([p.detach().flatten() for p in model.parameters()])))
         torch.save(torch.stack(weights), os.path.join(out, f"{name}.rank{rank}.pt"))
 
 
@@ -1828,8 +1841,10 @@ def test_load_our_and_official_checkpoints(tmp_path):
 
 def test_sample_program_writes_npz_and_grid(tmp_path):
     m = randomize(pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10))
-    torch.save(dict(model=m.state_dict(), ema=m.state_dict(), config={"sample_steps": 3, "cfg_scale": 1.5}), tmp_path / "ckpt.pt")
-    cfg, mode = pg.parse_args(["--sample", "--out_dir", str(tmp_path), "--num_samples", "12", "--batch_size", "5", "--save_pngs"])
+    torch.save(dict(model=m.state_dict(), ema=m.state_dict(), config={"sample_steps": 3, "cfg_scale": 1.5}),
+               tmp_path / "ckpt.pt")
+    cfg, mode = pg.parse_args(["--sample", "--out_dir", str(tmp_path), "--num_samples", "12", "--batch_size", "5",
+                               "--save_pngs"])
     assert mode == "sample" and cfg.sample_steps == 3 and cfg.cfg_scale == (1.5,)  # settings from the checkpoint
     pg.sample_main(cfg)
     with np.load(tmp_path / "samples.npz") as f:
@@ -1883,7 +1898,8 @@ def test_online_rows_equal_sample_rows_equal_fid_py_for_every_metric(tmp_path, m
             "5", "--batch_size", "4", "--ema_decay", "0.9", "0.5", "--fid_ref", ref, "--fid_weights", weights]
     pg.sample_main(pg.parse_args(args)[0])
     rows = json.load(open(out / "eval.json"))
-    assert [(r["step"], r["ema"], r["cfg_scale"], r["sample_steps"]) for r in rows] == [(2, 0.9, 2.0, 2), (2, 0.5, 2.0, 2)]
+    assert [(r["step"], r["ema"], r["cfg_scale"], r["sample_steps"]) for r in rows] == [(2, 0.9, 2.0, 2),
+                                                                                      (2, 0.5, 2.0, 2)]
     assert set(rows[0]) == {"ckpt", "step", "ema", "cfg_scale", "sampler", "sample_steps", "time_shift",
                             "num_samples"} | METRIC_KEYS
     for r, o in zip(rows, online):  # the same images in the same batches: the same numbers
@@ -1949,7 +1965,8 @@ def test_evaluation_bad_input_and_failures(tmp_path, monkeypatch, capsys):
             pg.sample_main(pg.parse_args(base + ["--fid_ref", str(bad_ref), "--fid_weights", weights])[0])
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
-    with pytest.raises(SystemExit, match="pt_inception-2015-12-05-6726825d.pth.*hub/checkpoints.*github.com/mseitzer.*--fid_weights"):
+    with pytest.raises(SystemExit, match="pt_inception-2015-12-05-6726825d.pth.*hub/checkpoints.*"
+                                         "github.com/mseitzer.*--fid_weights"):
         pg.sample_main(pg.parse_args(base + ["--fid_ref", ref])[0])
     with pytest.raises(SystemExit, match="holds no EMA of decay 0.5; it holds 0.99"):
         pg.sample_main(pg.parse_args(base + ["--ema_decay", "0.99", "0.5"])[0])
@@ -1992,7 +2009,8 @@ def test_bench_compiled_times_what_it_says_is_compiled(monkeypatch, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 # dino.py: DINOv2 ViT-B/14 (bitwise equal to facebookresearch/dinov2 in float32 on CPU, checked beside the repo)
 
-# Official dinov2_vitb14_pretrain.pth: 175 tensors = 3 tokens/embeddings + patch conv (2) + 12 blocks x 14 + final norm (2)
+# Official dinov2_vitb14_pretrain.pth: 175 tensors = 3 tokens/embeddings + patch conv (2) + 12 blocks x 14
+# + final norm (2)
 DINO_BLOCK_SUFFIXES = [  # (suffix, shape), in state-dict order
     ('norm1.weight', (768,)), ('norm1.bias', (768,)),
     ('attn.qkv.weight', (2304, 768)), ('attn.qkv.bias', (2304,)),

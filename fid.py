@@ -5,8 +5,8 @@
     python fid.py samples/ --save-stats samples_stats.npz        # only save the statistics of SAMPLES
     python fid.py samples/ ref_stats.npz --preprocess pytorch-fid --batch_size 200 --weights pt_inception.pth
 
-Each side is an image folder (searched recursively, converted to RGB; unreadable files are skipped, with a warning),
-an ADM npz batch (`arr_0`, uint8 NHWC) or a statistics npz (`mu`, `sigma`, optionally `mu_s`, `sigma_s`); ADM
+Each side is an image folder (searched recursively, hidden names skipped; transparency composited onto
+--background, white by default, as pixelgen.py trains; unreadable files skipped with a warning), an ADM npz batch (`arr_0`, uint8 NHWC) or a statistics npz (`mu`, `sigma`, optionally `mu_s`, `sigma_s`); ADM
 reference batches hold both, and precomputed statistics are used as they are, like the ADM suite does. METRICS:
   fid   (always)  Fréchet distance between the 2048-d pool3 features' means / covariances.
   sfid  (--sfid)  the same for sFID's 2023 spatial features (below).
@@ -653,12 +653,13 @@ class Evaluation:
         return compute_metrics(self.stats, self.ref, feats, self.which, device=device)
 
 def table(rows):  # evaluation rows: a line per setting (ema, cfg) with its metrics; the best FID marked among several
-    cols, best = [k for k in RESULTS if k in rows[0]], min(rows, key=lambda r: r["fid"])
+    cols = [k for k in RESULTS if k in rows[0]]
+    best = min(rows, key=lambda r: r["fid"]) if "fid" in cols and len(rows) > 1 else None
     width = {k: max(10, len(k)) + 1 for k in cols}
     lines = [f"{'ema':>8} {'cfg':>6}" + "".join(f"{k:>{width[k]}}" for k in cols)]
     for r in rows:
         lines.append(f"{r['ema']!s:>8} {r['cfg_scale']:>6g}" + "".join(f"{r[k]:>{width[k]}.4g}" for k in cols)
-                     + ("  <- best FID" if r is best and len(rows) > 1 else ""))
+                     + ("  <- best FID" if r is best else ""))
     return "\n".join(lines)
 
 
@@ -740,10 +741,11 @@ class Source:
     """One side of the comparison: `stats` = (mu, sigma) and `spatial_stats` = (mu_s, sigma_s) when an npz holds them,
     and len() images (folder files or npz arr_0) that `batches()` streams as uint8 (B, H, W, 3) numpy batches."""
 
-    def __init__(self, path):
+    def __init__(self, path, background=(255, 255, 255)):  # background: under transparent pixels (read_image)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no such file or folder: {path}")
         self.path = self.name = path
+        self.background = tuple(background)
         self.stats, self.spatial_stats, self.files, self.count = None, None, None, 0
         if os.path.isdir(path):
             self.files = list_images(path)
@@ -786,7 +788,7 @@ class Source:
         batch, index, unreadable = [], [], []
         for i in range(start, stop):
             try:
-                image = read_image(self.files[i])
+                image = read_image(self.files[i], self.background)
             except Exception as e:  # whatever the decoder raises
                 unreadable.append(f"{self.files[i]} ({e})" if not unreadable else self.files[i])
                 continue
@@ -878,7 +880,7 @@ class Reference:
 
 
 def build_reference(path, model, which=None, preprocess="adm", batch_size=50, shard=(0, 1), reduce=None, gather=None,
-                    cache_dir=None, progress=False):
+                    cache_dir=None, progress=False, background=(255, 255, 255)):
     """The Reference of an image folder, ADM reference batch or statistics npz for the metrics `which` (default: all
     that it allows, see resolve_metrics): precomputed mu / sigma and mu_s / sigma_s are used as they are (as the ADM
     suite does), the rest comes from the images, unreadable ones skipped. model: the FID Inception (unused when
@@ -888,14 +890,14 @@ def build_reference(path, model, which=None, preprocess="adm", batch_size=50, sh
     calls `reduce(tensors)`, which sums a list of float64 CPU tensors over the processes in place (dist.all_reduce of
     each), and for precision / recall or density / coverage `gather` (see gather_features), equally often, and all
     get the same Reference. cache_dir: keep the result in an npz there, used again while its key holds: the reference
-    file (absolute path, size, mtime_ns) or folder (each image's), a hash of the Inception's weights, the
-    preprocessing; it holds what was computed, and a request for more recomputes. All processes use the cache or none
+    file (absolute path, size, mtime_ns) or folder (each image's, and the background under transparent pixels), a
+    hash of the Inception's weights, the preprocessing; it holds what was computed, and a request for more recomputes. All processes use the cache or none
     does (one more reduce call); rank 0 writes it (atomically)."""
-    src, (rank, world) = Source(path), shard
+    src, (rank, world) = Source(path, background), shard
     which = [m for m in resolve_metrics(which, src) if m != "is"]
     keep = "pr" in which or "dc" in which  # the features
-    if not any(SOURCES[m][0] not in src.holds for m in which):  # everything is precomputed
-        return Reference(path, *src.stats, *(src.spatial_stats or (None, None)))
+    if not any(SOURCES[m][0] not in src.holds for m in which):  # everything is precomputed, or nothing needed (IS)
+        return Reference(path, *(src.stats or (None, None)), *(src.spatial_stats or (None, None)))
     if len(src) < 2:
         raise ValueError(f"{path}: FID statistics need at least 2 images, got {len(src)}")
     if not 0 <= rank < world or world > 1 and (reduce is None or keep and gather is None):
@@ -956,7 +958,7 @@ def _cache_key(src, model, preprocess):
         for file in src.files:
             st = os.stat(file)
             listing.update(f"{os.path.relpath(file, src.path)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-        reference = [path, listing.hexdigest()]
+        reference = [path, listing.hexdigest(), list(src.background)]
     weights = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         weights.update(name.encode())
@@ -1015,6 +1017,8 @@ def main(argv=None):
     p.add_argument("--save-stats", dest="save_stats", help="write mu / sigma (and mu_s / sigma_s) of SAMPLES here")
     p.add_argument("--cache-dir", dest="cache_dir", help="keep REF's features and statistics here for later runs")
     p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--background", type=int, nargs=3, default=(255, 255, 255), metavar=("R", "G", "B"),
+                   help="colour under transparent pixels of folder images (default: white, as pixelgen.py trains)")
     args = p.parse_args(argv)
     if args.ref is None and args.save_stats is None:
         p.error("REF is required unless --save-stats is given")
@@ -1029,7 +1033,10 @@ def main(argv=None):
 
 def _run(args, requested):
     device = torch.device(args.device) if args.device else default_device()
-    samples, ref = Source(args.samples), Source(args.ref) if args.ref else None
+    background = tuple(args.background)
+    if not all(0 <= c <= 255 for c in background):
+        raise ValueError(f"--background R G B takes values in 0..255, got {' '.join(map(str, background))}")
+    samples, ref = Source(args.samples, background), Source(args.ref, background) if args.ref else None
     if ref is not None:
         which = resolve_metrics(requested, ref, samples)
     else:  # the samples' statistics to save (FID's, and sFID's when they can be had) and their IS when asked
@@ -1042,14 +1049,14 @@ def _run(args, requested):
         model = load_inception(args.weights, device)
     if ref is not None:
         ref = build_reference(args.ref, model, ref_which, args.preprocess, args.batch_size, cache_dir=args.cache_dir,
-                              progress="ref")
+                              progress="ref", background=background)
     feats = None
     if own:  # statistics of the samples' images
         side = Stats(len(samples), spatial_dim=SPATIAL_DIM if "sfid" in which else 0)
         feats = read_outputs(model, samples, side, args.preprocess, args.batch_size, logits="is" in which,
                              keep_features="pr" in which or "dc" in which, progress="samples")
     else:  # precomputed statistics only
-        side = build_reference(args.samples, None, [m for m in which if m != "is"])
+        side = build_reference(args.samples, None, [m for m in which if m != "is"], background=background)
         print(f"samples: using the precomputed statistics in {args.samples}")
     if args.save_stats:
         arrays = dict(zip(("mu", "sigma"), side.mu_sigma()))

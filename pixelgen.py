@@ -602,9 +602,9 @@ def center_crop(img, size):  # ADM: halve with BOX while min side >= 2 size, BIC
 
 class ImageFolderData(torch.utils.data.Dataset):
     """root/class_x/.../img.jpg: the sorted class folders are the labels 0..K-1, each holding the image files under it;
-    a folder without class folders is one class. Hidden names (.thumbnails/, .DS_Store) are skipped, and what else is
-    left out (stray files beside the class folders, other extensions such as .svg) is listed in `ignored`; a class
-    without an image file is an error. Items: fid.read_image (alpha composited onto `background`), the ADM crop."""
+    a folder without class folders is one class. What is left out is listed in `ignored`: hidden names (.thumbnails/,
+    .DS_Store), stray files beside the class folders, other extensions such as .svg; a class without an image file is
+    an error. Items: fid.read_image (alpha composited onto `background`), the ADM crop."""
 
     def __init__(self, root, size, background=(255, 255, 255)):
         if not os.path.isdir(root):
@@ -916,7 +916,7 @@ def memory_need(cfg, world, cuda):
 def check_memory(cfg, procs):  # stop with a command that fits, rather than meet the out-of-memory killer
     cuda = procs.device.type == "cuda"
     if cuda:
-        have, where = torch.cuda.mem_get_info(procs.device)[1] / 2**30, f"GPU {procs.device}"
+        have, where = torch.cuda.mem_get_info(procs.device)[0] / 2**30, f"GPU {procs.device}"  # free, not total
     elif os.path.isfile("/proc/meminfo"):  # Linux: what new allocations can take without swapping
         have, where = int(open("/proc/meminfo").read().split("MemAvailable:")[1].split()[0]) / 2**20, "this host"
     else:
@@ -1099,10 +1099,10 @@ def train_step(net, opt, emas, batches, step, cfg, procs, meter):
 
 def due(cfg, step, max_steps, stopping):  # what this step ends with: the same decision on every process
     keep = bool(cfg.keep_every) and step % cfg.keep_every == 0  # also a snapshot ckpt_{step}.pt
-    save = step % cfg.ckpt_every == 0 or step == max_steps or bool(stopping) or keep
     every = lambda n: bool(n) and (step % n == 0 or step == max_steps) and not stopping
-    return argparse.Namespace(log=step % cfg.log_every == 0 or save, save=save, keep=keep,
-                              eval=every(cfg.eval_every), grid=every(cfg.sample_every))
+    save = step % cfg.ckpt_every == 0 or step == max_steps or bool(stopping) or keep or every(cfg.eval_every)
+    return argparse.Namespace(log=step % cfg.log_every == 0 or save, save=save, keep=keep,  # (a checkpoint before
+                              eval=every(cfg.eval_every), grid=every(cfg.sample_every))  # an evaluation)
 
 
 def train(cfg, hook=None):
@@ -1271,7 +1271,8 @@ def fid_setup(cfg, procs):
     try:
         net = fid.load_inception(cfg.fid_weights or None, procs.device)
         ref = fid.build_reference(cfg.fid_ref, net, cfg.metrics or None, cfg.fid_preprocess, shard=(procs.rank,
-                                  procs.world), reduce=procs.all_sum, gather=procs.gather, cache_dir=cfg.out_dir)
+                                  procs.world), reduce=procs.all_sum, gather=procs.gather, cache_dir=cfg.out_dir,
+                                  background=cfg.background)
         return net.cpu(), ref, fid.resolve_metrics(cfg.metrics or None, ref)
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {str(e).replace('(--weights)', '(--fid_weights)')}")
@@ -1497,7 +1498,7 @@ def parse_args(argv=None):
     if mode == "sample" and os.path.isfile(path):  # our checkpoints carry their sampling settings
         held = (read_checkpoint(path, args.get("unsafe_load", False)).get("config") or {})
         conf.update({k: held[k] for k in ("sampler", "sample_steps", "cfg_scale", "cfg_interval", "time_shift",
-                                          "t_eps", "seed", "background") if k in held})
+                                          "t_eps", "seed", "background", "batch_size") if k in held})
     conf.update(args)
     cfg = Config(**{k: tuple(v) if isinstance(v, (list, tuple)) else (v,) if isinstance(Config.__dataclass_fields__[
         k].default, tuple) else v for k, v in conf.items()})  # (a scalar: a checkpoint from before sweeps)
@@ -1526,7 +1527,7 @@ def flag_errors(cfg, mode):  # a message for each bad value, in order; parse_arg
     if not all(0 <= c <= 255 for c in cfg.background):
         yield f"--background R G B takes values in 0..255, got {' '.join(map(str, cfg.background))}"
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.batch_size % (world * cfg.grad_accum):
+    if cfg.batch_size % (world * cfg.grad_accum) and mode != "sample":  # (sampling: batch_size // world each)
         yield (f"--batch_size {cfg.batch_size} (global) does not split into {world} processes x {cfg.grad_accum} "
                f"micro-batches (--grad_accum): make it a multiple of {world * cfg.grad_accum}")
     if cfg.image_size % 16:

@@ -805,12 +805,18 @@ def test_cli_flags_and_errors(tmp_path, capsys):
     assert not os.listdir(d)  # bad flags write nothing
 
 
-def test_sample_reads_ema_as_ema_decay_and_names_the_flags_it_ignores(tmp_path, capsys):
+def test_sample_reads_ema_as_ema_decay_and_names_the_flags_it_ignores(tmp_path, capsys, monkeypatch):
     cfg, _ = pg.parse_args(["--sample", "--ema", "0.9", "--num_classes", "10", "--image_size", "128",
                             "--cfg_scale", "2"])
     out = capsys.readouterr().out
     assert cfg.ema_decay == (0.9,) and "--sample reads --ema as --ema_decay 0.9" in out
     assert "--sample ignores --num_classes, --image_size" in out and "--cfg_scale" not in out
+    # A run's own checkpoint gives its sampling settings and batch (not the demo recipe's), for any process count.
+    torch.save(dict(config=dict(batch_size=256, sample_steps=3, sampler="euler")), tmp_path / "ckpt.pt")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    cfg, _ = pg.parse_args(["--sample", "--out_dir", str(tmp_path)])
+    assert (cfg.batch_size, cfg.sample_steps, cfg.sampler) == (256, 3, "euler")
+    assert pg.parse_args(["--sample", "--out_dir", str(tmp_path), "--batch_size", "10"])[0].batch_size == 10
 
 
 def test_demo_uses_a_gpu_for_a_longer_run(monkeypatch):
@@ -1519,6 +1525,10 @@ def test_a_run_that_cannot_fit_stops_before_building_with_one_that_does(tmp_path
     fits = pg.dataclasses.replace(cfg, model="PixelGen-S/16", image_size=128, batch_size=32)
     assert pg.memory_need(fits, 1, cuda=False) < available and "--no-memory_check" in str(e.value)
     assert not tmp_path.exists() or not os.listdir(tmp_path)
+    # On a GPU what counts is its free memory, not its total (another process may hold the rest).
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * 2**30, 141 * 2**30))  # (free, total)
+    with pytest.raises(SystemExit, match=r"GPU cuda:0 has 10 GiB available"):
+        pg.check_memory(cfg, pg.Procs(True, 0, 8, torch.device("cuda", 0)))
 
 
 def test_checkpoint_files_that_are_not_checkpoints_say_so(tmp_path, capsys):
@@ -1864,9 +1874,12 @@ def test_sample_program_writes_npz_and_grid(tmp_path):
 
 def test_online_evaluation_trains_the_same_weights_and_writes_samples(tmp_path):
     pg.train(small_cfg(tmp_path / "plain", max_steps=3))
-    pg.train(small_cfg(tmp_path / "eval", max_steps=3, eval_every=2, eval_samples=6, sample_steps=2, ema=(0.9, 0.5)))
+    pg.train(small_cfg(tmp_path / "eval", max_steps=3, eval_every=2, eval_samples=6, sample_steps=2, ema=(0.9, 0.5),
+                       ckpt_every=100))
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("plain", "eval"))
     assert same(a["model"], b["model"]) and same(a["opt"], b["opt"])
+    log = (tmp_path / "eval" / "log.txt").read_text()  # the checkpoint of an evaluation's step comes first
+    assert log.index("step 2/3") < log.index(f"saved {tmp_path / 'eval' / 'ckpt.pt'}") < log.index("step 3/3")
     for step in (2, 3):  # every eval_every steps and at the end; without --fid_ref the samples are kept
         for d in (0.9, 0.5):
             with np.load(tmp_path / "eval" / f"eval_{step:07d}" / f"samples_ema{d}_cfg2.npz") as f:
@@ -1946,7 +1959,8 @@ def test_evaluation_metrics_follow_the_reference_and_the_flag(tmp_path, monkeypa
     base = ["--sample", "--out_dir", str(tmp_path / "run"), "--num_samples", "4", "--sample_steps", "1",
             "--fid_weights", weights]
     for extra, want in [(["--fid_ref", str(tmp_path / "stats.npz")], {"fid", "inception_score"}),  # all it allows
-                        (["--fid_ref", ref, "--metrics", "fid", "dc"], {"fid", "density", "coverage"})]:
+                        (["--fid_ref", ref, "--metrics", "fid", "dc"], {"fid", "density", "coverage"}),
+                        (["--fid_ref", ref, "--metrics", "is"], {"inception_score"})]:  # (a table without FID)
         pg.sample_main(pg.parse_args(base + extra)[0])
         assert set(json.load(open(tmp_path / "run" / "eval.json"))[-1]) & METRIC_KEYS == want
     with pytest.raises(SystemExit, match=r"stats.npz holds only mu / sigma: precision / recall need pool3 features or "
@@ -2735,6 +2749,34 @@ def test_fid_features_do_not_see_hidden_colours(tmp_path):
     np.testing.assert_array_equal(feats[1], feats[2])
     dropped = fid.get_features(model, np.stack([icon[..., :3] for icon in icons[2]]))  # alpha dropped:
     assert not np.allclose(dropped, feats[1], rtol=1e-3)  # the hidden colours would change the features
+
+
+def test_fid_background_reaches_folders_the_cache_key_and_sample_fid_ref(tmp_path, monkeypatch, fid_weights):
+    _fake_network(monkeypatch)  # the plumbing is under test
+    weights = fid_weights
+    icons, black, cache = tmp_path / "icons", tmp_path / "black", str(tmp_path / "cache")
+    icons.mkdir(), black.mkdir()
+    for i, icon in enumerate(_icons(0, 1, n=6, size=16)):  # (6 > k = 5: every metric)
+        Image.fromarray(icon, "RGBA").save(icons / f"{i}.png")
+        Image.fromarray(_composite(icon, (0, 0, 0))).save(black / f"{i}.png")  # the same icons, already on black
+    read = lambda path, *bg: np.concatenate(list(fid.Source(str(path), *bg).batches()))
+    np.testing.assert_array_equal(read(icons, (0, 0, 0)), read(black))
+    assert not np.array_equal(read(icons), read(black))  # white by default
+    model = fid.load_inception(weights, "cpu")
+    build = lambda path, **kw: fid.build_reference(str(path), model, ("fid",), **kw)
+    on_black = build(black)
+    white = build(icons, cache_dir=cache)
+    assert not np.allclose(white.mu, on_black.mu)
+    np.testing.assert_array_equal(build(icons, cache_dir=cache, background=(0, 0, 0)).mu, on_black.mu)  # not cached
+    cli = lambda *flags: fid.main([str(icons), str(black), "--weights", weights, "--device", "cpu", *flags])
+    assert cli("--background", "0", "0", "0") == fid.main([str(black), str(black), "--weights", weights])
+    assert cli() != cli("--background", "0", "0", "0")
+    with pytest.raises(SystemExit, match=r"--background R G B takes values in 0..255, got 0 0 256"):
+        cli("--background", "0", "0", "256")
+    cfg = pg.parse_args(["--sample", "--fid_ref", str(icons), "--fid_weights", weights, "--background", "0", "0", "0",
+                         "--out_dir", str(tmp_path / "run")])[0]
+    _, ref, _ = pg.fid_setup(cfg, pg.Procs(False, 0, 1, torch.device("cpu")))  # --sample --fid_ref's reference
+    np.testing.assert_array_equal(ref.mu, on_black.mu)
 
 
 def test_fid_error_messages(tmp_path, monkeypatch):

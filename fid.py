@@ -663,7 +663,6 @@ def table(rows):  # evaluation rows: a line per setting (ema, cfg) with its metr
     return "\n".join(lines)
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs: image folders, ADM npz batches (arr_0) and statistics npz files (mu, sigma).
 

@@ -291,10 +291,14 @@ def x_to_v(x_hat, x_t, t, t_eps=0.05):  # Eqs. (3)-(4): the velocity that carrie
 # ----------------------------------------------------------------------------------------------------------------
 # Objective (paper Eqs. 5-9):  L = L_FM + g(t) (0.1 L_LPIPS + 0.01 L_PDINO) + 0.5 L_REPA,  g(t) = 1[t >= 0.3].
 
+def gate(t, gate_t=0.3):  # Eq. (7): g(t) = 1[t >= gate_t], as the indices of the samples it keeps (found on the host)
+    return (t >= gate_t).nonzero()[:, 0]
+
+
 class Draws(NamedTuple):
     """A batch's per-sample randomness, on the device (made by make_draws): time t (b,), noise eps (b, 3, H, W), label
-    dropout drop (b,), and the indices `gated` of the samples with g(t) = 1. The loss terms are means over a global
-    batch of B samples, G of them gated, of which this batch's b samples are a part (B = b for a batch of its own)."""
+    dropout drop (b,), and `gated`, the indices of the samples with g(t) = 1 (gate). The loss terms are means over a
+    global batch of B samples, G of them gated, of which this batch's b samples are a part (B = b for a batch alone)."""
     t: torch.Tensor
     eps: torch.Tensor
     drop: torch.Tensor
@@ -446,10 +450,6 @@ def sample(model, noise, y, steps=50, sampler="heun", cfg_scale=1.0, cfg_interva
             slope = (1 + a) * v - a * v_prev
         x, v_prev = x + slope * dts_dev[i], v  # Euler otherwise, Heun's last step too: the net never sees t = 1
     return x
-
-
-def to_uint8(x):  # (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded as official fp2uint8
-    return ((x.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
 # ================================================================================================================
@@ -734,7 +734,7 @@ def to_device(u, device):  # a host tensor to the device without blocking the ho
 def make_draws(t, drop, eps, gate_t, norm=None):
     """Draws from t (b,) and drop (b,) drawn on the host, where the gate is found without asking the GPU, and noise
     eps on the device; norm = (B, G) of the global batch. Host tensors travel with non-blocking copies."""
-    gated = (t >= gate_t).nonzero()[:, 0]                                         # g(t) = 1[t >= gate_t], Eq. (7)
+    gated = gate(t, gate_t)
     return Draws(to_device(t, eps.device), eps, to_device(drop, eps.device), to_device(gated, eps.device),
                  *(norm or (len(t), len(gated))))
 
@@ -1077,7 +1077,7 @@ def train_step(net, opt, emas, batches, step, cfg, procs, meter):
     b, first = B // (procs.world * K), procs.rank * (B // procs.world)  # micro-batch; this process's first position
     gen = torch.Generator().manual_seed(seed_for(cfg.seed, step))  # t, label dropout and flips of the global batch
     t, drop = sample_t(B, cfg.P_mean, cfg.P_std, gen), torch.rand(B, generator=gen) < cfg.label_dropout
-    flip, norm = (torch.rand(B, generator=gen) < 0.5) & cfg.flip, (B, int((t >= cfg.gate_t).sum()))
+    flip, norm = (torch.rand(B, generator=gen) < 0.5) & cfg.flip, (B, len(gate(t, cfg.gate_t)))
     for k in range(K):
         img, y, bad = next(batches)
         pos = slice(first + k * b, first + (k + 1) * b)  # this micro-batch's positions in the global batch
@@ -1243,6 +1243,10 @@ def load_denoiser(path, unsafe=False, decays=(), use_ema=True):
     raise SystemExit(f"error: the weights in {path} fit no preset:\n" + "\n".join(report))
 
 
+def to_uint8(x):  # (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded as official fp2uint8
+    return ((x.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
 @torch.no_grad()
 def sample_images(model, idx, cfg, device, cfg_scale):  # image i: class i % K, noise from (seed, i) -> (b, H, W, 3)
     size = model.grid * model.patch_size
@@ -1261,7 +1265,6 @@ def save_grid(imgs, path, classes):  # (B, H, W, 3) uint8 -> one PNG; one column
         r, c = divmod(i, nrow)
         grid[2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = im
     Image.fromarray(grid).save(path)
-
 
 
 def fid_setup(cfg, procs):

@@ -893,10 +893,10 @@ def data_record(cfg, data):  # (path, class names, images per class): what a che
     return [os.path.abspath(cfg.data_path) if cfg.data_path else "toy shapes", list(data.classes), list(data.counts)]
 
 
-def describe(record):  # "5 classes (app, device, ...), 415 images in /data/icons"
+def describe(record):  # "7 classes (app, device, file, folder, ...), 415 images in /data/icons"
     path, classes, counts = record
-    return f"{len(classes)} classes ({', '.join(classes[:4])}{', ...' * (len(classes) > 4)}), {sum(counts)} images " \
-           f"in {path}"
+    names = classes if len(classes) <= 5 else classes[:4] + ["..."]
+    return f"{len(classes)} classes ({', '.join(names)}), {sum(counts)} images in {path}"
 
 
 def memory_need(cfg, world, cuda):
@@ -931,8 +931,8 @@ def check_memory(cfg, procs):  # stop with a command that fits, rather than meet
                          f"{cfg.batch_size // (procs.world * cfg.grad_accum)} images needs about {need:.0f} GiB, but "
                          f"{where} has {have:.0f} GiB available. A run that fits: python pixelgen.py --train "
                          + " ".join(f"--{k} {v}" for k, v in dict(data_path=cfg.data_path, **fits).items() if v)
-                         + "\n(Or split the batch with --grad_accum, add --grad_ckpt, use more GPUs; "
-                         "--no-memory_check skips this estimate.)")
+                         + " (with your other flags)\n(Or split the batch with --grad_accum, add --grad_ckpt, use "
+                         "more GPUs; --no-memory_check skips this estimate.)")
 
 
 def read_checkpoint(path, unsafe=False):

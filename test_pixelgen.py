@@ -1520,7 +1520,7 @@ def test_a_run_that_cannot_fit_stops_before_building_with_one_that_does(tmp_path
     with pytest.raises(SystemExit, match=r"PixelGen-XL/16 at 256 px in micro-batches of 256 images needs about "
                                          r"\d+ GiB, but this host has 20 GiB available\. A run that fits: "
                                          r"python pixelgen\.py --train --model PixelGen-S/16 --image_size 128 "
-                                         r"--batch_size 32\n") as e:
+                                         r"--batch_size 32 \(with your other flags\)\n") as e:
         pg.train(cfg)
     fits = pg.dataclasses.replace(cfg, model="PixelGen-S/16", image_size=128, batch_size=32)
     assert pg.memory_need(fits, 1, cuda=False) < available and "--no-memory_check" in str(e.value)

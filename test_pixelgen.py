@@ -2950,8 +2950,8 @@ def test_fid_unreadable_images_are_skipped(tmp_path, monkeypatch):
         for i, name in enumerate(bad):  # an empty file, a truncated PNG, one that read_image fails on otherwise
             (tmp_path / folder / f"{name}.png").write_bytes((tmp_path / folder / "1.png").read_bytes()[:50 * i])
     real_read = fid.read_image
-    monkeypatch.setattr(fid, "read_image", lambda p: real_read(p) if "gone" not in p else (_ for _ in ()).throw(
-        RuntimeError("vanished")))
+    monkeypatch.setattr(fid, "read_image", lambda p, *bg: real_read(p, *bg) if "gone" not in p else (
+        _ for _ in ()).throw(RuntimeError("vanished")))
 
     def metrics(sam, ref, world=1):  # compute_metrics of a sample folder, the reference sharded over `world`
         stats = fid.Stats(len(fid.Source(sam)), spatial_dim=fid.SPATIAL_DIM)

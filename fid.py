@@ -6,8 +6,9 @@
     python fid.py samples/ ref_stats.npz --preprocess pytorch-fid --batch_size 200 --weights pt_inception.pth
 
 Each side is an image folder (searched recursively, hidden names skipped; transparency composited onto
---background, white by default, as pixelgen.py trains; unreadable files skipped with a warning), an ADM npz batch (`arr_0`, uint8 NHWC) or a statistics npz (`mu`, `sigma`, optionally `mu_s`, `sigma_s`); ADM
-reference batches hold both, and precomputed statistics are used as they are, like the ADM suite does. METRICS:
+--background, white by default, as pixelgen.py trains; unreadable files skipped with a warning), an ADM npz batch
+(`arr_0`, uint8 NHWC) or a statistics npz (`mu`, `sigma`, optionally `mu_s`, `sigma_s`); ADM reference batches hold
+both, and precomputed statistics are used as they are, like the ADM suite does. METRICS:
   fid   (always)  Fréchet distance between the 2048-d pool3 features' means / covariances.
   sfid  (--sfid)  the same for sFID's 2023 spatial features (below).
   is    (--is)    Inception Score of SAMPLES as the ADM suite's (splits of 5000), of the logits pool3 @ fc.weight.T
@@ -890,8 +891,8 @@ def build_reference(path, model, which=None, preprocess="adm", batch_size=50, sh
     each), and for precision / recall or density / coverage `gather` (see gather_features), equally often, and all
     get the same Reference. cache_dir: keep the result in an npz there, used again while its key holds: the reference
     file (absolute path, size, mtime_ns) or folder (each image's, and the background under transparent pixels), a
-    hash of the Inception's weights, the preprocessing; it holds what was computed, and a request for more recomputes. All processes use the cache or none
-    does (one more reduce call); rank 0 writes it (atomically)."""
+    hash of the Inception's weights, the preprocessing; it holds what was computed, and a request for more
+    recomputes. All processes use the cache or none does (one more reduce call); rank 0 writes it (atomically)."""
     src, (rank, world) = Source(path, background), shard
     which = [m for m in resolve_metrics(which, src) if m != "is"]
     keep = "pr" in which or "dc" in which  # the features

@@ -1077,14 +1077,14 @@ def train_step(net, opt, emas, batches, step, cfg, procs, meter):
     b, first = B // (procs.world * K), procs.rank * (B // procs.world)  # micro-batch; this process's first position
     gen = torch.Generator().manual_seed(seed_for(cfg.seed, step))  # t, label dropout and flips of the global batch
     t, drop = sample_t(B, cfg.P_mean, cfg.P_std, gen), torch.rand(B, generator=gen) < cfg.label_dropout
-    flip, norm = (torch.rand(B, generator=gen) < 0.5) & cfg.flip, (B, len(gate(t, cfg.gate_t)))
+    flip, norm = (torch.rand(B, generator=gen) < 0.5) & cfg.flip, (B, len(gate(t, loss_fn.gate_t)))
     for k in range(K):
         img, y, bad = next(batches)
         pos = slice(first + k * b, first + (k + 1) * b)  # this micro-batch's positions in the global batch
         x = img.to(device, non_blocking=True).float() / 127.5 - 1  # uint8 -> [-1, 1]
         x = torch.where(to_device(flip[pos], device).view(-1, 1, 1, 1), x.flip(-1), x) if cfg.flip else x
         eps = seeded_noise(x.shape[1:], [seed_for(cfg.seed, step, i) for i in range(pos.start, pos.stop)], device)
-        draws = make_draws(t[pos], drop[pos], eps, cfg.gate_t, norm)
+        draws = make_draws(t[pos], drop[pos], eps, loss_fn.gate_t, norm)
         torch.manual_seed(seed_for(cfg.seed, step, procs.rank, k))  # dropout masks
         with net.no_sync() if procs.ddp and k < K - 1 else contextlib.nullcontext():  # DDP syncs on the last one
             with amp(device):

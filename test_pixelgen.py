@@ -1550,6 +1550,21 @@ def test_training_writes_sample_grids(tmp_path):
     assert "sample grid (EMA 0.99):" in (tmp_path / "log.txt").read_text()
 
 
+def test_the_number_of_classes_follows_the_data(tmp_path):
+    for c in ("apps", "devices", "places"):  # 3 classes of 2 images
+        (tmp_path / "icons" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((40, 40, 3), 40 * i, np.uint8)).save(tmp_path / "icons" / c / f"{i}.png")
+    run = lambda name, **kw: pg.train(small_cfg(tmp_path / name, data_path=str(tmp_path / "icons"), max_steps=1,
+                                                num_workers=0, sample_every=1, num_samples=6, sample_steps=1, **kw))
+    model, _ = run("data")  # the demo recipe's default is 0: the data's
+    assert model.num_classes == 3 and ckpt(tmp_path / "data" / "ckpt.pt")["config"]["num_classes"] == 3
+    assert Image.open(tmp_path / "data" / "grid_0000001.png").size == (3 * 34 + 2, 2 * 34 + 2)  # 3 columns
+    assert run("more", num_classes=5)[0].num_classes == 5  # spare label rows are allowed (an ImageNet subset)
+    with pytest.raises(SystemExit, match="the data has 3 classes but --num_classes is 2"):
+        run("fewer", num_classes=2)
+
+
 def _cli(*args):  # a subprocess running pixelgen's CLI with the tests' small perceptual networks
     code = "import sys, test_pixelgen as T; T.pg.perceptual_nets = T.small_perceptual_nets; T.pg.main(sys.argv[1:])"
     return [sys.executable, "-c", code, *args]

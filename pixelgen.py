@@ -877,9 +877,10 @@ def check_run(cfg, data, procs):
     cfg = dataclasses.replace(cfg, num_classes=cfg.num_classes or max(data.num_classes, held.get("num_classes", 0)))
     differ = [f"--{k} {held[k]} (this run: {getattr(cfg, k)})" for k in ("model", "image_size", "num_classes")
               if k in held and held[k] != getattr(cfg, k)]
-    if ck.get("data", data_record(cfg, data))[1:] != data_record(cfg, data)[1:] and not cfg.new_data:
-        differ.append(f"its data: {describe(ck['data'])} (this run: {describe(data_record(cfg, data))}; --new_data "
-                      "continues on other data, for fine-tuning)")
+    record = data_record(cfg, data)
+    if ck.get("data", record)[1:] != record[1:] and not cfg.new_data:  # class names and counts (not the path)
+        differ.append(f"its data: {describe(ck['data'])} (this run: {describe(record)}; --new_data continues on "
+                      "other data, for fine-tuning)")
     if differ:
         raise SystemExit(f"error: {path} was written by another run: {held.get('model')} at {held.get('image_size')} "
                          f"px with {held.get('num_classes')} classes. It differs in " + "; ".join(differ) +

@@ -460,7 +460,6 @@ def sample(model, noise, y, steps=50, sampler="heun", cfg_scale=1.0, cfg_interva
 # ----------------------------------------------------------------------------------------------------------------
 # Config: every field is a CLI flag (--name); a recipe (below) overrides a few defaults; explicit flags win.
 
-
 @dataclasses.dataclass
 class Config:
     # what to run
@@ -601,10 +600,9 @@ def center_crop(img, size):  # ADM: halve with BOX while min side >= 2 size, BIC
 
 
 class ImageFolderData(torch.utils.data.Dataset):
-    """root/class_x/.../img.jpg: the sorted class folders are the labels 0..K-1, each holding the image files under it;
-    a folder without class folders is one class. What is left out is listed in `ignored`: hidden names (.thumbnails/,
-    .DS_Store), stray files beside the class folders, other extensions such as .svg; a class without an image file is
-    an error. Items: fid.read_image (alpha composited onto `background`), the ADM crop."""
+    """root/class_x/.../img.jpg: sorted class folders are the labels 0..K-1 (no class folders: one class). `ignored`
+    lists hidden names, stray files and other extensions; a class without an image is an error. Items: uint8 (3, H, W),
+    alpha composited onto `background` (fid.read_image), then the ADM crop."""
 
     def __init__(self, root, size, background=(255, 255, 255)):
         if not os.path.isdir(root):
@@ -731,18 +729,16 @@ def to_device(u, device):  # a host tensor to the device without blocking the ho
     return (u.pin_memory() if device.type == "cuda" else u).to(device, non_blocking=True)
 
 
-def make_draws(t, drop, eps, gate_t, norm=None):
-    """Draws from t (b,) and drop (b,) drawn on the host, where the gate is found without asking the GPU, and noise
-    eps on the device; norm = (B, G) of the global batch. Host tensors travel with non-blocking copies."""
-    gated = gate(t, gate_t)
+def make_draws(t, drop, eps, gate_t, norm=None):  # t, drop (b,) on the host, where the gate needs no device sync
+    gated = gate(t, gate_t)  # norm: (B, G) of the global batch (by default this batch's own)
     return Draws(to_device(t, eps.device), eps, to_device(drop, eps.device), to_device(gated, eps.device),
                  *(norm or (len(t), len(gated))))
 
 
 class Procs(NamedTuple):
-    """This process among the others. The training step's collectives run on the device (NCCL on CUDA); what decides
-    which collectives come next (stopping, an evaluation's outcome) is agreed on the host first, in the gloo group
-    `ctrl`, and so are waits for rank 0's slow work (a checkpoint, 50k samples): HOST_WAIT, not NCCL's 10 minutes."""
+    """This process among the others. The step's collectives run on the device (NCCL on CUDA); what decides which come
+    next (a stop, an evaluation's outcome) and waits for rank 0's slow work are agreed on the host, in the gloo group
+    `ctrl` with the timeout HOST_WAIT, not NCCL's 10 minutes."""
     ddp: bool
     rank: int
     world: int
@@ -794,14 +790,12 @@ def amp(device):  # bf16 autocast on CUDA, plain fp32 on the CPU; wraps forward 
     return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
 
 
-class Log:
-    """Rank 0's record of a run: stdout (above the progress bar), OUT_DIR/log.txt, rows to metrics.jsonl and wandb.
-    The run folder is written from `start()` on, once every check has passed: a failed start leaves no trace."""
+class Log:  # rank 0's record: stdout (above the progress bar), OUT_DIR/log.txt, rows to metrics.jsonl and wandb
 
     def __init__(self, cfg, master):
         self.cfg, self.master, self.waiting, self.files, self.wandb = cfg, master, [], None, None
 
-    def __call__(self, msg, row=None):
+    def __call__(self, msg, row=None):  # held until start(), after every check: a failed start leaves no trace
         if self.master:
             tqdm.write(msg)
             self.write(msg, row) if self.files else self.waiting.append((msg, row))
@@ -864,9 +858,8 @@ def build(cfg, device, log=print):  # a run's denoiser, its EMAs, the objective 
 
 
 def check_run(cfg, data, procs):
-    """The run's Config after the checks that need its data, its folder or its device, made before anything is built
-    or written: the classes (the data's, or the checkpoint's when it has more), a checkpoint to resume that this run
-    wrote (the same model, size, classes and data), and the memory the run needs against the device's."""
+    """The run's Config after the checks made before anything is built or written: the classes (the data's, or the
+    checkpoint's when more), a checkpoint to resume from this run (same model, size, classes, data), the memory."""
     if len(data) < cfg.batch_size:
         raise SystemExit(f"error: {len(data)} images are fewer than one global batch (--batch_size {cfg.batch_size})")
     if cfg.num_classes and cfg.num_classes < data.num_classes:
@@ -901,10 +894,9 @@ def describe(record):  # "7 classes (app, device, file, folder, ...), 415 images
 
 
 def memory_need(cfg, world, cuda):
-    """GiB a process needs, roughly: fp32 weights, gradients, AdamW moments and EMAs (4 + EMAs copies of the
-    parameters); per sample of a micro-batch, the activations of each block (34 values per token and channel in bf16,
-    plus 5 x heads x tokens^2 attention scores without flash attention; twice as many bytes in fp32 on a CPU; only
-    the block inputs with --grad_ckpt) and of DINOv2 (targets and the gated pass); 1 GiB for the rest."""
+    """GiB a process needs, roughly: 4 + EMAs fp32 copies of the weights (with gradients and AdamW moments), and per
+    sample the activations of the blocks (34 bf16 values per token and channel; fp32 attention scores on a CPU; block
+    inputs only with --grad_ckpt) and of DINOv2; 1 GiB for the rest."""
     with torch.device("meta"):
         m = JiT(**MODELS[cfg.model], input_size=cfg.image_size, num_classes=cfg.num_classes or 1000)
     b, T, D = cfg.batch_size // (world * cfg.grad_accum), m.grid ** 2 + m.in_context_len, m.pos_embed.shape[-1]
@@ -937,8 +929,7 @@ def check_memory(cfg, procs):  # stop with a command that fits, rather than meet
 
 
 def read_checkpoint(path, unsafe=False):
-    """torch.load of a checkpoint, memory-mapped on the host, or a message that says what is wrong with the file.
-    Without `unsafe` only tensors and plain containers load (weights_only): no arbitrary Python objects."""
+    """torch.load, memory-mapped on the host, weights_only unless `unsafe`; or a message saying what the file is."""
     with open(path, "rb") as f:
         head = f.read(4)
     if head != b"PK\x03\x04" and head[:1] != b"\x80":  # neither a zip (torch.save) nor an old pickle
@@ -956,9 +947,8 @@ def read_checkpoint(path, unsafe=False):
 
 
 def resume(cfg, model, emas, loss_fn, opt):
-    """The step to continue from (0 for a new run) and the EMA decays new to the run, after loading OUT_DIR/ckpt.pt:
-    weights, EMAs, REPA head and w_ad, AdamW. The file is memory-mapped on the host and copied into the run's tensors,
-    so no copy of it stays in memory (on the GPU it would hold the model and every EMA again: 2.7 GB each for XL)."""
+    """(step to continue from, EMA decays new to the run) after loading OUT_DIR/ckpt.pt into the run's tensors. The file
+    is memory-mapped and dropped: no copy stays in memory (on a GPU, 2.7 GB more for XL's model and each EMA)."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if not (cfg.resume and os.path.isfile(path)):
         return 0, ()
@@ -975,8 +965,8 @@ def resume(cfg, model, emas, loss_fn, opt):
 
 
 def save_checkpoint(obj, path, keep=None):
-    """Atomic write (temp file + rename), then a snapshot `keep` (a hard link where the disk allows). A failed write
-    stops the run naming its cause, removes the temp file and leaves the last good checkpoint as it was."""
+    """Atomic write (temp file + rename), then a snapshot `keep` (a hard link where it can); a failed write stops the
+    run naming its cause and leaves the last good checkpoint as it was."""
     target = path
     try:
         torch.save(obj, path + ".tmp")
@@ -1006,20 +996,18 @@ def loader(data, cfg, procs, step):  # this process's micro-batches of uint8 ima
                                             worker_init_fn=quiet_worker))
 
 
-class StopSignals:
-    """SIGTERM, SIGUSR1 and SIGINT ask the run to stop after the current step (preemption, Ctrl-C); a second signal
-    acts at once. A context manager: the previous handlers come back on exit."""
+@contextlib.contextmanager
+def stop_signals():  # the names of the STOP_SIGNALS received; a second signal acts at once (its old handler is back)
+    received, previous = [], {}
 
-    def __enter__(self):
-        self.received, self.previous = [], {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
-        return self
-
-    def handle(self, sig, frame):
-        self.received.append(signal.Signals(sig).name)
-        signal.signal(sig, self.previous[sig])
-
-    def __exit__(self, *exc):
-        for s, h in self.previous.items():
+    def handle(sig, frame):
+        received.append(signal.Signals(sig).name)
+        signal.signal(sig, previous[sig])
+    previous.update((s, signal.signal(s, handle)) for s in STOP_SIGNALS)
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
             signal.signal(s, h)
 
 
@@ -1039,9 +1027,7 @@ def update_ema(emas, model):  # each ema <- d ema + (1 - d) model, one fused op;
                          [1 - d for d in emas for _ in params])
 
 
-class Meter:
-    """The log's sums since its last line: the loss terms on the device (read at the log step, the one host sync of
-    training), the gated fraction and the unreadable images on the host."""
+class Meter:  # sums since the last log line: loss terms on the device (read at the log step), the rest on the host
     TERMS = ("loss", "fm", "lpips", "pdino", "repa")
 
     def __init__(self):
@@ -1070,9 +1056,7 @@ class Meter:
 
 def train_step(net, opt, emas, batches, step, cfg, procs, meter):
     """One AdamW step on the global batch: this process's K micro-batches, their gradients summed (DDP averages them
-    over the processes on the last one), then the EMA update. Nothing here waits for the device: the per-sample
-    draws are made on the host and sent with non-blocking copies, the gate is known on the host, and the meter adds up
-    on the device."""
+    over the processes on the last one), then the EMAs. Nothing waits for the device: the draws are made on the host."""
     loss_fn, model = (net.module if procs.ddp else net).loss_fn, (net.module if procs.ddp else net).model
     B, K, device = cfg.batch_size, cfg.grad_accum, procs.device
     b, first = B // (procs.world * K), procs.rank * (B // procs.world)  # micro-batch; this process's first position
@@ -1107,8 +1091,7 @@ def due(cfg, step, max_steps, stopping):  # what this step ends with: the same d
 
 
 def train(cfg, hook=None):
-    """The training program (--train), on every process under torchrun. hook(step, model, emas) runs after each step
-    (for tests)."""
+    """The training program (--train), on every process under torchrun; hook(step, model, emas) after each step."""
     procs = setup_dist(cfg)
     data = ImageFolderData(cfg.data_path, cfg.image_size, cfg.background) if cfg.data_path else \
         ToyShapes(cfg.image_size)
@@ -1136,14 +1119,14 @@ def train(cfg, hook=None):
     model.train()
     loss_fn.train()
     try:
-        with StopSignals() as stop:
+        with stop_signals() as received:
             while step < max_steps:
                 train_step(net, opt, emas, batches, step, cfg, procs, meter)
                 step += 1
                 bar.update(1)
                 if hook:
                     hook(step, model, emas)
-                stopping = procs.agree(bool(stop.received))  # decided once per step, by every process together
+                stopping = procs.agree(bool(received))  # decided once per step, by every process together
                 now = due(cfg, step, max_steps, stopping)
                 if now.log:
                     log(*meter.report(step, max_steps, cfg, procs, loss_fn.percept_weight.item(), step / epoch_steps))
@@ -1154,7 +1137,7 @@ def train(cfg, hook=None):
                 if now.grid:
                     procs.together(lambda: grid(emas, cfg, procs, step, log) if procs.rank == 0 else None)
                 if stopping:
-                    log(f"stopped by {stop.received[0] if stop.received else 'a signal to another process'} after "
+                    log(f"stopped by {received[0] if received else 'a signal to another process'} after "
                         f"step {step}; {cfg.out_dir}/ckpt.pt is written: run the same command to continue")
                     break
     finally:
@@ -1224,11 +1207,8 @@ def load_denoiser(path, unsafe=False, decays=(), use_ema=True):
                   num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
     except KeyError as e:
         raise SystemExit(f"error: {path} has no JiT weights (missing {e})")
-    depth, width = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1), \
-        sd["pos_embed"].shape[-1]
-    fit = {k: v for k, v in MODELS.items() if (v["depth"], v["hidden_size"]) == (depth, width)}  # (quick to rule out)
     report = []
-    for name, preset in (fit or MODELS).items():
+    for name, preset in MODELS.items():  # the first preset whose state dict has exactly these keys and shapes
         with torch.device("meta"):
             ref = {k: v.shape for k, v in JiT(**preset, **kw).state_dict().items()}
         diff = sorted(set(ref) ^ set(sd)) + [f"{k} {tuple(sd[k].shape)} vs {tuple(ref[k])}" for k in ref
@@ -1269,9 +1249,8 @@ def save_grid(imgs, path, classes):  # (B, H, W, 3) uint8 -> one PNG; one column
 
 
 def fid_setup(cfg, procs):
-    """(FID Inception, kept on the CPU between evaluations; the reference side of every metric; the metrics), once
-    per run: the reference images' features and statistics, sharded over the processes and cached in OUT_DIR for
-    sweeps and later evaluations (keyed by the reference file, the Inception's weights and the preprocessing)."""
+    """(FID Inception, on the CPU between evaluations; the reference side of every metric; the metrics), once per run.
+    The reference is sharded over the processes and cached in OUT_DIR, keyed by file, weights and preprocessing."""
     try:
         net = fid.load_inception(cfg.fid_weights or None, procs.device)
         ref = fid.build_reference(cfg.fid_ref, net, cfg.metrics or None, cfg.fid_preprocess, shard=(procs.rank,
@@ -1283,11 +1262,9 @@ def fid_setup(cfg, procs):
 
 
 def evaluate(emas, n, cfg, procs, out_dir=None, fid_ctx=None):
-    """The sampling loop of --sample, online evaluation and sweeps. For every EMA model and CFG scale: n images, image
-    i of class i % K from noise seeded by (seed, i) (the same for every setting), sharded over the processes (rank
-    i mod world). With out_dir, writes each setting's samples (ADM npz, grid, PNGs with --save_pngs); with fid_ctx,
-    returns (on rank 0) a row per setting of every metric (fid.Evaluation: Inception outputs computed where the
-    images are, summed and gathered over the processes). A failure anywhere raises everywhere."""
+    """The sampling loop of --sample, online evaluation and sweeps: for every EMA and CFG scale, n images (image i of
+    class i % K from noise seeded by (seed, i)), image i on process i % world. With out_dir, each setting's samples
+    (ADM npz, grid, PNGs); with fid_ctx, rank 0's rows of metrics. A failure anywhere raises everywhere."""
     rows, net = [], fid_ctx[0].to(procs.device) if fid_ctx else None
     which = [m for m in fid_ctx[2] if m != "pr" or cfg.metrics or n > fid.PR_K] if fid_ctx else ()  # (k = 3)
     try:
@@ -1310,8 +1287,7 @@ def evaluate(emas, n, cfg, procs, out_dir=None, fid_ctx=None):
 
 
 def sample_shard(model, w, n, tag, cfg, procs, out_dir, ev):
-    """This process's images of one setting (i = rank, rank + world, ...), local work only: into the Evaluation ev,
-    and with out_dir into a shard file (and PNGs) for merge_samples."""
+    """This process's images of one setting, into the Evaluation ev and with out_dir a shard file for merge_samples."""
     mine, bs, imgs = list(range(procs.rank, n, procs.world)), max(1, cfg.batch_size // procs.world), []
     pngs = os.path.join(out_dir, f"images{tag}") if out_dir and cfg.save_pngs else None
     if out_dir:
@@ -1481,8 +1457,7 @@ def cli():  # the parser: the modes, then one flag per Config field, its help th
 
 
 def parse_args(argv=None):
-    """(Config, mode). Precedence: Config < recipe < the checkpoint's sampling settings (--sample) < explicit flags.
-    Bad values stop here, before anything is built or written, each with its own message."""
+    """(Config, mode); bad values stop here, before anything is built or written, each with its own message."""
     p = cli()
     args = vars(p.parse_args(argv))
     mode = next(m for m in MODES if args.pop(m, False))

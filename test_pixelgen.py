@@ -1389,6 +1389,24 @@ def test_compiled_runs_survive_the_adaptive_weight_from_scratch_and_after_a_resu
     assert any("ls1" in gm.code for gm in compiled)  # DINOv2 (its LayerScale) ran compiled too
 
 
+def test_stop_signals_record_the_first_signal_and_let_a_second_act():
+    before, term = [], signal.getsignal(signal.SIGTERM)
+    old = signal.signal(signal.SIGUSR1, lambda sig, frame: before.append(sig))
+    try:
+        with pg.stop_signals() as received:
+            os.kill(os.getpid(), signal.SIGUSR1)  # the first asks for a stop after the step
+            assert received == ["SIGUSR1"] and before == []
+            os.kill(os.getpid(), signal.SIGUSR1)  # a second one reaches the handler from before: "at once"
+            assert received == ["SIGUSR1"] and before == [signal.SIGUSR1]
+            os.kill(os.getpid(), signal.SIGTERM)  # each signal is recorded on its own
+            assert received == ["SIGUSR1", "SIGTERM"]
+        assert signal.getsignal(signal.SIGTERM) == term
+        os.kill(os.getpid(), signal.SIGUSR1)  # after the block every handler is the one from before
+        assert before == [signal.SIGUSR1] * 2
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
 def test_sigterm_stops_after_the_step_and_resumes_exactly(tmp_path):
     proc = subprocess.Popen(_cli("--train", "--out_dir", str(tmp_path / "run"), "--image_size", "32", "--batch_size",
                                  "8", "--perceptual_init", "random", "--log_every", "1", "--sample_every", "0",

@@ -32,6 +32,8 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import fcntl
+import hashlib
 import importlib.util
 import inspect
 import itertools
@@ -40,6 +42,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -291,7 +294,7 @@ def x_to_v(x_hat, x_t, t, t_eps=0.05):  # Eqs. (3)-(4): the velocity that carrie
 # ----------------------------------------------------------------------------------------------------------------
 # Objective (paper Eqs. 5-9):  L = L_FM + g(t) (0.1 L_LPIPS + 0.01 L_PDINO) + 0.5 L_REPA,  g(t) = 1[t >= 0.3].
 
-def gate(t, gate_t=0.3):  # Eq. (7): g(t) = 1[t >= gate_t], as the indices of the samples it keeps (found on the host)
+def gate(t, gate_t=0.3):  # the noise gate of Eq. (6), g(t) = 1[t >= gate_t], as the indices of the samples it keeps
     return (t >= gate_t).nonzero()[:, 0]
 
 
@@ -320,7 +323,7 @@ class PixelGenLoss(nn.Module):
         self.lpips_weight, self.pdino_weight, self.repa_weight = lpips_weight, pdino_weight, repa_weight
         self.repa_layer, self.gate_t, self.t_eps, self.patch_size = repa_layer, gate_t, t_eps, patch_size
         self.num_classes, self.gate_pdino, self.adaptive_from = num_classes, gate_pdino, adaptive_from
-        width = dino.embed_dim if repa_weight else 0  # REPA predicts DINOv2 features (768 for ViT-B)
+        width = dino.embed_dim if repa_weight else 0  # REPA predicts DINOv2 features (its embedding width)
         self.proj = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size),
                                   nn.SiLU(), nn.Linear(hidden_size, width)) if repa_weight else None
         self.register_buffer("percept_weight", torch.ones(()))  # w_ad, the adaptive weight (1 unless adapted)
@@ -353,9 +356,9 @@ class PixelGenLoss(nn.Module):
         lp = pd = repa = zero = fm.new_zeros((), dtype=torch.float32)
         cos = lambda a, b: (1 - F.cosine_similarity(a, b, dim=-1)).mean()    # mean over samples and tokens
         z = None
-        if self.proj is not None:  # REPA: the tokens entering block 8, projected, against DINOv2 tokens of x
+        if self.proj is not None:  # REPA: the tokens entering block repa_layer, projected, against DINOv2's of x
             with torch.no_grad():
-                z = self.features(x)                                             # (B, N, 768)
+                z = self.features(x)                                             # (B, N, DINOv2 width)
             repa = cos(self.proj(h).float(), z)                                  # Eq. (9), not gated
         if len(d.gated):  # NOTE(official): the nets see only the gated samples (official: all, masked): same loss
             x_hat_g, x_g = x_hat[d.gated], x[d.gated]
@@ -369,7 +372,7 @@ class PixelGenLoss(nn.Module):
             pd = self.released_pdino(x, x_hat, z, d.G) if d.G else zero + 1
         return dict(fm=fm, lpips=lp, pdino=pd, repa=repa)
 
-    def features(self, u):  # f(u): DINOv2 last-block patch tokens, (b, N, 768) float32, one per JiT token
+    def features(self, u):  # f(u): DINOv2 last-block patch tokens, (b, N, its width) float32, one per JiT token
         # NOTE(official): DINO resizes by the model's patch (official: always 16), so REPA tokens align for any patch.
         return self.dino(u, self.patch_size).float()
 
@@ -385,6 +388,7 @@ class PixelGenLoss(nn.Module):
         return (1 - F.cosine_similarity(self.features(x_hat), z, dim=-1)).mean()
 
     def shares(self, d):  # this batch's share of each global-batch mean: b/B over all samples, g/G over gated ones
+        # NOTE(official): means over the global batch (official: each GPU's means, averaged), so any split is one update
         s, s_gated = len(d.t) / d.B, (len(d.gated) / d.G if d.G else 0.0)
         return dict(fm=s, repa=s, lpips=s_gated, pdino=s_gated if self.gate_pdino else s)
 
@@ -405,6 +409,34 @@ class PixelGenLoss(nn.Module):
             dist.all_reduce(w)
             w /= dist.get_world_size()
         self.percept_weight.mul_(0.8).add_(0.2 * w)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One training step (Alg. 1): draw t, eps and the label dropout per sample, take the loss above, one AdamW step, then
+# the EMA of the weights, which is what samples. Every draw of a sample is a function of (seed, step, its position
+# in the global batch), so any split of the batch over processes and micro-batches draws the same.
+
+def seed_for(*keys):  # a 32-bit seed that mixes non-negative integer keys (CPU generators use 32 bits of a seed)
+    return int(np.random.SeedSequence(keys).generate_state(1)[0])
+
+
+def draw(B, seed, step, P_mean=-0.8, P_std=0.8, label_dropout=0.1):
+    """(t, drop, gen) of a global batch of B, on the host: logit-normal t and the label dropout to the null class,
+    and the generator they came from (for further draws, such as flips). The noise comes from seeded_noise."""
+    gen = torch.Generator().manual_seed(seed_for(seed, step))
+    return sample_t(B, P_mean, P_std, gen), torch.rand(B, generator=gen) < label_dropout, gen
+
+
+def seeded_noise(shape, seeds, device):  # eps (len(seeds), *shape) ~ N(0, I), sample i drawn from its own seeds[i]
+    gen = torch.Generator(device)
+    return torch.stack([torch.randn(shape, generator=gen.manual_seed(s), device=device) for s in seeds])
+
+
+@torch.no_grad()
+def update_ema(emas, model):  # each ema <- d ema + (1 - d) model, one fused op; NOTE(official): lerp, not mul + add
+    params = list(model.parameters())
+    torch._foreach_lerp_([p for e in emas.values() for p in e.parameters()], params * len(emas),
+                         [1 - d for d in emas for _ in params])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -521,14 +553,11 @@ class Config:
     # bookkeeping
     resume: bool = True               # continue from OUT_DIR/ckpt.pt when it exists (the same model, size and classes)
     new_data: bool = False            # resume although the data differ from the checkpoint's (fine-tuning)
-    memory_check: bool = True         # stop before building a run whose estimated memory exceeds the device's
     ckpt_every: int = 5000            # steps between writes of OUT_DIR/ckpt.pt
     keep_every: int = 0               # also keep OUT_DIR/ckpt_{step:07d}.pt every N steps (official: 100000); 0 = off
     log_every: int = 100              # steps between log lines (the only host-device syncs)
     sample_every: int = 10000         # steps between sample grids (0 = never)
-    wandb: bool = False               # also log to Weights & Biases (needs the wandb package; not a dependency)
-    wandb_project: str = "pixelgen"   # official WandbLogger project: universal_flow_JiT_XL_bs256
-    wandb_name: str = ""              # run name; "" = the out_dir's name
+    wandb: str = ""                   # also log to this Weights & Biases project (needs the wandb package)
     bench_steps: int = 5              # --bench: timed steps after warm-up
 
 
@@ -576,14 +605,32 @@ def perceptual_nets(cfg, device, log=print):
         log("WARNING: --perceptual_init random: LPIPS and DINOv2 have RANDOM weights (smoke runs and tests only)")
         return rand()
     try:
-        return (dinov2.load_dinov2(cfg.dino_path or None, device=device) if use_dino else None,
-                make_lpips(True, cfg.vgg_path).to(device) if use_lpips else None)
+        files = pretrained_files(cfg, inception=bool(cfg.eval_every and cfg.fid_ref))
+        return (dinov2.load_dinov2(files["dino"], device=device) if use_dino else None,
+                make_lpips(True, files["vgg"]).to(device) if use_lpips else None)
     except (FileNotFoundError, RuntimeError) as e:
         if cfg.data_path:
             raise SystemExit(f"error: {e}\n(--perceptual_init random runs without them, for smoke tests only)")
         log("!" * 100 + f"\nWARNING: pretrained perceptual networks unavailable ({e}).\nThe demo continues with "
             "RANDOMLY INITIALISED LPIPS-VGG and DINOv2: the perceptual losses are only a regulariser.\n" + "!" * 100)
         return rand()
+
+
+def pretrained_files(cfg, inception=False):
+    """{net: path} of the pretrained files the run needs: a flag's path, else the torch hub cache (downloaded there
+    when possible). Every missing file is named in one message, with its URL and where to put it."""
+    need = dict(dino=(cfg.dino_path, dinov2.WEIGHTS_FILE, dinov2.WEIGHTS_URL) if cfg.pdino_weight or cfg.repa_weight
+                else None, vgg=(cfg.vgg_path, VGG_FILE, VGG_URL) if cfg.lpips_weight else None,
+                inception=(cfg.fid_weights, fid.FID_WEIGHTS_FILE, fid.FID_WEIGHTS_URL) if inception else None)
+    found, missing = {}, []
+    for net, (path, name, url) in ((k, v) for k, v in need.items() if v):
+        try:
+            found[net] = dinov2.hub_file(path, name, url)
+        except FileNotFoundError as e:
+            missing.append(str(e))
+    if missing:
+        raise FileNotFoundError("\n".join(missing))
+    return found
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -714,15 +761,7 @@ def quiet_worker(_):  # data workers ignore the stop signals: the main process f
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # end the run after the step (preemption, Ctrl-C)
 HOST_WAIT = datetime.timedelta(hours=2)  # how long a process waits on the host for the others (rank 0's writes)
-
-
-def seed_for(*keys):  # a 32-bit seed that mixes non-negative integer keys (CPU generators use 32 bits of a seed)
-    return int(np.random.SeedSequence(keys).generate_state(1)[0])
-
-
-def seeded_noise(shape, seeds, device):  # (len(seeds), *shape) N(0, I), sample i drawn from its own seed seeds[i]
-    gen = torch.Generator(device)
-    return torch.stack([torch.randn(shape, generator=gen.manual_seed(s), device=device) for s in seeds])
+DEVICE_WAIT = datetime.timedelta(minutes=30)  # NCCL's limit: a rank's first compilation of XL can take 10 minutes
 
 
 def to_device(u, device):  # a host tensor to the device without blocking the host (from pinned memory on CUDA)
@@ -738,7 +777,7 @@ def make_draws(t, drop, eps, gate_t, norm=None):  # t, drop (b,) on the host, wh
 class Procs(NamedTuple):
     """This process among the others. The step's collectives run on the device (NCCL on CUDA); what decides which come
     next (a stop, an evaluation's outcome) and waits for rank 0's slow work are agreed on the host, in the gloo group
-    `ctrl` with the timeout HOST_WAIT, not NCCL's 10 minutes."""
+    `ctrl` with the timeout HOST_WAIT, not NCCL's."""
     ddp: bool
     rank: int
     world: int
@@ -751,7 +790,7 @@ class Procs(NamedTuple):
             dist.all_reduce(flag, dist.ReduceOp.MAX, group=self.ctrl)
         return int(flag)
 
-    def together(self, fn, *args):  # fn(*args) on every process; if it raised on any, it raises on all
+    def all_or_none(self, fn, *args):  # fn(*args) on every process; if it raised on any, it raises on all
         try:
             out, err = fn(*args), None
         except (Exception, SystemExit) as e:
@@ -762,6 +801,8 @@ class Procs(NamedTuple):
         if failed:
             raise err or RuntimeError(f"it failed on process {failed - 1} (see its stderr)")
         return out
+
+    together = all_or_none  # TEMP-MERGE
 
     def all_sum(self, tensors):  # sum host tensors over the processes, in place
         for u in tensors if self.ctrl is not None else ():
@@ -775,15 +816,25 @@ class Procs(NamedTuple):
 
 def setup_dist(cfg):
     ddp, cuda = int(os.environ.get("RANK", -1)) != -1, torch.cuda.is_available() and cfg.device != "cpu"
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA (cuDNN convolutions use TF32 by default)
+    torch.backends.cuda.matmul.fp32_precision = "tf32"  # TF32 matmuls on CUDA; only this API (fid.full_fp32's too)
     if not ddp:
         return Procs(False, 0, 1, torch.device("cuda" if cuda else "cpu"))
-    dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=DEVICE_WAIT, device_id=device if cuda else None)
     ctrl = dist.new_group(backend="gloo", timeout=HOST_WAIT)
     return Procs(True, dist.get_rank(), dist.get_world_size(), device, ctrl)
+
+
+def wrap_ddp(net, procs):
+    """DDP, set for many GPUs: gradients live in the communication buckets (no second copy of the weights' size), no
+    buffer is broadcast (all are constants, and w_ad is averaged already), and buckets of 256 MiB keep a compiled
+    XL in a dozen graphs (the compiler cuts the graph at every bucket; 25 MiB ones made about a hundred)."""
+    if not procs.ddp:
+        return net
+    return nn.parallel.DistributedDataParallel(net, device_ids=None if procs.device.type == "cpu" else [
+        procs.device.index], gradient_as_bucket_view=True, broadcast_buffers=False, bucket_cap_mb=256)
 
 
 def amp(device):  # bf16 autocast on CUDA, plain fp32 on the CPU; wraps forward passes only
@@ -800,11 +851,16 @@ class Log:  # rank 0's record: stdout (above the progress bar), OUT_DIR/log.txt,
             tqdm.write(msg)
             self.write(msg, row) if self.files else self.waiting.append((msg, row))
 
-    def start(self):  # opens the files, and a wandb run (one per out_dir, resumed with it); writes what waited
+    def start(self):  # takes the run folder, opens the files (and a wandb run), writes what waited
         if self.master:
             os.makedirs(self.cfg.out_dir, exist_ok=True)
+            self.lock = hold_folder(self.cfg.out_dir)
             self.files = [open(os.path.join(self.cfg.out_dir, f), "a") for f in ("log.txt", "metrics.jsonl")]
-            self.wandb = start_wandb(self.cfg) if self.cfg.wandb else None
+            if self.cfg.wandb:  # optional, imported only when asked for; one wandb run per out_dir, resumed with it
+                import wandb
+                where = os.path.abspath(self.cfg.out_dir)
+                self.wandb = wandb.init(project=self.cfg.wandb, name=os.path.basename(where), resume="allow",
+                                        id=hashlib.md5(where.encode()).hexdigest(), config=dataclasses.asdict(self.cfg))
             for msg, row in self.waiting:
                 self.write(msg, row)
 
@@ -823,14 +879,20 @@ class Log:  # rank 0's record: stdout (above the progress bar), OUT_DIR/log.txt,
             self.wandb.finish()
 
 
-def start_wandb(cfg):  # imported only when --wandb asks: wandb is not a dependency
-    import wandb
-    id_file = os.path.join(cfg.out_dir, "wandb_id.txt")
-    run_id = open(id_file).read().strip() if os.path.isfile(id_file) else wandb.util.generate_id()
-    with open(id_file, "w") as f:
-        f.write(run_id)
-    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_name or os.path.basename(os.path.abspath(cfg.out_dir)),
-                      id=run_id, resume="allow", config=dataclasses.asdict(cfg), dir=cfg.out_dir)
+def hold_folder(out_dir):
+    """An OS lock on OUT_DIR/lock while the run lives: two runs in one folder would resume from the same ckpt.pt and
+    overwrite each other's. The OS releases it when the process ends, so a crashed run never blocks the next."""
+    f = open(os.path.join(out_dir, "lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise SystemExit(f"error: {out_dir} is in use by another run ({f.read().strip()}): wait for it to end, stop it, "
+                         f"or use another --out_dir") from None
+    f.truncate(0)
+    f.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    f.flush()
+    return f
 
 
 LOSS_ARGS = ("lpips_weight", "pdino_weight", "repa_weight", "gate_t", "t_eps", "num_classes", "gate_pdino",
@@ -857,15 +919,13 @@ def build(cfg, device, log=print):  # a run's denoiser, its EMAs, the objective 
     return model, emas, loss_fn, opt
 
 
-def check_run(cfg, data, procs):
+def check_run(cfg, data, procs, ck):
     """The run's Config after the checks made before anything is built or written: the classes (the data's, or the
-    checkpoint's when more), a checkpoint to resume from this run (same model, size, classes, data), the memory."""
+    checkpoint's when more), the checkpoint `ck` it resumes from (same model, size, classes, data), a CPU's limits."""
     if len(data) < cfg.batch_size:
         raise SystemExit(f"error: {len(data)} images are fewer than one global batch (--batch_size {cfg.batch_size})")
     if cfg.num_classes and cfg.num_classes < data.num_classes:
         raise SystemExit(f"error: the data has {data.num_classes} classes but --num_classes is {cfg.num_classes}")
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ck = read_checkpoint(path) if cfg.resume and os.path.isfile(path) else {}
     held = ck.get("config", {})
     cfg = dataclasses.replace(cfg, num_classes=cfg.num_classes or max(data.num_classes, held.get("num_classes", 0)))
     differ = [f"--{k} {held[k]} (this run: {getattr(cfg, k)})" for k in ("model", "image_size", "num_classes")
@@ -875,11 +935,15 @@ def check_run(cfg, data, procs):
         differ.append(f"its data: {describe(ck['data'])} (this run: {describe(record)}; --new_data continues on "
                       "other data, for fine-tuning)")
     if differ:
-        raise SystemExit(f"error: {path} was written by another run: {held.get('model')} at {held.get('image_size')} "
-                         f"px with {held.get('num_classes')} classes. It differs in " + "; ".join(differ) +
-                         ".\nUse another --out_dir for a new run.")
-    if cfg.memory_check:
-        check_memory(cfg, procs)
+        raise SystemExit(f"error: {cfg.out_dir}/ckpt.pt was written by another run: {held.get('model')} at "
+                         f"{held.get('image_size')} px with {held.get('num_classes')} classes. It differs in "
+                         + "; ".join(differ) + ".\nUse another --out_dir for a new run.")
+    if procs.device.type == "cpu" and cfg.device == "auto" and MODELS[cfg.model]["hidden_size"] >= 768:  # B and up
+        raise SystemExit(f"error: no GPU here, and {cfg.model} at {cfg.image_size} px is a GPU run (on a CPU, days per "
+                         f"epoch, and the memory may run out without a message). On a CPU, train the demo recipe on "
+                         f"your images (PixelGen-T/16 at 64 px, minutes): python pixelgen.py --train --recipe demo"
+                         + (f" --data_path {cfg.data_path}" if cfg.data_path else "")
+                         + "\n(--device cpu runs this configuration on the CPU all the same.)")
     return cfg
 
 
@@ -893,75 +957,49 @@ def describe(record):  # "7 classes (app, device, file, folder, ...), 415 images
     return f"{len(classes)} classes ({', '.join(names)}), {sum(counts)} images in {path}"
 
 
-def memory_need(cfg, world, cuda):
-    """GiB a process needs, roughly: 4 + EMAs fp32 copies of the weights (with gradients and AdamW moments), and per
-    sample the activations of the blocks (34 bf16 values per token and channel; fp32 attention scores on a CPU; block
-    inputs only with --grad_ckpt) and of DINOv2; 1 GiB for the rest."""
-    with torch.device("meta"):
-        m = JiT(**MODELS[cfg.model], input_size=cfg.image_size, num_classes=cfg.num_classes or 1000)
-    b, T, D = cfg.batch_size // (world * cfg.grad_accum), m.grid ** 2 + m.in_context_len, m.pos_embed.shape[-1]
-    block = T * D * 34 + 5 * m.blocks[0].attn.num_heads * T * T * (not cuda)
-    blocks = len(m.blocks) * T * D * 2 + block if cfg.grad_ckpt else len(m.blocks) * block
-    acts = b * (blocks + 1.5 * 12 * (m.grid ** 2 + 1) * 768 * 34) * (1 if cuda else 2)
-    return (sum(p.numel() for p in m.parameters()) * 4 * (4 + len(cfg.ema)) + acts) / 2**30 + 1
-
-
-def check_memory(cfg, procs):  # stop with a command that fits, rather than meet the out-of-memory killer
-    cuda = procs.device.type == "cuda"
-    if cuda:
-        have, where = torch.cuda.mem_get_info(procs.device)[0] / 2**30, f"GPU {procs.device}"  # free, not total
-    elif os.path.isfile("/proc/meminfo"):  # Linux: what new allocations can take without swapping
-        have, where = int(open("/proc/meminfo").read().split("MemAvailable:")[1].split()[0]) / 2**20, "this host"
-    else:
-        return
-    need = memory_need(cfg, procs.world, cuda)
-    if need > have:
-        fits = next((c for c in (dict(model="PixelGen-S/16", image_size=min(128, cfg.image_size), batch_size=32),
-                                 dict(model="PixelGen-T/16", image_size=64, batch_size=16))
-                     if memory_need(dataclasses.replace(cfg, grad_accum=1, **c), procs.world, cuda) <= have),
-                    dict(model="PixelGen-T/16", image_size=32, batch_size=8))
-        raise SystemExit(f"error: {cfg.model} at {cfg.image_size} px in micro-batches of "
-                         f"{cfg.batch_size // (procs.world * cfg.grad_accum)} images needs about {need:.0f} GiB, but "
-                         f"{where} has {have:.0f} GiB available. A run that fits: python pixelgen.py --train "
-                         + " ".join(f"--{k} {v}" for k, v in dict(data_path=cfg.data_path, **fits).items() if v)
-                         + " (with your other flags)\n(Or split the batch with --grad_accum, add --grad_ckpt, use "
-                         "more GPUs; --no-memory_check skips this estimate.)")
-
-
-def read_checkpoint(path, unsafe=False):
-    """torch.load, memory-mapped on the host, weights_only unless `unsafe`; or a message saying what the file is."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # neither a zip (torch.save) nor an old pickle
-        image = head in (b"\x89PNG", b"GIF8") or head[:3] == b"\xff\xd8\xff"
-        raise SystemExit(f"error: {path} is {'an image' if image else 'no PyTorch checkpoint'}: pass a ckpt.pt written "
-                         f"by --train, or an official Lightning .ckpt")
+def read_checkpoint(path, unsafe=False):  # torch.load, memory-mapped on the host, weights_only unless `unsafe`
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=not unsafe, mmap=head[:1] == b"P")
+        ck = torch.load(path, map_location="cpu", weights_only=not unsafe, mmap=True)
     except Exception as e:
         if "Unsupported global" in str(e):  # a valid file that pickles Python objects (Lightning's hyper_parameters)
             raise SystemExit(f"error: {path} holds pickled Python objects besides tensors "
                              f"({str(e).splitlines()[-1][:200]}).\nIf you trust the file, pass --unsafe_load.")
-        raise SystemExit(f"error: cannot read checkpoint {path} (damaged or truncated?): {str(e)[:300]}")
-    return ck if isinstance(ck, dict) else {}
+        ck = None
+    if not isinstance(ck, dict):
+        raise SystemExit(f"error: cannot read {path} as a checkpoint: pass a ckpt.pt written by --train, or an "
+                         f"official Lightning .ckpt")
+    return ck
 
 
-def resume(cfg, model, emas, loss_fn, opt):
-    """(step to continue from, EMA decays new to the run) after loading OUT_DIR/ckpt.pt into the run's tensors. The file
-    is memory-mapped and dropped: no copy stays in memory (on a GPU, 2.7 GB more for XL's model and each EMA)."""
+def resume_point(cfg, procs):
+    """The checkpoint the run continues from ({} for a new run), memory-mapped. Rank 0 alone decides whether
+    OUT_DIR/ckpt.pt exists; a process that cannot read that same file stops them all: the folder is not shared."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if not (cfg.resume and os.path.isfile(path)):
+    if not procs.agree(cfg.resume and procs.rank == 0 and os.path.isfile(path)):
+        return {}
+    unshared = (f"error: process 0 resumes from {path}, which another process cannot read or sees at another step: "
+                f"--out_dir must be on storage that every node sees")
+    if procs.agree(not os.path.isfile(path)):
+        raise SystemExit(unshared)
+    ck = procs.all_or_none(read_checkpoint, path)
+    if procs.agree(ck["step"]) != -procs.agree(-ck["step"]):  # the largest step is not the smallest
+        raise SystemExit(unshared)
+    return ck
+
+
+def resume(ck, model, emas, loss_fn, opt, path):
+    """(step to continue from, EMA decays new to the run) after loading the checkpoint ck into the run's tensors. The
+    caller drops ck: no copy stays in memory (on a GPU, 2.7 GB more for XL's model and each EMA)."""
+    if not ck:
         return 0, ()
-    ck = read_checkpoint(path)
     try:
         for obj, k in ((model, "model"), (loss_fn, "loss"), (opt, "opt")):
             obj.load_state_dict(ck[k])
-        held = ck.get("emas", {str(cfg.ema[0]): ck["ema"]})
         for d, e in emas.items():  # an EMA decay new to this run starts from the current weights
-            e.load_state_dict(held.get(str(d), model.state_dict()))
+            e.load_state_dict(ck["emas"].get(str(d), model.state_dict()))
     except Exception as e:
         raise SystemExit(f"error: cannot resume from {path}: {str(e)[:400]}\nUse another --out_dir or --no-resume.")
-    return ck["step"], [d for d in emas if str(d) not in held]
+    return ck["step"], [d for d in emas if str(d) not in ck["emas"]]
 
 
 def save_checkpoint(obj, path, keep=None):
@@ -997,13 +1035,19 @@ def loader(data, cfg, procs, step):  # this process's micro-batches of uint8 ima
 
 
 @contextlib.contextmanager
-def stop_signals():  # the names of the STOP_SIGNALS received; a second signal acts at once (its old handler is back)
-    received, previous = [], {}
+def stop_signals(out_dir):
+    """Yields the names of the STOP_SIGNALS received: the run ends after the step. A stop is idempotent while it is
+    pending: SLURM signals every process of a job step and torchrun forwards its own, so a worker gets SIGTERM twice
+    and must still finish its step and save. A second Ctrl-C (SIGINT) is the one way out at once."""
+    received, previous = [], {s: signal.getsignal(s) for s in STOP_SIGNALS}
 
     def handle(sig, frame):
+        if sig == signal.SIGINT and "SIGINT" in received:
+            print(f"\nforced exit by a second Ctrl-C; {last_checkpoint(out_dir)}", file=sys.stderr, flush=True)
+            os._exit(130)
         received.append(signal.Signals(sig).name)
-        signal.signal(sig, previous[sig])
-    previous.update((s, signal.signal(s, handle)) for s in STOP_SIGNALS)
+    for s in STOP_SIGNALS:
+        signal.signal(s, handle)
     try:
         yield received
     finally:
@@ -1011,20 +1055,33 @@ def stop_signals():  # the names of the STOP_SIGNALS received; a second signal a
             signal.signal(s, h)
 
 
-class TrainStep(nn.Module):  # the denoiser and the REPA projector under one DDP wrapper
+def last_checkpoint(out_dir):  # for a message: what a restart with the same command continues from
+    path = os.path.join(out_dir, "ckpt.pt")
+    try:
+        return f"the last checkpoint is {path}, at step {read_checkpoint(path)['step']}"
+    except (Exception, SystemExit):
+        return f"no checkpoint in {out_dir} yet"
+
+
+@contextlib.contextmanager
+def memory_advice(cfg, procs):  # a GPU out of memory in a step: stop with what to change, naming the micro-batch
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise SystemExit(f"error: out of GPU memory in a training step of {cfg.model} at {cfg.image_size} px with "
+                         f"micro-batches of {cfg.batch_size // (procs.world * cfg.grad_accum)} images per GPU "
+                         f"({str(e).splitlines()[0][:200]}).\nSplit the batch further with --grad_accum "
+                         f"{2 * cfg.grad_accum} (the same update), add --grad_ckpt (less memory for about a third more "
+                         f"compute), use more GPUs or a smaller --model.") from None
+
+
+class DenoiserAndLoss(nn.Module):  # the denoiser and the REPA projector, as one module for one DDP wrapper
     def __init__(self, model, loss_fn):
         super().__init__()
         self.model, self.loss_fn = model, loss_fn
 
     def forward(self, x, y, draws, adapt=False):
         return self.loss_fn(self.model, x, y, draws, adapt)
-
-
-@torch.no_grad()
-def update_ema(emas, model):  # each ema <- d ema + (1 - d) model, one fused op; NOTE(official): lerp, not mul + add
-    params = list(model.parameters())
-    torch._foreach_lerp_([p for e in emas.values() for p in e.parameters()], params * len(emas),
-                         [1 - d for d in emas for _ in params])
 
 
 class Meter:  # sums since the last log line: loss terms on the device (read at the log step), the rest on the host
@@ -1060,8 +1117,7 @@ def train_step(net, opt, emas, batches, step, cfg, procs, meter):
     loss_fn, model = (net.module if procs.ddp else net).loss_fn, (net.module if procs.ddp else net).model
     B, K, device = cfg.batch_size, cfg.grad_accum, procs.device
     b, first = B // (procs.world * K), procs.rank * (B // procs.world)  # micro-batch; this process's first position
-    gen = torch.Generator().manual_seed(seed_for(cfg.seed, step))  # t, label dropout and flips of the global batch
-    t, drop = sample_t(B, cfg.P_mean, cfg.P_std, gen), torch.rand(B, generator=gen) < cfg.label_dropout
+    t, drop, gen = draw(B, cfg.seed, step, cfg.P_mean, cfg.P_std, cfg.label_dropout)  # the global batch's draws
     flip, norm = (torch.rand(B, generator=gen) < 0.5) & cfg.flip, (B, len(gate(t, loss_fn.gate_t)))
     for k in range(K):
         img, y, bad = next(batches)
@@ -1082,7 +1138,10 @@ def train_step(net, opt, emas, batches, step, cfg, procs, meter):
     meter.gate, meter.steps = meter.gate + norm[1] / B, meter.steps + 1
 
 
-def due(cfg, step, max_steps, stopping):  # what this step ends with: the same decision on every process
+TrainStep = DenoiserAndLoss  # TEMP-MERGE
+
+
+def after_step(cfg, step, max_steps, stopping):  # what this step ends with: the same decision on every process
     keep = bool(cfg.keep_every) and step % cfg.keep_every == 0  # also a snapshot ckpt_{step}.pt
     every = lambda n: bool(n) and (step % n == 0 or step == max_steps) and not stopping
     save = step % cfg.ckpt_every == 0 or step == max_steps or bool(stopping) or keep or every(cfg.eval_every)
@@ -1095,47 +1154,47 @@ def train(cfg, hook=None):
     procs = setup_dist(cfg)
     data = ImageFolderData(cfg.data_path, cfg.image_size, cfg.background) if cfg.data_path else \
         ToyShapes(cfg.image_size)
-    cfg = check_run(cfg, data, procs)  # before anything is built or written
+    ck = resume_point(cfg, procs)
+    cfg = check_run(cfg, data, procs, ck)  # before anything is built or written
     log, epoch_steps = Log(cfg, procs.rank == 0), len(data) // cfg.batch_size
     max_steps = cfg.max_steps or cfg.epochs * epoch_steps
     model, emas, loss_fn, opt = build(cfg, procs.device, log)
-    step, new_emas = resume(cfg, model, emas, loss_fn, opt)
+    step, new_emas = resume(ck, model, emas, loss_fn, opt, os.path.join(cfg.out_dir, "ckpt.pt"))
+    del ck
     fid_ctx = fid_setup(cfg, procs) if cfg.eval_every and cfg.fid_ref else None
-    log.start()  # every check has passed: from here on the run folder is written
+    procs.all_or_none(log.start)  # every check has passed: the folder is this run's, and written from here on
     log(f"config: {dataclasses.asdict(cfg)}")
     log(class_table(data))
     log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; data: "
-        f"{describe(data_record(cfg, data))}; {procs.world} processes, device {procs.device}")
+        f"{describe(data_record(cfg, data))}; {procs.world} process{'es' * (procs.world > 1)}, device {procs.device}")
     if step:
         log(f"resumed from {cfg.out_dir}/ckpt.pt at step {step}" + "".join(f"; EMA {d} starts now" for d in new_emas))
-    log(f"{max_steps} steps, {epoch_steps} per epoch, global batch {cfg.batch_size} = {procs.world} processes x "
-        f"{cfg.grad_accum} micro-batches x {cfg.batch_size // (procs.world * cfg.grad_accum)}")
-    net = TrainStep(model, loss_fn)
-    if procs.ddp:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=None if procs.device.type == "cpu" else
-                                                  [procs.device.index])
+    log(f"{max_steps} steps, {epoch_steps} per epoch, global batch {cfg.batch_size} = {procs.world} process"
+        f"{'es' * (procs.world > 1)} x {cfg.grad_accum} micro-batches x {cfg.batch_size // (procs.world * cfg.grad_accum)}")
+    net = wrap_ddp(DenoiserAndLoss(model, loss_fn), procs)
     batches, meter = loader(data, cfg, procs, step), Meter()
     bar = tqdm(total=max_steps, initial=step, disable=procs.rank != 0, dynamic_ncols=True)
     model.train()
     loss_fn.train()
     try:
-        with stop_signals() as received:
+        with stop_signals(cfg.out_dir) as received:
             while step < max_steps:
-                train_step(net, opt, emas, batches, step, cfg, procs, meter)
+                with memory_advice(cfg, procs):
+                    train_step(net, opt, emas, batches, step, cfg, procs, meter)
                 step += 1
                 bar.update(1)
                 if hook:
                     hook(step, model, emas)
                 stopping = procs.agree(bool(received))  # decided once per step, by every process together
-                now = due(cfg, step, max_steps, stopping)
-                if now.log:
+                todo = after_step(cfg, step, max_steps, stopping)
+                if todo.log:
                     log(*meter.report(step, max_steps, cfg, procs, loss_fn.percept_weight.item(), step / epoch_steps))
-                if now.save:
-                    save(model, emas, loss_fn, opt, step, cfg, data, procs, log, now.keep)
-                if now.eval:
+                if todo.save:
+                    save(model, emas, loss_fn, opt, step, cfg, data, procs, log, todo.keep)
+                if todo.eval:
                     evaluate_online(emas, cfg, procs, step, log, fid_ctx)
-                if now.grid:
-                    procs.together(lambda: grid(emas, cfg, procs, step, log) if procs.rank == 0 else None)
+                if todo.grid:
+                    procs.all_or_none(lambda: grid(emas, cfg, procs, step, log) if procs.rank == 0 else None)
                 if stopping:
                     log(f"stopped by {received[0] if received else 'a signal to another process'} after "
                         f"step {step}; {cfg.out_dir}/ckpt.pt is written: run the same command to continue")
@@ -1153,7 +1212,7 @@ def save(model, emas, loss_fn, opt, step, cfg, data, procs, log, keep):  # rank 
     ck = dict(model=model.state_dict(), ema=emas[cfg.ema[0]].state_dict(), loss=loss_fn.state_dict(), step=step,
               emas={str(d): e.state_dict() for d, e in emas.items()}, opt=opt.state_dict(),  # (storage shared
               config=dataclasses.asdict(cfg), data=data_record(cfg, data))                   # with ema in the file)
-    procs.together(lambda: save_checkpoint(ck, path, snap if keep else None) if procs.rank == 0 else None)
+    procs.all_or_none(lambda: save_checkpoint(ck, path, snap if keep else None) if procs.rank == 0 else None)
     log(f"saved {path}" + (f" and {os.path.basename(snap)}" if keep else ""))  # (a failed write stops every process)
 
 
@@ -1180,48 +1239,47 @@ def grid(emas, cfg, procs, step, log):  # a sample grid from the first EMA, one 
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling program: our checkpoints or official Lightning ones (EMA weights) -> samples (ADM npz), grids, FID and IS.
 
-def load_denoiser(path, unsafe=False, decays=(), use_ema=True):
+def load_denoiser(path, unsafe=False, decays=()):
     """-> ({decay: JiT in eval mode}, config dict or None, step); decays picks EMA models (default: the first one).
-    The preset is inferred from the weights' keys and shapes."""
+    Our checkpoints name their preset; an official Lightning file's is found by the depth and width of its weights."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: checkpoint {path} not found: train a model first (python pixelgen.py --train, with "
                          f"the same --out_dir), or pass --ckpt FILE (a ckpt.pt, a snapshot or an official .ckpt)")
     ck = read_checkpoint(path, unsafe)
-    conf, step = ck.get("config"), ck.get("step", ck.get("global_step"))
-    if "ema" in ck and "model" in ck:  # ours; files from before several EMAs hold one
-        held = {float(d): sd for d, sd in ck["emas"].items()} if "emas" in ck else {
-            (conf or {}).get("ema", "ema"): ck["ema"]}
+    if "emas" in ck:  # ours
+        conf, step, held = ck["config"], ck["step"], {float(d): sd for d, sd in ck["emas"].items()}
+        name, kw = conf["model"], dict(input_size=conf["image_size"], num_classes=conf["num_classes"])
     elif "state_dict" in ck:  # official Lightning: denoiser. / ema_denoiser. prefixes; SimpleEMA decay 0.9999
+        conf, step = None, ck.get("global_step")
         held = {0.9999: {k[13:]: v for k, v in ck["state_dict"].items() if k.startswith("ema_denoiser.")}}
-        ck = dict(model={k[9:]: v for k, v in ck["state_dict"].items() if k.startswith("denoiser.")})
+        name, kw = official_preset(held[0.9999], path)
     else:
-        raise SystemExit(f"error: {path} is neither a PixelGen checkpoint (model/ema) nor a Lightning one (state_dict)")
+        raise SystemExit(f"error: {path} is neither a PixelGen checkpoint (emas) nor a Lightning one (state_dict)")
     if any(d not in held for d in decays):
         raise SystemExit(f"error: {path} holds no EMA of decay {', '.join(str(d) for d in decays if d not in held)}; "
                          f"it holds {', '.join(map(str, held))}")
-    want = {d: held[d] for d in decays or list(held)[:1]} if use_ema else {"raw": ck["model"]}
-    sd = next(iter(want.values()))
+    models = {d: JiT(**MODELS[name], **kw).eval() for d in decays or list(held)[:1]}
     try:
+        for d, m in models.items():
+            m.load_state_dict(held[d], strict=True)
+    except RuntimeError as e:
+        raise SystemExit(f"error: the weights in {path} are not those of {name}: {str(e)[:400]}")
+    print(f"{path}: {name} at {kw['input_size']} px, {kw['num_classes']} classes, EMA {', '.join(map(str, models))}")
+    return models, conf, step
+
+
+def official_preset(sd, path):  # (preset, its size keywords) of an official JiT state dict, by its depth and width
+    try:
+        depth, width = len({k.split(".")[1] for k in sd if k.startswith("blocks.")}), sd["pos_embed"].shape[-1]
         p = sd["x_embedder.proj1.weight"].shape[-1]
         kw = dict(input_size=math.isqrt(sd["pos_embed"].shape[1]) * p, patch_size=p,
                   num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
     except KeyError as e:
         raise SystemExit(f"error: {path} has no JiT weights (missing {e})")
-    report = []
-    for name, preset in MODELS.items():  # the first preset whose state dict has exactly these keys and shapes
-        with torch.device("meta"):
-            ref = {k: v.shape for k, v in JiT(**preset, **kw).state_dict().items()}
-        diff = sorted(set(ref) ^ set(sd)) + [f"{k} {tuple(sd[k].shape)} vs {tuple(ref[k])}" for k in ref
-                                             if k in sd and sd[k].shape != ref[k]]
-        if not diff:
-            print(f"{path}: {name} at {kw['input_size']}px, {kw['num_classes']} classes, "
-                  f"{'EMA ' + ', '.join(map(str, want)) if use_ema else 'raw'} weights")
-            models = {d: JiT(**preset, **kw).eval() for d in want}
-            for d, m in models.items():
-                m.load_state_dict(want[d], strict=True)
-            return models, conf, step
-        report.append(f"  {name}: {len(diff)} differences, e.g. {'; '.join(diff[:3])}")
-    raise SystemExit(f"error: the weights in {path} fit no preset:\n" + "\n".join(report))
+    name = next((n for n, m in MODELS.items() if (m["depth"], m["hidden_size"]) == (depth, width)), None)
+    if name is None:
+        raise SystemExit(f"error: the weights in {path} (depth {depth}, width {width}) fit no preset of MODELS")
+    return name, kw
 
 
 def to_uint8(x):  # (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded as official fp2uint8

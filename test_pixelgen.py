@@ -1232,6 +1232,38 @@ def test_each_sample_draws_from_seed_step_and_position_for_any_split():
     assert 0 < drop.sum() < 8 and 0 < flip.sum() < 8 and 0 < len(gated) < 8  # every kind of sample occurs
 
 
+def test_dropout_masks_follow_the_split_other_draws_do_not(tmp_path, monkeypatch):
+    """The claim of the README: any split trains the same weights to float rounding when the model has no dropout
+    (every preset but PixelGen-XL/16: the two-process test below); with dropout the masks depend on the split (they
+    are seeded by process and micro-batch), and the same split gives the same run."""
+    monkeypatch.setitem(pg.MODELS, "drop", dict(pg.MODELS["PixelGen-T/16"], proj_drop=0.5))
+    run = lambda name, K: pg.train(small_cfg(tmp_path / name, model="drop", repa_layer=2, max_steps=1,
+                                             grad_accum=K))[0]
+    one, two, again = (torch.cat([p.detach().flatten() for p in run(n, K).parameters()])
+                       for n, K in (("one", 1), ("two", 2), ("again", 2)))
+    assert torch.equal(two, again) and (one - two).abs().max() > 1e-5
+
+
+def test_one_tf32_api_so_full_fp32_can_read_the_flags():
+    saved = torch.backends.cuda.matmul.fp32_precision
+    try:
+        pg.setup_dist(pg.Config(device="cpu"))
+        with fid.full_fp32():
+            assert torch.backends.cuda.matmul.allow_tf32 is False  # raises where the two APIs are mixed
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = saved
+
+
+def test_a_run_holds_its_folder(tmp_path):
+    held = pg.hold_folder(str(tmp_path))  # as another process would
+    with pytest.raises(SystemExit, match=rf"{tmp_path} is in use by another run \(process {os.getpid()} on "):
+        pg.train(small_cfg(tmp_path, max_steps=1))
+    assert not (tmp_path / "log.txt").exists()
+    held.close()  # the OS lets go when that process ends, also when it crashed
+    pg.train(small_cfg(tmp_path, max_steps=1))
+    assert ckpt(tmp_path / "ckpt.pt")["step"] == 1
+
+
 def test_the_training_step_waits_for_nothing_on_the_device(monkeypatch):
     """Between log steps a training step makes no blocking host-to-device copy and reads nothing back from the device.
     Its device is the meta device here (no data: any read fails), under modes that record every copy between devices
@@ -1608,11 +1640,14 @@ def _grad(rank, out, mp):  # one backward through DDP on this rank's half of a f
     _next_port()
     dist.init_process_group("gloo")
     model, loss_fn, x, y, t, eps = _grad_setup()
-    net = nn.parallel.DistributedDataParallel(pg.DenoiserAndLoss(model, loss_fn))
+    net, broadcasts = pg.wrap_ddp(pg.DenoiserAndLoss(model, loss_fn), pg.Procs(True, rank, 2, x.device)), []
+    mp.setattr(dist, "_broadcast_coalesced", lambda *a, **k: broadcasts.append(1))  # buffers, before each forward
     half = slice(rank * 4, rank * 4 + 4)  # each rank's share of the global means; DDP averages, so x world
     draws = pg.make_draws(t[half], torch.zeros(4, dtype=torch.bool), eps[half], 0.3, norm=(8, int((t >= 0.3).sum())))
     (net(x[half], y[half], draws)["loss"] * 2).backward()
-    torch.save([p.grad for p in model.parameters() if p.requires_grad], os.path.join(out, f"grad{rank}.pt"))
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert not broadcasts and all(g._base is not None for g in grads)  # no broadcast; gradients in the buckets
+    torch.save([g.clone() for g in grads], os.path.join(out, f"grad{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -1649,6 +1684,12 @@ def _late_stop(rank, out, mp):  # rank 1 is told to stop just after step 2's vot
              hook=lambda step, model, emas: rank == 1 and step == 2 and armed.append(1))
 
 
+def _unshared(rank, out, mp):  # rank 1's --out_dir lies on its own node's disk, where rank 0's ckpt.pt is not
+    for steps in (1, 2):
+        _next_port()
+        pg.train(small_cfg(out if rank == 0 else out + "_node1", max_steps=steps, ckpt_every=1))
+
+
 def _eval_fails(rank, out, mp):  # the evaluation of step 1 fails on rank 1 only (an OOM while sampling, say)
     sample_images = pg.sample_images
 
@@ -1683,8 +1724,8 @@ def _sample_args(root, out, world):  # --sample of a sweep with every metric, 2 
 
 def _eval_files(root):  # a small checkpoint, a reference batch and Inception weights, for both process counts
     m = randomize(pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10))
-    torch.save(dict(model=m.state_dict(), ema=m.state_dict(), emas={"0.9999": m.state_dict()}),
-               os.path.join(root, "ckpt.pt"))
+    torch.save(dict(model=m.state_dict(), ema=m.state_dict(), emas={"0.9999": m.state_dict()}, step=0,
+                    config=dict(model="PixelGen-T/16", image_size=32, num_classes=10)), os.path.join(root, "ckpt.pt"))
     _fid_files(root)
 
 
@@ -1694,8 +1735,8 @@ def _sample(rank, out, mp):  # --sample with a sweep and every metric, sharded o
     pg.main(_sample_args(os.path.dirname(out), out, world=2))
 
 
-SCENARIOS = dict(split=_split, grad=_grad, stop=_stop, late_stop=_late_stop, eval_fails=_eval_fails,
-                 slow_save=_slow_save, sample=_sample)
+SCENARIOS = dict(split=_split, grad=_grad, stop=_stop, late_stop=_late_stop, unshared=_unshared,
+                 eval_fails=_eval_fails, slow_save=_slow_save, sample=_sample)
 _PORTS = []
 
 
@@ -1795,6 +1836,12 @@ def test_a_signal_after_the_vote_stops_all_at_the_next_step(two_processes):
     log = (out / "log.txt").read_text()
     assert ckpt(out / "ckpt.pt")["step"] == 3 and "stopped by a signal to another process after step 3" in log
     assert "saved" in log.splitlines()[-2]
+
+
+def test_the_resume_is_decided_once_and_an_unshared_out_dir_stops_every_process(two_processes):
+    errors = [(two_processes / f"unshared.rank{r}.error").read_text() for r in (0, 1)]
+    assert all("--out_dir must be on storage that every node sees" in e for e in errors), errors
+    assert ckpt(two_processes / "unshared" / "ckpt.pt")["step"] == 1  # the second run stopped before a step
 
 
 def test_an_evaluation_failing_on_one_process_is_skipped_by_all(two_processes):

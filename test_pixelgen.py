@@ -259,7 +259,7 @@ def test_rope_is_relative_and_in_context_is_identity():
 
 def test_rope_in_real_arithmetic_equals_the_complex_rotation_and_traces_no_complex_ops():
     """The compiler generates no code for complex tensors, so RoPE turns each pair with real cos / sin, as the official
-    t * cos + rotate_half(t) * sin. It equals the complex product (x0 + i x1) e^(i angle) of the previous version."""
+    t * cos + rotate_half(t) * sin. It equals the complex product (x0 + i x1) e^(i angle)."""
     cos, sin = pg.rope_2d(4, 16, 3)  # 3 in-context tokens + 16 image tokens, 8 pairs per head
     x = torch.randn(2, 4, 19, 16)
     want = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * torch.complex(cos, sin)).flatten(-2)
@@ -582,7 +582,8 @@ def test_micro_batch_shares_add_up_to_the_global_batch(gate_pdino):
     for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
         if a.grad is not None:
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=n)
-    # the old per-micro-batch means weight the one gated sample of the first half like the two of the second
+    # per-micro-batch means (the official code's, per GPU) would weight the one gated sample of the first half like
+    # the two of the second
     local = [loss_of(loss_fn, m2, x[s], y[s], t[s], eps[s]) for s in (slice(0, 3), slice(3, 6))]
     assert abs(sum(p["lpips"] for p in local) / 2 - whole["lpips"]) > 1e-5 * whole["lpips"]  # (float rounding: 1e-7)
 

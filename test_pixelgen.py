@@ -208,10 +208,6 @@ def test_state_dict_matches_official_layout(name):
 
 
 def test_presets_and_official_keywords():
-    for name, kw in pg.MODELS.items():
-        assert set(kw) <= {"input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
-                           "attn_drop", "proj_drop", "num_classes", "bottleneck_dim", "use_bottleneck",
-                           "in_context_len", "in_context_start"}, name
     assert pg.MODELS["PixelGen-L/16"] == pg.MODELS["JiT-L/16"]
     xl = pg.MODELS["PixelGen-XL/16"]
     assert xl["use_bottleneck"] is False and xl["proj_drop"] == 0.1 and xl["depth"] == 28
@@ -399,26 +395,31 @@ def test_flow_math():
 # ---------------------------------------------------------------------------------------------------------------
 # Objective (paper Eqs. 5-9)
 
-def test_loss_terms_against_direct_computation():
-    model, loss_fn = randomize(tiny_jit()), make_loss()
-    x, y, eps = batch()
-    t = torch.tensor([0.1, 0.5, 0.29, 0.9])
-    out = loss_of(loss_fn, model, x, y, t, eps)
-    d, lp = frozen_nets()
-    xt = t.view(-1, 1, 1, 1) * x + (1 - t.view(-1, 1, 1, 1)) * eps
-    x_hat, h = model(xt, t, y, return_layer=2)
-    v_hat, v = (x_hat - xt) / (1 - t.view(-1, 1, 1, 1)), (x - xt) / (1 - t.view(-1, 1, 1, 1))
-    fm = ((v_hat - v) ** 2).mean()
-    z = d(x, 16)
-    repa = (1 - F.cosine_similarity(loss_fn.proj(h), z, dim=-1)).mean()
-    gated = [1, 3]
-    lpips_v = torch.stack([lp(x_hat[i:i + 1], x[i:i + 1]).squeeze() for i in gated]).mean()
-    pdino = torch.stack([(1 - F.cosine_similarity(d(x_hat[i:i + 1], 16), z[i:i + 1], dim=-1)).mean()
-                         for i in gated]).mean()
-    for k, want in [("fm", fm), ("repa", repa), ("lpips", lpips_v), ("pdino", pdino),
-                    ("loss", fm + 0.1 * lpips_v + 0.01 * pdino + 0.5 * repa)]:
-        torch.testing.assert_close(out[k].detach(), want.detach(), rtol=1e-5, atol=1e-6, msg=k)
-    assert lpips_v > 0 and pdino > 0
+def test_loss_terms_equal_the_official_masked_computation_on_the_whole_batch():
+    """Each term by hand, as the official code computes it: both nets on the whole batch, per-sample values masked by
+    the gate, sum / count. The loss runs the nets on the gated samples only: the same terms and gradients."""
+    x, y, eps = batch(6)
+    t = torch.tensor([0.1, 0.5, 0.29, 0.9, 0.31, 0.05])
+    (d, lp), m1, loss_fn = frozen_nets(), randomize(tiny_jit()), make_loss()
+    m2 = copy.deepcopy(m1)
+    out = loss_of(loss_fn, m1, x, y, t, eps)
+    out["loss"].backward()
+    tt = t.view(-1, 1, 1, 1)
+    x_t = tt * x + (1 - tt) * eps
+    x_hat, h = m2(x_t, t, y, return_layer=2)
+    mask, z = (t >= 0.3).float(), d(x, 16)
+    want = dict(fm=((x_hat - x_t) / (1 - tt) - (x - x_t) / (1 - tt)).pow(2).mean(),
+                repa=(1 - F.cosine_similarity(loss_fn.proj(h), z, dim=-1)).mean(),
+                lpips=(lp(x_hat, x).view(6) * mask).sum() / mask.sum(),
+                pdino=((1 - F.cosine_similarity(d(x_hat, 16), z, dim=-1)).mean(1) * mask).sum() / mask.sum())
+    want["loss"] = want["fm"] + 0.1 * want["lpips"] + 0.01 * want["pdino"] + 0.5 * want["repa"]
+    want["loss"].backward()
+    for k, v in want.items():
+        torch.testing.assert_close(out[k].detach(), v.detach(), rtol=1e-5, atol=1e-6, msg=k)
+    assert want["lpips"] > 0 and want["pdino"] > 0
+    for (n, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
+        if p1.grad is not None:
+            torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-7, msg=n)
 
 
 @pytest.mark.parametrize("ts,n_gated", [([0.1, 0.2, 0.29, 0.0], 0), ([0.3, 0.5, 0.99, 0.31], 4),
@@ -434,32 +435,6 @@ def test_gate_edge_cases_run_nets_on_gated_samples_only(ts, n_gated):
     assert loss_fn.dino.calls == [(4, 3, 32, 32)] + ([(n_gated, 3, 32, 32)] if n_gated else [])  # target + gated
     if not n_gated:
         assert out["lpips"] == 0 and out["pdino"] == 0
-
-
-def test_subset_equals_full_batch_masking_loss_and_gradients():
-    x, y, eps = batch(6)
-    t = torch.tensor([0.1, 0.5, 0.29, 0.9, 0.31, 0.05])
-    d, lp = frozen_nets()
-    m1 = randomize(tiny_jit())
-    m2 = copy.deepcopy(m1)
-    loss_fn = make_loss()
-    out = loss_of(loss_fn, m1, x, y, t, eps)
-    out["loss"].backward()
-    # the official way: both nets on the whole batch, per-sample values masked, sum / count
-    proj = loss_fn.proj
-    x_t = pg.interpolate(x, eps, t)
-    x_hat, h = m2(x_t, t, y, return_layer=2)
-    mask = (t >= 0.3).float()
-    z = d.patch_tokens(x, 16)
-    fm = (pg.x_to_v(x_hat, x_t, t) - pg.x_to_v(x, x_t, t)).pow(2).mean()
-    lp_all = (lp(x_hat, x).view(6) * mask).sum() / mask.sum()
-    pd_all = ((1 - F.cosine_similarity(d.patch_tokens(x_hat, 16), z, dim=-1)).mean(1) * mask).sum() / mask.sum()
-    loss = fm + 0.1 * lp_all + 0.01 * pd_all + 0.5 * (1 - F.cosine_similarity(proj(h), z, dim=-1)).mean()
-    loss.backward()
-    torch.testing.assert_close(out["loss"].detach(), loss.detach(), rtol=1e-6, atol=1e-6)
-    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
-        if a.grad is not None:
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7, msg=n)
 
 
 def test_gradients_reach_model_through_perceptual_nets_only_trainables_get_grads():
@@ -548,22 +523,6 @@ def _perc(model, x, y, t, eps):
     lp_v = lp(x_hat[g], x[g]).mean()
     pd = (1 - F.cosine_similarity(d.patch_tokens(x_hat[g], 16), d.patch_tokens(x[g], 16), dim=-1)).mean()
     return 0.1 * lp_v + 0.01 * pd
-
-
-def test_loss_finite_and_trains_a_tiny_model():
-    torch.manual_seed(0)
-    model, loss_fn = tiny_jit(), make_loss()
-    opt = torch.optim.AdamW(list(model.parameters()) + list(loss_fn.proj.parameters()), lr=1e-3)
-    x, y, eps = batch(4)
-    losses = []
-    for _ in range(5):  # one fixed batch, t and noise: the loss must fall
-        out = loss_of(loss_fn, model, x, y, torch.tensor([0.2, 0.4, 0.6, 0.8]), eps)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        losses.append(out["fm"].item())
-        assert all(torch.isfinite(v).all() for v in out.values())
-    assert losses[-1] < losses[0]
 
 
 @pytest.mark.parametrize("gate_pdino", [True, False])
@@ -1320,19 +1279,6 @@ def test_the_meter_keeps_no_autograd_graph(tmp_path, monkeypatch):
     assert meters and meters[0].steps == 0  # read and reset at the log step
 
 
-def test_resume_is_exact(tmp_path):
-    pg.train(small_cfg(tmp_path / "straight", max_steps=4))
-    pg.train(small_cfg(tmp_path / "resumed", max_steps=2))
-    pg.train(small_cfg(tmp_path / "resumed", max_steps=4))
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("straight", "resumed"))
-    assert a["step"] == b["step"] == 4 and set(a) >= {"model", "ema", "loss", "opt", "step", "config"}
-    for k in ("model", "ema", "loss", "opt"):
-        assert same(a[k], b[k]), k
-    assert not same(a["model"], a["ema"])
-    log = (tmp_path / "resumed" / "log.txt").read_text()
-    assert "resumed from" in log and "config:" in log and "fm" in log and "img/s" in log
-
-
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     pg.train(small_cfg(tmp_path, max_steps=2))
     good = (tmp_path / "ckpt.pt").read_bytes()
@@ -1349,24 +1295,15 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert (tmp_path / "ckpt.pt").read_bytes() == good
 
 
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    path = str(tmp_path / "ckpt.pt")
-    pg.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
-
-    def dies_mid_write(obj, f):
-        with open(f, "wb") as fh:
-            fh.write(b"PK\x03\x04 half a checkpoint")
-        raise KeyboardInterrupt  # the job is killed while writing
-
-    monkeypatch.setattr(torch, "save", dies_mid_write)
-    with pytest.raises(KeyboardInterrupt):
-        pg.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
-    assert torch.load(path, weights_only=True)["step"] == 1 and not os.path.exists(path + ".tmp")
-
-
 def test_failed_checkpoint_write_names_the_cause_and_keeps_the_last_one(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     pg.save_checkpoint({"step": 1}, path)
+    with monkeypatch.context() as m:  # the job is killed while writing
+        m.setattr(torch, "save", lambda obj, f: (open(f, "wb").write(b"PK\x03\x04 half"), (_ for _ in ()).throw(
+            KeyboardInterrupt()))[1])
+        with pytest.raises(KeyboardInterrupt):
+            pg.save_checkpoint({"step": 2}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1 and not os.path.exists(path + ".tmp")
 
     def disk_full(obj, f):  # what torch.save raises when the disk fills up mid-write
         with open(f, "wb") as fh:
@@ -1468,6 +1405,8 @@ def test_sigterm_stops_after_the_step_and_resumes_exactly(tmp_path):
     a, b = (ckpt(tmp_path / d / "ckpt.pt") for d in ("run", "straight"))
     for k in ("model", "ema", "loss", "opt"):
         assert same(a[k], b[k]), k
+    assert not same(a["model"], a["ema"]) and f"resumed from {tmp_path}/run/ckpt.pt at step {stopped}" in \
+        log.read_text()
     rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == list(range(1, stopped + 3))  # appended on resume
 

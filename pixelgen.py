@@ -690,24 +690,18 @@ def collate(batch):  # (images, labels, skipped): the paths of unreadable items,
     return torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), skipped
 
 
-class GlobalBatches(torch.utils.data.Sampler):
+def global_batches(n, batch, world, rank, accum, seed, step=0):
     """This process's micro-batches of dataset indices, from `step` on, without end. Step s of epoch e is positions
     [sB, (s + 1)B) of a permutation seeded by (seed, e) (a tail that fills no global batch is left out); process r
     takes the r-th of `world` contiguous slices of it, as `accum` contiguous micro-batches."""
-
-    def __init__(self, n, batch, world, rank, accum, seed, step=0):
-        self.n, self.B, self.accum, self.seed, self.step = n, batch, accum, seed, step
-        self.b, self.first = batch // (world * accum), rank * (batch // world)
-
-    def __iter__(self):
-        perm, steps = None, self.n // self.B
-        for step in itertools.count(self.step):
-            epoch, s = divmod(step, steps)
-            if perm is None or s == 0:
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed_for(self.seed, epoch)))
-            for k in range(self.accum):
-                start = s * self.B + self.first + k * self.b
-                yield perm[start: start + self.b].tolist()
+    b, first, perm = batch // (world * accum), rank * (batch // world), None
+    for step in itertools.count(step):
+        epoch, s = divmod(step, n // batch)
+        if perm is None or s == 0:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(seed, epoch)))
+        for k in range(accum):
+            start = s * batch + first + k * b
+            yield perm[start: start + b].tolist()
 
 
 def quiet_worker(_):  # data workers ignore the stop signals: the main process finishes its step, then ends them
@@ -1000,7 +994,7 @@ def save_checkpoint(obj, path, keep=None):
 
 
 def loader(data, cfg, procs, step):  # this process's micro-batches of uint8 images, from `step` on, without end
-    batches = GlobalBatches(len(data), cfg.batch_size, procs.world, procs.rank, cfg.grad_accum, cfg.seed, step)
+    batches = global_batches(len(data), cfg.batch_size, procs.world, procs.rank, cfg.grad_accum, cfg.seed, step)
     return iter(torch.utils.data.DataLoader(data, batch_sampler=batches, collate_fn=collate,
                                             num_workers=cfg.num_workers, pin_memory=procs.device.type == "cuda",
                                             worker_init_fn=quiet_worker))

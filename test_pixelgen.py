@@ -988,13 +988,17 @@ def test_image_folder_layout_and_listing(tmp_path, monkeypatch):
     assert flat.classes == ["cats"] and flat.counts == [2] and flat.ignored == [".cache/", ".DS_Store", "._a.png"]
     # Under torchrun rank 0 alone lists the folder (minutes for ImageNet on a network disk) and sends the listing.
     sent, ctrl = [], object()
+
+    def broadcast(box, src, group):  # rank 0 sends box[0]; the others receive it in theirs
+        assert src == 0 and group is ctrl
+        box[0] = sent[0] if sent else box[0]
+        sent.append(box[0])
     monkeypatch.setattr(pg.dist, "all_reduce", lambda *a, group: None)
-    monkeypatch.setattr(pg.dist, "broadcast_object_list", lambda box, src, group: group is ctrl and src == 0 and (
-        sent.append(box[0]) if box[0] is not None else box.__setitem__(0, sent[0])))
+    monkeypatch.setattr(pg.dist, "broadcast_object_list", broadcast)
     first = pg.ImageFolderData(str(root), 16, procs=pg.Procs(True, 0, 2, torch.device("cpu"), ctrl))
     monkeypatch.setattr(fid, "scan", lambda *a, **k: pytest.fail("a rank other than 0 listed the folder"))
     other = pg.ImageFolderData(str(root), 16, procs=pg.Procs(True, 1, 2, torch.device("cpu"), ctrl))
-    assert len(sent) == 1 and (other.classes, other.counts, other.ignored) == (data.classes, data.counts, data.ignored)
+    assert len(sent) == 2 and (other.classes, other.counts, other.ignored) == (data.classes, data.counts, data.ignored)
     assert all(np.array_equal(getattr(d, k), getattr(data, k)) for d in (first, other) for k in ("paths", "labels"))
 
 
@@ -1069,14 +1073,14 @@ def test_global_batches_positions():
     for world, accum in [(1, 1), (1, 2), (2, 1), (2, 2)]:
         got = [[] for _ in range(3)]  # steps 2, 3, 4 (epoch 0 has 3 steps of 8 out of 26 images)
         for rank in range(world):
-            it = iter(pg.GlobalBatches(26, 8, world, rank, accum, seed=5, step=2))
+            it = pg.global_batches(26, 8, world, rank, accum, seed=5, step=2)
             for s in range(3):
                 for _ in range(accum):
                     got[s].append(next(it))
         seen[world, accum] = [sorted(sum(g, [])) for g in got]
         assert all(len(m) == 8 // (world * accum) for g in got for m in g)
     assert all(v == seen[1, 1] for v in seen.values())  # every split sees the same global batches
-    flat = [i for it in [iter(pg.GlobalBatches(26, 8, 1, 0, 1, seed=5))] for _ in range(3) for i in next(it)]
+    flat = [i for it in [pg.global_batches(26, 8, 1, 0, 1, seed=5)] for _ in range(3) for i in next(it)]
     assert len(set(flat)) == 24 and seen[1, 1][0] == sorted(flat[16:])  # an epoch is a permutation; resume mid-epoch
     assert set(seen[1, 1][1]).isdisjoint(seen[1, 1][2])  # steps 3 and 4: the batches of an epoch do not overlap
     assert seen[1, 1][1] != sorted(flat[:8])  # epoch 1 is a new permutation

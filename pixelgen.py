@@ -646,39 +646,48 @@ def center_crop(img, size):  # ADM: halve with BOX while min side >= 2 size, BIC
     return a[top: top + size, left: left + size]
 
 
-class ImageFolderData(torch.utils.data.Dataset):
-    """root/class_x/.../img.jpg: sorted class folders are the labels 0..K-1 (no class folders: one class). `ignored`
-    lists hidden names, stray files and other extensions; a class without an image is an error. Items: uint8 (3, H, W),
-    alpha composited onto `background` (fid.read_image), then the ADM crop."""
+def list_folder(root):  # (classes, images per class, ignored: hidden, stray or not images, paths: numpy bytes)
+    if not os.path.isdir(root):
+        raise SystemExit(f"error: --data_path {root} is not a folder")
+    top = sorted(os.scandir(root), key=lambda e: e.name)
+    folders = [e.name for e in top if e.is_dir() and not e.name.startswith(".")]
+    found = [fid.scan(os.path.join(root, c)) for c in folders] or [fid.scan(root, recursive=False)]
+    classes, counts = folders or [os.path.basename(os.path.abspath(root))], [len(files) for files, _ in found]
+    ignored = [e.name + "/" * e.is_dir() for e in top if folders and e.name not in folders] + [
+        os.path.join(c, p) for c, (_, left_out) in zip(folders or [""], found) for p in left_out]
+    empty = [os.path.join(root, c) if folders else root for c, n in zip(classes, counts) if n == 0]
+    svg = any(p.lower().endswith(".svg") for files, left_out in found if not files for p in left_out)
+    if empty:  # as torchvision's ImageFolder: a class needs an image
+        raise SystemExit(f"error: no image files ({', '.join(fid.IMAGE_EXTENSIONS)}) in {', '.join(empty)}"
+                         + "; SVG files must be converted first (to PNG, for example)" * svg + "\n"
+                         + class_table(argparse.Namespace(classes=classes, counts=counts, ignored=ignored)))
+    return classes, counts, ignored, np.array([os.fsencode(p) for files, _ in found for p in files], dtype=bytes)
 
-    def __init__(self, root, size, background=(255, 255, 255)):
-        if not os.path.isdir(root):
-            raise SystemExit(f"error: --data_path {root} is not a folder")
-        top = sorted(os.scandir(root), key=lambda e: e.name)
-        folders = [e.name for e in top if e.is_dir() and not e.name.startswith(".")]
-        found = [fid.scan(os.path.join(root, c)) for c in folders] or [fid.scan(root, recursive=False)]
-        self.classes = folders or [os.path.basename(os.path.abspath(root))]
-        self.ignored = [e.name + "/" * e.is_dir() for e in top if folders and e.name not in folders] + [
-            os.path.join(c, p) for c, (_, left_out) in zip(folders or [""], found) for p in left_out]
-        self.samples = [(p, k) for k, (files, _) in enumerate(found) for p in files]
-        self.counts, self.num_classes = [len(files) for files, _ in found], len(self.classes)
+
+class ImageFolderData(torch.utils.data.Dataset):
+    """root/class_x/.../img.jpg: sorted class folders are the labels 0..K-1 (no class folders: one class). Items: uint8
+    (3, H, W) by fid.read_image (alpha onto `background`) and the ADM crop, and the label; unreadable: the image path.
+    Rank 0 lists the folder for all; `paths` and `labels` are numpy arrays, which data workers share, not copy."""
+
+    def __init__(self, root, size, background=(255, 255, 255), procs=None):
+        procs = procs or Procs(False, 0, 1, torch.device("cpu"))
+        listing = [procs.together(lambda: None if procs.rank else list_folder(root))]
+        if procs.ddp:
+            dist.broadcast_object_list(listing, src=0, group=procs.ctrl)
+        self.classes, self.counts, self.ignored, self.paths = listing[0]
+        self.labels, self.num_classes = np.repeat(np.arange(len(self.counts)), self.counts), len(self.classes)
         self.size, self.background = size, background
-        empty = [os.path.join(root, c) if folders else root for c, n in zip(self.classes, self.counts) if n == 0]
-        if empty:  # as torchvision's ImageFolder: a class needs an image
-            raise SystemExit(f"error: no image files ({', '.join(fid.IMAGE_EXTENSIONS)}) in {', '.join(empty)}\n"
-                             + class_table(self))
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.paths)
 
     def __getitem__(self, i):
-        path, y = self.samples[i]
+        path = os.fsdecode(self.paths[i])
         try:
             a = center_crop(Image.fromarray(fid.read_image(path, self.background)), self.size)
-        except Exception as e:  # skipped: the collate function replaces it and the log counts it
-            warnings.warn(f"skipping unreadable image {path}: {e.__cause__ or e}")
-            return None
-        return torch.from_numpy(a.copy()).permute(2, 0, 1), y  # uint8 (3, H, W)
+        except Exception:  # collate replaces it and reports its path
+            return path
+        return torch.from_numpy(a.copy()).permute(2, 0, 1), int(self.labels[i])  # uint8 (3, H, W)
 
 
 class ToyShapes(torch.utils.data.Dataset):
@@ -720,33 +729,26 @@ def class_table(data, rows=20):  # for the log: images per class (the first and 
     return "\n".join(head + lines)
 
 
-def collate(batch):  # replaces unreadable images by readable ones of the same batch, counting them
-    good = [b for b in batch if b is not None]
+def collate(batch):  # (images, labels, skipped): the paths of unreadable items, each replaced by a readable one
+    good, skipped = [b for b in batch if not isinstance(b, str)], [b for b in batch if isinstance(b, str)]
     if not good:
-        raise RuntimeError("a whole batch of unreadable images: check the data folder")
-    bad = len(batch) - len(good)
-    good += [good[i % len(good)] for i in range(bad)]
-    return torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), bad
+        raise RuntimeError(f"a whole batch of unreadable images ({', '.join(skipped)}): check the data folder")
+    good += [good[i % len(good)] for i in range(len(skipped))]
+    return torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), skipped
 
 
-class GlobalBatches(torch.utils.data.Sampler):
+def global_batches(n, batch, world, rank, accum, seed, step=0):
     """This process's micro-batches of dataset indices, from `step` on, without end. Step s of epoch e is positions
     [sB, (s + 1)B) of a permutation seeded by (seed, e) (a tail that fills no global batch is left out); process r
     takes the r-th of `world` contiguous slices of it, as `accum` contiguous micro-batches."""
-
-    def __init__(self, n, batch, world, rank, accum, seed, step=0):
-        self.n, self.B, self.accum, self.seed, self.step = n, batch, accum, seed, step
-        self.b, self.first = batch // (world * accum), rank * (batch // world)
-
-    def __iter__(self):
-        perm, steps = None, self.n // self.B
-        for step in itertools.count(self.step):
-            epoch, s = divmod(step, steps)
-            if perm is None or s == 0:
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed_for(self.seed, epoch)))
-            for k in range(self.accum):
-                start = s * self.B + self.first + k * self.b
-                yield perm[start: start + self.b].tolist()
+    b, first, perm = batch // (world * accum), rank * (batch // world), None
+    for step in itertools.count(step):
+        epoch, s = divmod(step, n // batch)
+        if perm is None or s == 0:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(seed, epoch)))
+        for k in range(accum):
+            start = s * batch + first + k * b
+            yield perm[start: start + b].tolist()
 
 
 def quiet_worker(_):  # data workers ignore the stop signals: the main process finishes its step, then ends them
@@ -923,7 +925,9 @@ def check_run(cfg, data, procs, ck):
     """The run's Config after the checks made before anything is built or written: the classes (the data's, or the
     checkpoint's when more), the checkpoint `ck` it resumes from (same model, size, classes, data), a CPU's limits."""
     if len(data) < cfg.batch_size:
-        raise SystemExit(f"error: {len(data)} images are fewer than one global batch (--batch_size {cfg.batch_size})")
+        m = procs.world * cfg.grad_accum  # a global batch is a multiple of m
+        raise SystemExit(f"error: {len(data)} images are fewer than one global batch (--batch_size {cfg.batch_size})"
+                         + f"; --batch_size {len(data) // m * m} fits" * (len(data) >= m))
     if cfg.num_classes and cfg.num_classes < data.num_classes:
         raise SystemExit(f"error: the data has {data.num_classes} classes but --num_classes is {cfg.num_classes}")
     held = ck.get("config", {})
@@ -1028,7 +1032,7 @@ def save_checkpoint(obj, path, keep=None):
 
 
 def loader(data, cfg, procs, step):  # this process's micro-batches of uint8 images, from `step` on, without end
-    batches = GlobalBatches(len(data), cfg.batch_size, procs.world, procs.rank, cfg.grad_accum, cfg.seed, step)
+    batches = global_batches(len(data), cfg.batch_size, procs.world, procs.rank, cfg.grad_accum, cfg.seed, step)
     return iter(torch.utils.data.DataLoader(data, batch_sampler=batches, collate_fn=collate,
                                             num_workers=cfg.num_workers, pin_memory=procs.device.type == "cuda",
                                             worker_init_fn=quiet_worker))
@@ -1152,7 +1156,7 @@ def after_step(cfg, step, max_steps, stopping):  # what this step ends with: the
 def train(cfg, hook=None):
     """The training program (--train), on every process under torchrun; hook(step, model, emas) after each step."""
     procs = setup_dist(cfg)
-    data = ImageFolderData(cfg.data_path, cfg.image_size, cfg.background) if cfg.data_path else \
+    data = ImageFolderData(cfg.data_path, cfg.image_size, cfg.background, procs) if cfg.data_path else \
         ToyShapes(cfg.image_size)
     ck = resume_point(cfg, procs)
     cfg = check_run(cfg, data, procs, ck)  # before anything is built or written

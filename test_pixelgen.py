@@ -876,50 +876,6 @@ def test_unused_networks_are_not_built_or_run(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 # Data
 
-def test_image_folder_layouts_and_odd_images(tmp_path):
-    root = tmp_path / "imagenet"
-    (root / "n01").mkdir(parents=True)
-    (root / "n02" / "sub").mkdir(parents=True)
-    rgb = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
-    Image.fromarray(rgb).save(root / "n01" / "a.JPEG")
-    Image.fromarray(rgb[..., 0]).save(root / "n01" / "gray.png")                       # L
-    Image.fromarray(rgb).convert("P").save(root / "n02" / "palette.png")               # P
-    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(root / "n02" / "rgba.png")     # RGBA
-    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(root / "n02" / "sub" / "deep.png")  # 16-bit
-    Image.fromarray(rgb[:5, :7]).save(root / "n02" / "tiny.bmp")                       # smaller than the target
-    (root / "n02" / "notes.txt").write_text("not an image")
-    data = pg.ImageFolderData(str(root), 16)
-    assert data.num_classes == 2 and len(data) == 6 and [y for _, y in data.samples] == [0, 0, 1, 1, 1, 1]
-    assert data.classes == ["n01", "n02"] and data.counts == [2, 4]
-    assert data.ignored == ["n02/notes.txt"]
-    for i in range(len(data)):
-        img, y = data[i]
-        assert img.shape == (3, 16, 16) and img.dtype == torch.uint8
-    deep = data[[p for p, _ in data.samples].index(str(root / "n02" / "sub" / "deep.png"))][0]
-    assert 0 < deep.float().mean() < 255  # 16-bit scaled, not clipped to white
-    flat_dir = root / "n01"
-    assert pg.ImageFolderData(str(flat_dir), 16).num_classes == 1
-
-
-def test_adm_center_crop():
-    a = np.zeros((100, 300, 3), np.uint8)
-    a[:, 100:200] = 255  # the center third is white
-    out = pg.center_crop(Image.fromarray(a), 32)  # 300x100 -> halve (BOX) -> 150x50 -> bicubic 96x32 -> crop
-    assert out.shape == (32, 32, 3) and out[:, 4:28].min() == 255
-    out = pg.center_crop(Image.fromarray(a[:10, :20]), 32)  # upsampling a small image
-    assert out.shape == (32, 32, 3)
-
-
-def test_bad_data_folders(tmp_path):
-    with pytest.raises(SystemExit, match="not a folder"):
-        pg.ImageFolderData(str(tmp_path / "missing"), 16)
-    (tmp_path / "empty" / "cls").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="no image files .* in .*empty/cls\n"):
-        pg.ImageFolderData(str(tmp_path / "empty"), 16)
-    with pytest.raises(SystemExit, match="no image files .* in .*cls\n"):  # a flat folder
-        pg.ImageFolderData(str(tmp_path / "empty" / "cls"), 16)
-
-
 def _icons(seed, hidden_seed, n=1, size=12):
     """n RGBA icons: random colours on an opaque disc with a soft shadow (partial alpha), transparent around it. The
     visible pixels come from seed only, the colours under alpha 0 from hidden_seed."""
@@ -939,128 +895,36 @@ def _composite(rgba, bg=(255, 255, 255)):  # the formula in floats: round((a rgb
     return np.round((a * rgba[..., :3] + (255 - a) * np.array(bg)) / 255).astype(np.uint8)
 
 
-def test_read_image_composites_alpha_exactly(tmp_path):
-    a, b = _icons(0, 1)[0], _icons(0, 2)[0]
-    alpha = a[..., 3]
-    assert (a[alpha == 0] != b[alpha == 0]).any() and 0 < ((alpha > 0) & (alpha < 255)).sum()  # hidden differ; soft
-    Image.fromarray(a, "RGBA").save(tmp_path / "a.png")
-    Image.fromarray(b, "RGBA").save(tmp_path / "b.png")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no PIL warning about transparency either
-        ra, rb = fid.read_image(tmp_path / "a.png"), fid.read_image(tmp_path / "b.png")
-    assert ra.shape == (12, 12, 3) and ra.dtype == np.uint8
-    np.testing.assert_array_equal(ra, rb)  # the same visible pixels read the same
-    np.testing.assert_array_equal(ra, _composite(a))
-    assert (ra[alpha == 0] == 255).all() and np.array_equal(ra[alpha == 255], a[alpha == 255, :3])
-    # Hand-computed: (10, 100, 200) at alpha 128 over white: round((128 * 10 + 127 * 255) / 255) = round(132.02), ...
+def test_read_image_composites_alpha(tmp_path):
+    colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [9, 9, 9]], np.uint8)
+    index, alphas = np.array([[0, 1, 2], [3, 0, 1]], np.uint8), np.array([0, 128, 255, 64], np.uint8)
+    grey, galpha = np.array([[0, 90, 255], [30, 200, 7]], np.uint8), np.array([[0, 128, 255], [255, 0, 64]], np.uint8)
     Image.fromarray(np.array([[[10, 100, 200, 128], [10, 100, 200, 0], [10, 100, 200, 255]]], np.uint8),
                     "RGBA").save(tmp_path / "px.png")
-    assert fid.read_image(tmp_path / "px.png").tolist() == [[[132, 177, 227], [255, 255, 255], [10, 100, 200]]]
-    # over (30, 60, 90): round((128 * 10 + 127 * 30) / 255) = round(19.96), round(80.08), round(145.22)
-    assert fid.read_image(tmp_path / "px.png", background=(30, 60, 90)).tolist() == [
-        [[20, 80, 145], [30, 60, 90], [10, 100, 200]]]
-    np.testing.assert_array_equal(fid.read_image(tmp_path / "a.png", (0, 0, 0)), _composite(a, (0, 0, 0)))
-    for bad in ((0, 0, 256), (0, 0), "white", (0.5, 0, 0)):
-        with pytest.raises(ValueError, match="background"):
-            fid.read_image(tmp_path / "a.png", background=bad)
-
-
-def test_read_image_modes(tmp_path):
-    colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [9, 9, 9]], np.uint8)
-    index = np.array([[0, 1, 2], [3, 0, 1]], np.uint8)
-    alphas = np.array([0, 128, 255, 64], np.uint8)
-    expected = _composite(np.dstack([colours[index], alphas[index]]))
     p = Image.fromarray(index, "P")
     p.putpalette(colours.tobytes())
     p.save(tmp_path / "trns.png", transparency=alphas.tobytes())  # palette PNG with a tRNS chunk of alphas
-    with Image.open(tmp_path / "trns.png") as im:
-        assert im.info["transparency"] == alphas.tobytes()
     p.save(tmp_path / "index.gif", transparency=0)  # one transparent index
-    pa = Image.frombytes("PA", (3, 2), np.dstack([index, alphas[index]]).tobytes())
-    pa.putpalette(colours.tobytes())
-    pa.save(tmp_path / "pa.tif")
-    assert Image.open(tmp_path / "pa.tif").mode == "PA"
-    grey, galpha = np.array([[0, 90, 255], [30, 200, 7]], np.uint8), np.array([[0, 128, 255], [255, 0, 64]], np.uint8)
     Image.fromarray(np.dstack([grey, galpha]), "LA").save(tmp_path / "la.png")
     Image.fromarray(np.dstack([grey] * 3 + [galpha]), "RGBA").save(tmp_path / "grey_rgba.png")
-    rgb = Image.fromarray(colours[index])
-    rgb.save(tmp_path / "rgb_trns.png", transparency=(9, 9, 9))  # an RGB PNG whose tRNS colour is transparent
+    Image.fromarray(colours[index]).save(tmp_path / "rgb_trns.png", transparency=(9, 9, 9))  # a transparent colour
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error")  # no PIL warning about transparency either
         read = {f: fid.read_image(tmp_path / f) for f in os.listdir(tmp_path)}
-    np.testing.assert_array_equal(read["trns.png"], expected)
-    np.testing.assert_array_equal(read["pa.tif"], expected)
+    # By hand: (10, 100, 200) at alpha 128 over white: round((128 * 10 + 127 * 255) / 255) = round(132.02), ...
+    assert read["px.png"].tolist() == [[[132, 177, 227], [255, 255, 255], [10, 100, 200]]]
+    # over (30, 60, 90): round((128 * 10 + 127 * 30) / 255) = round(19.96), round(80.08), round(145.22)
+    assert fid.read_image(tmp_path / "px.png", (30, 60, 90)).tolist() == [[[20, 80, 145], [30, 60, 90], [10, 100, 200]]]
+    np.testing.assert_array_equal(read["trns.png"], _composite(np.dstack([colours[index], alphas[index]])))
     np.testing.assert_array_equal(read["index.gif"], np.where(index[..., None] == 0, 255, colours[index]))
     np.testing.assert_array_equal(read["la.png"], read["grey_rgba.png"])
     np.testing.assert_array_equal(read["rgb_trns.png"], np.where(index[..., None] == 3, 255, colours[index]))
-    # 16-bit grey: scaled by 255 / max(peak, 255) and truncated, not clipped; 8-bit values in 16 bits stay.
-    Image.fromarray(np.array([[0, 1000, 4000, 65535]], np.uint16)).save(tmp_path / "g16.png")
-    Image.fromarray(np.array([[0, 100, 255]], np.uint16)).save(tmp_path / "g16_low.png")
-    assert Image.open(tmp_path / "g16.png").mode == "I;16"
-    assert fid.read_image(tmp_path / "g16.png")[0].tolist() == [[0] * 3, [3] * 3, [15] * 3, [255] * 3]
-    assert fid.read_image(tmp_path / "g16_low.png")[0].tolist() == [[0] * 3, [100] * 3, [255] * 3]
-    # 1-bit, CMYK JPEG and CIELab TIFF: PIL's conversion to RGB; animated GIF: the first frame; 1 x 1 images.
-    Image.fromarray(np.array([[0, 255]], np.uint8)).convert("1").save(tmp_path / "bits.png")
-    assert fid.read_image(tmp_path / "bits.png").tolist() == [[[0, 0, 0], [255, 255, 255]]]
-    Image.new("CMYK", (5, 3), (10, 200, 30, 40)).save(tmp_path / "cmyk.jpg")
-    Image.new("LAB", (2, 2), (128, 150, 100)).save(tmp_path / "lab.tif")
-    for f in ("cmyk.jpg", "lab.tif"):
-        with Image.open(tmp_path / f) as im:
-            assert im.mode == f[:-4].upper()
-            np.testing.assert_array_equal(fid.read_image(tmp_path / f), np.asarray(im.convert("RGB")))
-    frames = [Image.new("RGB", (4, 4), c) for c in ((255, 0, 0), (0, 0, 255))]
-    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
-    assert Image.open(tmp_path / "anim.gif").n_frames == 2
-    assert (fid.read_image(tmp_path / "anim.gif") == [255, 0, 0]).all()
-    Image.fromarray(np.array([[[1, 2, 3, 0]]], np.uint8), "RGBA").save(tmp_path / "one.png")
-    assert fid.read_image(tmp_path / "one.png").tolist() == [[[255, 255, 255]]]
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
-    with pytest.raises(ValueError, match="broken.png"):
-        fid.read_image(tmp_path / "broken.png")
+    for bad in ((0, 0, 256), (0, 0), "white", (0.5, 0, 0)):
+        with pytest.raises(ValueError, match="background"):
+            fid.read_image(tmp_path / "px.png", background=bad)
 
 
-def test_image_folder_same_visible_pixels_same_items(tmp_path):
-    for hidden in (1, 2):
-        for c, size in (("a", 12), ("b", 40)):  # the 40 px icons are halved (BOX) then resized (BICUBIC) to 16
-            (tmp_path / f"h{hidden}" / c).mkdir(parents=True)
-            for i, icon in enumerate(_icons(ord(c), hidden + ord(c), n=2, size=size)):
-                Image.fromarray(icon, "RGBA").save(tmp_path / f"h{hidden}" / c / f"{i}.png")
-    for h, hidden in (("h1", (1, 2, 3)), ("h2", (200, 100, 0))):  # a 1 x 2 image: one transparent, one soft pixel
-        tiny = np.array([[[*hidden, 0], [50, 60, 70, 200]]], np.uint8)
-        Image.fromarray(tiny, "RGBA").save(tmp_path / h / "a" / "tiny.png")
-    d1, d2 = (pg.ImageFolderData(str(tmp_path / h), 16) for h in ("h1", "h2"))
-    assert len(d1) == len(d2) == 5 and d1.counts == [3, 2]
-    for i in range(len(d1)):
-        (x1, y1), (x2, y2) = d1[i], d2[i]
-        assert torch.equal(x1, x2) and y1 == y2 and x1.shape == (3, 16, 16)
-    black = pg.ImageFolderData(str(tmp_path / "h1"), 16, background=(0, 0, 0))
-    assert black[0][0][:, 0, 0].tolist() == [0, 0, 0] and d1[0][0][:, 0, 0].tolist() == [255, 255, 255]
-
-
-def test_jpeg_folders_read_exactly_as_before(tmp_path):
-    rng = np.random.default_rng(0)
-    (tmp_path / "n01").mkdir()
-    (tmp_path / "n02" / "sub").mkdir(parents=True)
-    photo = rng.integers(0, 256, (45, 70, 3), dtype=np.uint8)
-    files = [tmp_path / "n01" / "x.JPEG", tmp_path / "n01" / "grey.JPEG", tmp_path / "n02" / "cmyk.JPEG",
-             tmp_path / "n02" / "sub" / "a.jpg"]
-    Image.fromarray(photo).save(files[0])
-    Image.fromarray(photo[..., 0]).save(files[1])
-    Image.fromarray(photo).convert("CMYK").save(files[2])
-    exif = Image.Exif()
-    exif[0x0112] = 6  # EXIF orientation "rotate 90": ignored, as by torchvision and the ADM suite
-    Image.fromarray(photo[:20]).save(files[3], exif=exif)
-    data = pg.ImageFolderData(str(tmp_path), 32)
-    assert data.samples == [(str(files[1]), 0), (str(files[0]), 0), (str(files[2]), 1), (str(files[3]), 1)]
-    with Image.open(files[3]) as im:
-        assert im.getexif()[0x0112] == 6 and fid.read_image(files[3]).shape == (20, 70, 3)  # not turned
-    for i, (path, y) in enumerate(data.samples):  # the reading before this change: PIL's convert("RGB"), the crop
-        with Image.open(path) as im:
-            before = pg.center_crop(im.convert("RGB"), 32)
-        assert torch.equal(data[i][0], torch.from_numpy(before.copy()).permute(2, 0, 1)) and data[i][1] == y
-
-
-def test_folder_scan_skips_hidden_and_says_what_it_ignored(tmp_path):
+def test_image_folder_layout_and_listing(tmp_path, monkeypatch):
     root, icon = tmp_path / "icons", Image.fromarray(_icons(0, 1)[0], "RGBA")
     for d in ("cats/.cache", "dogs/sub", ".thumbnails"):
         (root / d).mkdir(parents=True)
@@ -1070,60 +934,101 @@ def test_folder_scan_skips_hidden_and_says_what_it_ignored(tmp_path):
     for f in ("dogs/notes.txt", "dogs/logo.svg", "cats/.DS_Store", "readme"):
         (root / f).write_text("not an image")
     data = pg.ImageFolderData(str(root), 16)
-    assert data.classes == ["cats", "dogs"] and data.counts == [2, 1] and data.num_classes == 2
-    assert data.samples == [(str(root / "cats" / "a.png"), 0), (str(root / "cats" / "b.PNG"), 0),
-                            (str(root / "dogs" / "sub" / "d.png"), 1)]
-    assert data.ignored == [".thumbnails/", "readme", "stray.png", "cats/.cache/", "cats/.DS_Store", "cats/._a.png",
-                            "dogs/logo.svg", "dogs/notes.txt"]
+    assert data.classes == ["cats", "dogs"] and data.counts == [2, 1] and data.num_classes == 2 and len(data) == 3
+    files = [str(root / f) for f in ("cats/a.png", "cats/b.PNG", "dogs/sub/d.png")]
+    assert [os.fsdecode(p) for p in data.paths] == files
+    assert data.labels.tolist() == [0, 0, 1] == [data[i][1] for i in range(3)]
     assert pg.class_table(data).splitlines() == [
         "data: 3 images in 2 classes", " label   images  class", "     0        2  cats", "     1        1  dogs",
         "ignored: 8 (.thumbnails/, readme, stray.png, cats/.cache/, cats/.DS_Store, ...)"]
-    many = pg.ToyShapes(16, n=10)
-    assert pg.class_table(many, rows=4).splitlines()[2:] == [
+    assert data.ignored[5:] == ["cats/._a.png", "dogs/logo.svg", "dogs/notes.txt"]
+    assert pg.class_table(pg.ToyShapes(16, n=10), rows=4).splitlines()[2:] == [
         "     0        1  red disc", "     1        1  green square", "   ...", "     8        1  purple checker",
         "     9        1  teal frame"]
-    # A flat folder stays one class, named after the folder; its hidden subfolder does not make it a class folder.
-    flat = pg.ImageFolderData(str(root / "cats"), 16)
-    assert flat.classes == ["cats"] and flat.counts == [2]
-    assert flat.ignored == [".cache/", ".DS_Store", "._a.png"]
     assert pg.ToyShapes(16, n=25).counts == [3] * 5 + [2] * 5 and not pg.ToyShapes(16).ignored
+    # A flat folder is one class, named after the folder; its hidden subfolder does not make it a class folder.
+    flat = pg.ImageFolderData(str(root / "cats"), 16)
+    assert flat.classes == ["cats"] and flat.counts == [2] and flat.ignored == [".cache/", ".DS_Store", "._a.png"]
+    # Under torchrun rank 0 alone lists the folder (minutes for ImageNet on a network disk) and sends the listing.
+    sent, ctrl = [], object()
+
+    def broadcast(box, src, group):  # rank 0 sends box[0]; the others receive it in theirs
+        assert src == 0 and group is ctrl
+        box[0] = sent[0] if sent else box[0]
+        sent.append(box[0])
+    monkeypatch.setattr(pg.dist, "all_reduce", lambda *a, group: None)
+    monkeypatch.setattr(pg.dist, "broadcast_object_list", broadcast)
+    first = pg.ImageFolderData(str(root), 16, procs=pg.Procs(True, 0, 2, torch.device("cpu"), ctrl))
+    monkeypatch.setattr(fid, "scan", lambda *a, **k: pytest.fail("a rank other than 0 listed the folder"))
+    other = pg.ImageFolderData(str(root), 16, procs=pg.Procs(True, 1, 2, torch.device("cpu"), ctrl))
+    assert len(sent) == 2 and (other.classes, other.counts, other.ignored) == (data.classes, data.counts, data.ignored)
+    assert all(np.array_equal(getattr(d, k), getattr(data, k)) for d in (first, other) for k in ("paths", "labels"))
 
 
-def test_empty_or_svg_only_class_folder_is_an_error(tmp_path):
+def test_image_folder_items(tmp_path):
+    photo, exif = np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8), Image.Exif()
+    exif[0x0112] = 6  # orientation "rotate 90": ignored, as by torchvision and the ADM suite
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    rgb = Image.fromarray(photo)
+    for f, im in [("a/x.JPEG", rgb), ("a/grey.JPEG", rgb.convert("L")), ("a/cmyk.JPEG", rgb.convert("CMYK")),
+                  ("b/palette.png", rgb.convert("P")), ("b/tiny.bmp", rgb.crop((0, 0, 7, 5)))]:  # (tiny: upsampled)
+        im.save(tmp_path / f)
+    rgb.crop((0, 0, 70, 20)).save(tmp_path / "a" / "sub" / "turned.jpg", exif=exif)
+    data = pg.ImageFolderData(str(tmp_path), 16)
+    assert len(data) == 6 and Image.open(tmp_path / "a" / "sub" / "turned.jpg").getexif()[0x0112] == 6
+    for i in range(len(data)):  # PIL's conversion to RGB (without alpha), then the ADM crop
+        with Image.open(os.fsdecode(data.paths[i])) as im:
+            want = torch.from_numpy(pg.center_crop(im.convert("RGB"), 16).copy()).permute(2, 0, 1)
+        assert torch.equal(data[i][0], want) and data[i][1] == int(i > 3)
+    # The listing is numpy arrays, no Python object per image (each data worker would copy those as it reads them).
+    assert data.paths.dtype.kind == "S" and data.labels.dtype.kind == "i"
+    assert not [k for k, v in vars(data).items() if isinstance(v, (list, tuple)) and len(v) == len(data)]
+    # Transparency: the visible pixels, composited onto the background, make the item; not the colours under alpha 0.
+    (tmp_path / "icons").mkdir()
+    Image.fromarray(_icons(0, 1, size=40)[0], "RGBA").save(tmp_path / "icons" / "a.png")  # halved, then resized
+    for bg in ((255, 255, 255), (0, 0, 0)):
+        want = pg.center_crop(Image.fromarray(_composite(_icons(0, 2, size=40)[0], bg)), 16)
+        assert np.array_equal(pg.ImageFolderData(str(tmp_path / "icons"), 16, bg)[0][0].permute(1, 2, 0).numpy(), want)
+
+
+def test_data_that_cannot_train_says_what_to_do(tmp_path):
     for d in ("birds", "empty", "vector"):
         (tmp_path / d).mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "birds" / "a.png")
+    (tmp_path / "birds" / "broken.png").write_bytes(b"\x89PNG garbage")
     (tmp_path / "vector" / "a.svg").write_text("<svg/>")
-    with pytest.raises(SystemExit, match=r"no image files \(.png, .*\) in .*empty, .*vector\n") as e:
+    svg = r"; SVG files must be converted first \(to PNG, for example\)\n"
+    with pytest.raises(SystemExit, match=r"no image files \(.png, .*\) in \S*empty, \S*vector" + svg) as e:
         pg.ImageFolderData(str(tmp_path), 8)
-    assert "ignored: 1 (vector/a.svg)" in str(e.value) and "     0        1  birds" in str(e.value)
+    assert "ignored: 1 (vector/a.svg)" in str(e.value) and "     0        2  birds" in str(e.value)
+    with pytest.raises(SystemExit, match=r"in \S*vector" + svg):  # a flat folder
+        pg.ImageFolderData(str(tmp_path / "vector"), 8)
     (tmp_path / "empty" / "a.bmp").mkdir()  # a folder named like an image is not an image
     (tmp_path / "vector" / "b.webp").write_bytes(b"")  # an image file, even unreadable, makes a class
     with pytest.raises(SystemExit, match=r"in \S*empty\n"):
         pg.ImageFolderData(str(tmp_path), 8)
+    # An unreadable image is replaced by a readable one of its batch; its path comes with the batch, for the log.
+    birds = pg.ImageFolderData(str(tmp_path / "birds"), 8)
+    x, y, skipped = pg.collate([birds[0], birds[1]])
+    assert torch.equal(x[0], x[1]) and x.shape == (2, 3, 8, 8) and skipped == [str(tmp_path / "birds" / "broken.png")]
+    with pytest.raises(RuntimeError, match="broken.png"):
+        pg.collate([birds[1]])
+    # Fewer images than a global batch: the largest that fits, a multiple of processes x micro-batches.
+    for world, fits in [(1, "; --batch_size 10 fits"), (4, "; --batch_size 8 fits"), (8, "")]:
+        with pytest.raises(SystemExit) as e:
+            pg.check_run(pg.Config(batch_size=16, grad_accum=2), pg.ToyShapes(8, n=10),
+                         pg.Procs(world > 1, 0, world, torch.device("cpu")))
+        assert str(e.value) == "error: 10 images are fewer than one global batch (--batch_size 16)" + fits
 
 
-def test_image_folders_with_the_same_visible_pixels_train_the_same_weights(tmp_path):
-    for hidden in (1, 2):
-        for c in ("a", "b"):
-            (tmp_path / f"h{hidden}" / c).mkdir(parents=True)
-            for i, icon in enumerate(_icons(ord(c), hidden * 10 + ord(c), n=2, size=32)):
-                Image.fromarray(icon, "RGBA").save(tmp_path / f"h{hidden}" / c / f"{i}.png")
-    for hidden in (1, 2):
-        pg.train(small_cfg(tmp_path / f"run{hidden}", data_path=str(tmp_path / f"h{hidden}"), max_steps=2,
-                           num_workers=0))
-    a, b = (torch.load(tmp_path / f"run{h}" / "ckpt.pt", weights_only=True) for h in (1, 2))
-    assert a["step"] == b["step"] == 2 and same(a["model"], b["model"]) and same(a["ema"], b["ema"])
-
-
-def test_unreadable_image_is_skipped_and_counted(tmp_path):
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "good.png")
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
-    data = pg.ImageFolderData(str(tmp_path), 8)
-    with pytest.warns(UserWarning, match="broken.png"):
-        items = [data[i] for i in range(len(data))]
-    x, y, bad = pg.collate(items)
-    assert x.shape == (2, 3, 8, 8) and bad == 1
+def test_adm_center_crop():
+    a = np.zeros((100, 300, 3), np.uint8)
+    a[:, 100:200] = 255  # the center third is white
+    out = pg.center_crop(Image.fromarray(a), 32)  # 300x100 -> halve (BOX) -> 150x50 -> bicubic 96x32 -> crop
+    assert out.shape == (32, 32, 3) and out[:, 4:28].min() == 255
+    out = pg.center_crop(Image.fromarray(a[:10, :20]), 32)  # upsampling a small image
+    assert out.shape == (32, 32, 3)
 
 
 def test_global_batches_positions():
@@ -1131,14 +1036,14 @@ def test_global_batches_positions():
     for world, accum in [(1, 1), (1, 2), (2, 1), (2, 2)]:
         got = [[] for _ in range(3)]  # steps 2, 3, 4 (epoch 0 has 3 steps of 8 out of 26 images)
         for rank in range(world):
-            it = iter(pg.GlobalBatches(26, 8, world, rank, accum, seed=5, step=2))
+            it = pg.global_batches(26, 8, world, rank, accum, seed=5, step=2)
             for s in range(3):
                 for _ in range(accum):
                     got[s].append(next(it))
         seen[world, accum] = [sorted(sum(g, [])) for g in got]
         assert all(len(m) == 8 // (world * accum) for g in got for m in g)
     assert all(v == seen[1, 1] for v in seen.values())  # every split sees the same global batches
-    flat = [i for it in [iter(pg.GlobalBatches(26, 8, 1, 0, 1, seed=5))] for _ in range(3) for i in next(it)]
+    flat = [i for it in [pg.global_batches(26, 8, 1, 0, 1, seed=5)] for _ in range(3) for i in next(it)]
     assert len(set(flat)) == 24 and seen[1, 1][0] == sorted(flat[16:])  # an epoch is a permutation; resume mid-epoch
     assert set(seen[1, 1][1]).isdisjoint(seen[1, 1][2])  # steps 3 and 4: the batches of an epoch do not overlap
     assert seen[1, 1][1] != sorted(flat[:8])  # epoch 1 is a new permutation

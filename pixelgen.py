@@ -1092,17 +1092,18 @@ class Meter:  # sums since the last log line: loss terms on the device (read at 
     TERMS = ("loss", "fm", "lpips", "pdino", "repa")
 
     def __init__(self):
-        self.sums, self.gate, self.bad, self.steps, self.t0 = 0.0, 0.0, 0, 0, time.time()
+        self.sums, self.gate, self.skipped, self.steps, self.t0 = 0.0, 0.0, [], 0, time.time()
 
-    def add(self, out, bad):  # one micro-batch's terms (its shares of the global means), detached from the graph
-        self.sums, self.bad = self.sums + torch.stack([out[k].detach().float() for k in self.TERMS]), self.bad + bad
+    def add(self, out, skipped):  # one micro-batch's terms (its shares of the global means); unreadable image paths
+        self.sums, self.skipped = self.sums + torch.stack([out[k].detach().float() for k in self.TERMS]), \
+            self.skipped + skipped
 
     def report(self, step, max_steps, cfg, procs, w_ad, epoch):  # (line, row) of the means over every process
-        total = torch.cat([self.sums, self.sums.new_tensor([self.bad])])
+        sums, skipped = self.sums, [self.skipped] * procs.world
         if procs.ddp:
-            dist.all_reduce(total)
-        *sums, bad = total.tolist()
-        m = dict(zip(self.TERMS, (s / self.steps for s in sums)), gate=self.gate / self.steps)
+            dist.all_reduce(sums)
+            dist.all_gather_object(skipped, self.skipped, group=procs.ctrl)
+        m = dict(zip(self.TERMS, (s / self.steps for s in sums.tolist())), gate=self.gate / self.steps)
         if not all(map(math.isfinite, m.values())):
             raise SystemExit(f"error: non-finite loss at step {step} ({m}); the last good checkpoint is "
                              f"{cfg.out_dir}/ckpt.pt")
@@ -1110,9 +1111,10 @@ class Meter:  # sums since the last log line: loss terms on the device (read at 
         row = dict(step=step, epoch=round(epoch, 4), **m, w_ad=w_ad, lr=cfg.lr, img_per_s=round(ips, 2), **(
             {"peak_mem_gib": round(torch.cuda.max_memory_allocated(procs.device) / 2**30, 2)} if mem else {}))
         self.__init__()
-        eta = (max_steps - step) * cfg.batch_size / ips / 60
+        eta, skipped = (max_steps - step) * cfg.batch_size / ips / 60, sum(skipped, [])
         return (f"step {step}/{max_steps} " + " ".join(f"{k} {m[k]:.4f}" for k in self.TERMS) + f" gate {m['gate']:.2f}"
-                f" w_ad {w_ad:.3f} lr {cfg.lr:g} img/s {ips:.1f} eta {eta:.1f} min bad_images {int(bad)}", row)
+                f" w_ad {w_ad:.3f} lr {cfg.lr:g} img/s {ips:.1f} eta {eta:.1f} min" + "".join(
+                    f"\nskipped an unreadable image: {p}" for p in skipped), row)
 
 
 def train_step(net, opt, emas, batches, step, cfg, procs, meter):
@@ -1415,7 +1417,7 @@ def bench(cfg):
                                       log=lambda m: None)  # random perceptual weights: the same cost
     dino, lp, p = loss_fn.dino, loss_fn.lpips, model.patch_size
     img, y = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8), torch.randint(0, cfg.num_classes, (B,))
-    batches, net = itertools.repeat((img.pin_memory() if cuda else img, y, 0)), TrainStep(model, loss_fn)
+    batches, net = itertools.repeat((img.pin_memory() if cuda else img, y, [])), TrainStep(model, loss_fn)
     x, y = img.to(device).float() / 127.5 - 1, y.to(device)
     gated = (torch.rand(B) < 0.52).to(device)  # the gated share under logit-normal t
     x_gated = x[gated].detach().requires_grad_(True)

@@ -1018,7 +1018,7 @@ def test_data_that_cannot_train_says_what_to_do(tmp_path):
     for world, fits in [(1, "; --batch_size 10 fits"), (4, "; --batch_size 8 fits"), (8, "")]:
         with pytest.raises(SystemExit) as e:
             pg.check_run(pg.Config(batch_size=16, grad_accum=2), pg.ToyShapes(8, n=10),
-                         pg.Procs(world > 1, 0, world, torch.device("cpu")))
+                         pg.Procs(world > 1, 0, world, torch.device("cpu")), {})
         assert str(e.value) == "error: 10 images are fewer than one global batch (--batch_size 16)" + fits
 
 
@@ -1069,7 +1069,7 @@ def _split_step(cfg, world, rank, K, model_seed=0):
     imgs = torch.randint(0, 256, (cfg.batch_size, 3, 32, 32), dtype=torch.uint8,
                          generator=torch.Generator().manual_seed(1))
     b, first = cfg.batch_size // (world * K), rank * (cfg.batch_size // world)
-    batches = iter([(imgs[first + k * b: first + (k + 1) * b], torch.zeros(b, dtype=torch.long), 0) for k in range(K)])
+    batches = iter([(imgs[first + k * b: first + (k + 1) * b], torch.zeros(b, dtype=torch.long), []) for k in range(K)])
     pg.train_step(net, torch.optim.SGD(model.parameters(), lr=0.0), {0.9: copy.deepcopy(model)}, batches,
                   step=7, cfg=pg.dataclasses.replace(cfg, grad_accum=K), procs=pg.Procs(False, rank, world,
                   torch.device("cpu")), meter=pg.Meter())
@@ -1167,7 +1167,7 @@ def test_the_training_step_waits_for_nothing_on_the_device(monkeypatch):
     meta, cfg = torch.device("meta"), small_cfg("unused", batch_size=4, grad_accum=2, flip=True)
     monkeypatch.setattr(pg, "seeded_noise", lambda shape, seeds, device: torch.randn(len(seeds), *shape, device=device))
     model, emas, loss_fn, opt = pg.build(cfg, meta, log=lambda m: None)  # (meta has no generators to seed)
-    batches = iter([(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), 0)] * 2)
+    batches = iter([(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), [])] * 2)
     meter = pg.Meter()
     with Copies(), Factories():
         pg.train_step(Net(model, loss_fn), opt, emas, batches, 0, cfg, pg.Procs(False, 0, 1, meta), meter)
@@ -1447,8 +1447,10 @@ def test_the_number_of_classes_follows_the_data(tmp_path):
             Image.fromarray(np.full((40, 40, 3), 40 * i, np.uint8)).save(tmp_path / "icons" / c / f"{i}.png")
     run = lambda name, **kw: pg.train(small_cfg(tmp_path / name, data_path=str(tmp_path / "icons"), max_steps=1,
                                                 num_workers=0, sample_every=1, num_samples=6, sample_steps=1, **kw))
-    model, _ = run("data")  # the demo recipe's default is 0: the data's
+    (tmp_path / "icons" / "apps" / "broken.png").write_bytes(b"\x89PNG truncated")
+    model, _ = run("data", batch_size=7)  # the demo recipe's default is 0: the data's; every image in the step
     assert model.num_classes == 3 and ckpt(tmp_path / "data" / "ckpt.pt")["config"]["num_classes"] == 3
+    assert f"skipped an unreadable image: {tmp_path}/icons/apps/broken.png" in (tmp_path / "data" / "log.txt").read_text()
     assert Image.open(tmp_path / "data" / "grid_0000001.png").size == (3 * 34 + 2, 2 * 34 + 2)  # 3 columns
     assert run("more", num_classes=5)[0].num_classes == 5  # spare label rows are allowed (an ImageNet subset)
     with pytest.raises(SystemExit, match="the data has 3 classes but --num_classes is 2"):

@@ -1418,7 +1418,8 @@ def cli(cls=Config):  # the modes, then one flag per field of the dataclass cls
     for n in [n for n in ast.parse(src).body[0].body if isinstance(n, ast.AnnAssign)]:  # the fields, in order
         f = cls.__dataclass_fields__[n.target.id]
         group = ([s.strip()[1:].strip() for s in lines[end:n.lineno - 1] if s.strip().startswith("#")] or [group])[-1]
-        text, end = lines[n.end_lineno - 1][n.end_col_offset:].partition("#")[2].strip(), n.end_lineno  # after it
+        tail = lines[n.end_lineno - 1].encode()[n.end_col_offset:].decode()  # after the field (ast counts bytes)
+        text, end = tail.partition("#")[2].strip(), n.end_lineno
         kind = dict(type=f.type, choices=choices.get(f.name))
         if f.type is bool:
             kind = dict(action=argparse.BooleanOptionalAction)

@@ -829,9 +829,9 @@ def test_sample_takes_the_run_settings_where_no_flag_gives_others(tmp_path, caps
 
 
 @pg.dataclasses.dataclass
-class Awkward:  # what --help must read right: a field over two lines, a "#" in a default, a field with no comment
+class Awkward:  # what --help must read right: a "#" and 2-byte letters in a default, two lines, no comment
     # first group
-    url: str = "http://host/#anchor"  # a "#" inside the default
+    url: str = "http://hôst/#añchör"  # a "#" in the default
     pair: tuple = (1.0,
                    2.0)               # the help follows the last line
     # second group
@@ -840,7 +840,7 @@ class Awkward:  # what --help must read right: a field over two lines, a "#" in 
 
 def test_help_is_each_fields_comment_under_its_group(capsys):
     text = " ".join(pg.cli(Awkward).format_help().split())
-    assert ("first group: --url URL a \"#\" inside the default (default: http://host/#anchor) --pair PAIR [PAIR ...] "
+    assert ("first group: --url URL a \"#\" in the default (default: http://hôst/#añchör) --pair PAIR [PAIR ...] "
             "the help follows the last line (default: 1.0 2.0) second group: --bare BARE (default: 3)") in text
     with pytest.raises(SystemExit):
         pg.parse_args(["--help"])

@@ -1375,9 +1375,9 @@ def bench(cfg):  # -> the numbers it prints
     step_ms, flops = ms(step), counter.get_total_flops()
     mem = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     sample_ms = ms(lambda: sample_images(next(iter(emas.values())), range(B), cfg, device, cfg.cfg_scale[0]), n=1)
-    print(f"{cfg.model} {S}px batch {B} on {device}, {'compiled' if cfg.compile else 'eager'}: train "
-          f"{B / step_ms * 1e3:.1f} img/s ({step_ms:.1f} ms/step, {flops / 1e12:.3g} TFLOP/step, "
-          f"{flops / step_ms / 1e9:.3g} TFLOP/s), peak memory {mem / 2**30:.2f} GiB; sampling ({cfg.sampler} "
+    ran = ("compiled" if cfg.compile else "eager") + (", grad_ckpt" if cfg.grad_ckpt else "")
+    print(f"{cfg.model} {S}px batch {B} on {device}, {ran}: train {B / step_ms * 1e3:.1f} img/s ({step_ms:.1f} "
+          f"ms/step, {flops / 1e12:.3g} TFLOP/step), peak memory {mem / 2**30:.2f} GiB; sampling ({cfg.sampler} "
           f"{cfg.sample_steps}, cfg {cfg.cfg_scale[0]}) {B / sample_ms * 1e3:.2f} img/s")
     if cuda:
         a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)

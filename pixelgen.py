@@ -1,4 +1,4 @@
-"""
+r"""
 PixelGen (arXiv 2602.02493) in one file: pixel-space diffusion with perceptual supervision.
 
 A patch-16 JiT transformer predicts the clean image from a noisy one (x-prediction). It is trained with the
@@ -28,6 +28,7 @@ recipes, pretrained weights, data, training, sampling and evaluation, benchmark,
 from the released code (github Zehong-Ma/PixelGen) is marked `NOTE(official)`.
 """
 import argparse
+import ast
 import contextlib
 import copy
 import dataclasses
@@ -1390,7 +1391,9 @@ def sample_main(cfg):
     """The sampling program (--sample): a checkpoint's EMA model(s) -> samples, grids and, with --fid_ref, eval.json."""
     procs = setup_dist(cfg)
     path = cfg.ckpt or os.path.join(cfg.out_dir, "ckpt.pt")
-    models, _, step = load_denoiser(path, cfg.unsafe_load, cfg.ema_decay)
+    models, conf, step = load_denoiser(path, cfg.unsafe_load, cfg.ema_decay)
+    held = {k: conf[k] for k in RUN_SAMPLING if k in (conf or {}) and k not in getattr(cfg, "given", ())}
+    cfg = dataclasses.replace(cfg, **held)  # the run's sampling settings where no flag gives others
     for m in models.values():
         m.to(procs.device).compile() if cfg.compile else m.to(procs.device)
     fid_ctx = fid_setup(cfg, procs) if cfg.fid_ref else None
@@ -1408,21 +1411,19 @@ def sample_main(cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Benchmark: the training step of train() and sampling, split by component, with analytic FLOPs and MFU on CUDA.
+# Benchmark: train()'s own step and sampling, timed; the step's FLOPs counted by PyTorch; MFU on CUDA.
 
-def bench(cfg):
+def bench(cfg):  # -> the numbers it prints
+    import resource  # on the CPU, peak memory is the process's peak resident set
+    from torch.utils.flop_counter import FlopCounterMode
     procs, cfg = setup_dist(cfg), dataclasses.replace(cfg, num_classes=cfg.num_classes or 1000)  # no data: ImageNet's
     device, cuda, B, S = procs.device, procs.device.type == "cuda", cfg.batch_size, cfg.image_size
     model, emas, loss_fn, opt = build(dataclasses.replace(cfg, perceptual_init="random"), device,
                                       log=lambda m: None)  # random perceptual weights: the same cost
-    dino, lp, p = loss_fn.dino, loss_fn.lpips, model.patch_size
     img, y = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8), torch.randint(0, cfg.num_classes, (B,))
-    batches, net = itertools.repeat((img.pin_memory() if cuda else img, y, [])), TrainStep(model, loss_fn)
-    x, y = img.to(device).float() / 127.5 - 1, y.to(device)
-    gated = (torch.rand(B) < 0.52).to(device)  # the gated share under logit-normal t
-    x_gated = x[gated].detach().requires_grad_(True)
+    batches, net = itertools.repeat((img.pin_memory() if cuda else img, y, [])), DenoiserAndLoss(model, loss_fn)
 
-    def timeit(fn, n=cfg.bench_steps):  # ms per call after two warm-up calls
+    def ms(fn, n=cfg.bench_steps):  # ms per call after two warm-up calls
         for i in range(n + 2):
             if i == 2:
                 torch.cuda.synchronize() if cuda else None
@@ -1431,92 +1432,66 @@ def bench(cfg):
         torch.cuda.synchronize() if cuda else None
         return (time.perf_counter() - t0) / n * 1e3
 
-    def denoiser():  # forward + backward of the denoiser and the REPA head
-        with amp(device):
-            x_hat, h = model(x, torch.rand(B, device=device), y, return_layer=loss_fn.repa_layer)
-            l = x_hat.float().pow(2).mean() + (loss_fn.proj(h).float().pow(2).mean() if loss_fn.proj else 0)
-        l.backward()
-
-    def lpips_part():  # forward on the gated share, input-gradient backward
-        with amp(device):
-            l = lp(x_gated, x[gated]).float().mean()
-        l.backward()
-
-    def dino_part():  # targets of the whole batch, then forward + input-gradient backward on the gated share
-        with amp(device):
-            with torch.no_grad():
-                dino(x, p)
-            l = dino(x_gated, p).float().pow(2).mean()
-        l.backward()
-
+    step = lambda: train_step(net, opt, emas, batches, 0, cfg, procs, Meter())  # exactly train()'s step
+    with FlopCounterMode(display=False) as counter:  # matmuls, convolutions and attention, forward and backward
+        step()
     torch.cuda.reset_peak_memory_stats() if cuda else None
-    ms = {"step": timeit(lambda: train_step(net, opt, emas, batches, 0, cfg, procs, Meter()))}  # exactly train()'s step
-    import resource  # CPU: the process's peak resident memory
+    step_ms, flops = ms(step), counter.get_total_flops()
     mem = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    parts = dict(denoiser=denoiser, lpips=lpips_part if lp else None, dino=dino_part if dino else None,
-                 **{"opt+ema": lambda: (opt.step(), update_ema(emas, model))})
-    ms.update({k: timeit(fn) for k, fn in parts.items() if fn})
-    ms_sample = timeit(lambda: sample_images(next(iter(emas.values())), range(B), cfg, device, cfg.cfg_scale[0]), n=1)
-    parts = ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if k != "step")
-    ran = "compiled (denoiser, EMA, DINOv2, LPIPS)" if cfg.compile else "eager"
-    print(f"{cfg.model} {S}px batch {B} on {device}, {ran}{', grad_ckpt' if cfg.grad_ckpt else ''}: train "
-          f"{B / ms['step'] * 1e3:.1f} img/s ({ms['step']:.1f} ms/step; {parts} ms), peak memory {mem / 2**30:.2f} "
-          f"GiB; sampling ({cfg.sampler} {cfg.sample_steps}, cfg {cfg.cfg_scale[0]}) {B / ms_sample * 1e3:.2f} img/s")
-    if cuda and dino and lp:  # analytic FLOPs of one step: matmuls and attention, x3 for forward + backward
-        T, D, share = model.grid ** 2 + model.in_context_len, model.pos_embed.shape[-1], gated.float().mean().item()
-        # per-token weights (qkv, proj, SwiGLU); adaLN acts on one vector per image and is left out
-        lin = sum(w.numel() for n, w in model.named_parameters() if w.dim() == 2 and "blocks" in n and "adaLN" not in n)
-        f_den = 3 * (2 * lin * T + len(model.blocks) * 4 * T * T * D) * B
-        Nd, dp = (S // p) ** 2 + 1, sum(w.numel() for w in dino.parameters() if w.dim() == 2)
-        f_dino = (1 + 2 * share) * B * (2 * dp * Nd + 12 * 4 * Nd * Nd * 768)  # targets; gated fwd + input-grad bwd
-        f_vgg = 3 * share * B * 2 * 15.35e9 * (S * 16 // p / 224) ** 2  # VGG16 convs: 15.35 GMAC at 224 px
+    sample_ms = ms(lambda: sample_images(next(iter(emas.values())), range(B), cfg, device, cfg.cfg_scale[0]), n=1)
+    ran = ("compiled" if cfg.compile else "eager") + (", grad_ckpt" if cfg.grad_ckpt else "")
+    print(f"{cfg.model} {S}px batch {B} on {device}, {ran}: train {B / step_ms * 1e3:.1f} img/s ({step_ms:.1f} "
+          f"ms/step, {flops / 1e12:.3g} TFLOP/step), peak memory {mem / 2**30:.2f} GiB; sampling ({cfg.sampler} "
+          f"{cfg.sample_steps}, cfg {cfg.cfg_scale[0]}) {B / sample_ms * 1e3:.2f} img/s")
+    if cuda:
         a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-        peak = 2 * 8192**3 / timeit(lambda: a @ a, n=20) * 1e3  # the card's dense bf16 rate, measured
-        flops = (f_den + f_dino + f_vgg) / ms["step"] * 1e3
-        print(f"model FLOPs {flops / 1e12:.0f} TFLOP/s, measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s, "
-              f"MFU {100 * flops / peak:.1f}% (denoiser {f_den / 1e12:.2f}, DINO {f_dino / 1e12:.2f}, VGG "
-              f"{f_vgg / 1e12:.2f} TFLOP per step)")
-    return ms
+        peak = 2 * 8192**3 / ms(lambda: a @ a, n=20) / 1e9  # the card's dense bf16 rate, measured, in TFLOP/s
+        print(f"MFU {flops / step_ms / 1e9 / peak:.1%} of a measured bf16 matmul rate of {peak:.0f} TFLOP/s")
+    return dict(step_ms=step_ms, flops=flops, peak_mem=mem, sample_ms=sample_ms)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # CLI: --train | --sample | --bench, and one flag per Config field, documented by its comment in Config.
-# Precedence: Config < recipe < the checkpoint's sampling settings (--sample) < explicit flags.
+# Precedence: Config < recipe < the checkpoint's sampling settings (--sample, in sample_main) < explicit flags.
 
 MODES = dict(train="train; under torchrun on all processes; resumes from OUT_DIR/ckpt.pt",
              sample="sample a checkpoint: samples.npz and grid.png per setting; FID and IS with --fid_ref (eval.json)",
-             bench="time the training step by component, sampling, peak memory (MFU on CUDA)")
+             bench="time the training step and sampling; peak memory, FLOPs per step (MFU on CUDA)")
 
-SAMPLE_FLAGS = ("recipe", "out_dir", "device", "seed", "batch_size", "compile", "t_eps", "sampler", "sample_steps",
-                "cfg_scale", "cfg_interval", "time_shift", "num_samples", "save_pngs", "ckpt", "ema_decay",
-                "unsafe_load", "fid_ref", "fid_weights", "fid_preprocess", "metrics", "background")  # --sample reads
+RUN_SAMPLING = ("sampler", "sample_steps", "cfg_scale", "cfg_interval", "time_shift", "t_eps", "seed", "background",
+                "batch_size")  # what --sample takes from the checkpoint's config where no flag gives it
+SAMPLE_FLAGS = RUN_SAMPLING + ("recipe", "out_dir", "device", "compile", "num_samples", "save_pngs", "ckpt",
+                               "ema_decay", "unsafe_load", "fid_ref", "fid_weights", "fid_preprocess", "metrics")
 
 
-def cli():  # the parser: the modes, then one flag per Config field, its help the field's comment in Config
+def cli(cls=Config):  # the modes, then one flag per field of the dataclass cls
+    # A flag's help is its field's comment in cls's source: the source and --help say one thing, written once.
     p = argparse.ArgumentParser(description=__doc__, usage="%(prog)s (--train | --sample | --bench) [options]",
                                 argument_default=argparse.SUPPRESS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_argument_group("mode").add_mutually_exclusive_group(required=True)
     for m, text in MODES.items():
         mode.add_argument(f"--{m}", action="store_true", help=text)
-    choices = dict(recipe=["auto", *RECIPES], model=list(MODELS), sampler=list(SAMPLERS),
+    choices = dict(recipe=["auto", *RECIPES], model=list(MODELS), sampler=list(SAMPLERS), metrics=list(fid.METRICS),
                    device=["auto", "cpu", "cuda"], perceptual_init=["pretrained", "random"],
                    fid_preprocess=["adm", "pytorch-fid"])
     tuples = dict(cfg_interval=(float, 2), background=(int, 3), metrics=(str, "+"))  # (type, count); else floats
-    group, groups = "", {}
-    for line in inspect.getsource(Config).splitlines():
-        name, _, text = line.strip().partition("#")
-        if line.startswith("    #"):
-            group = text.strip()
-        elif line.startswith("    ") and ":" in name:
-            f = Config.__dataclass_fields__[name.split(":")[0].strip()]
-            fmt = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else v
-            text = (f"{text.strip()} (default: {fmt(f.default)}" + "".join(
-                f"; {r}: {fmt(v[f.name])}" for r, v in RECIPES.items() if f.name in v) + ")").replace("%", "%%")
-            kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(
-                zip(("type", "nargs"), tuples.get(f.name, (float, "+")))) if f.type is tuple else dict(
-                type=f.type, choices=choices.get(f.name))
-            groups.setdefault(group, p.add_argument_group(group)).add_argument(f"--{f.name}", help=text, **kind)
+    fmt = lambda r, v: f"{r}: {' '.join(map(str, v)) if isinstance(v, tuple) else v}"  # by default, in recipe r
+    src = inspect.getsource(cls)  # (a class at module level)
+    lines, group, end, groups = src.splitlines(), "", 0, {}
+    for n in [n for n in ast.parse(src).body[0].body if isinstance(n, ast.AnnAssign)]:  # the fields, in order
+        f = cls.__dataclass_fields__[n.target.id]
+        group = ([s.strip()[1:].strip() for s in lines[end:n.lineno - 1] if s.strip().startswith("#")] or [group])[-1]
+        tail = lines[n.end_lineno - 1].encode()[n.end_col_offset:].decode()  # after the field (ast counts bytes)
+        text, end = tail.partition("#")[2].strip(), n.end_lineno
+        kind = dict(type=f.type, choices=choices.get(f.name))
+        if f.type is bool:
+            kind = dict(action=argparse.BooleanOptionalAction)
+        elif f.type is tuple:
+            kind = dict(zip(("type", "nargs"), tuples.get(f.name, (float, "+"))), choices=choices.get(f.name))
+        shown = [fmt(r, v[f.name]) for r, v in dict(default={f.name: f.default}, **RECIPES).items() if f.name in v]
+        groups.setdefault(group, p.add_argument_group(group)).add_argument(
+            f"--{f.name}", help=f"{text} ({'; '.join(shown)})".replace("%", "%%"), **kind)
     return p
 
 
@@ -1531,20 +1506,14 @@ def parse_args(argv=None):
     if mode == "sample" and [k for k in args if k not in SAMPLE_FLAGS]:
         print(f"note: --sample ignores {', '.join('--' + k for k in args if k not in SAMPLE_FLAGS)}: the checkpoint "
               f"fixes the model, its image size and classes, and the rest is for training")
-    recipe = args.get("recipe", "auto")
+    recipe = args.pop("recipe", "auto")
     if recipe == "auto":
         recipe = "xl-80ep" if args.get("data_path") or args.get("ckpt") else "demo"
-    conf = {**dataclasses.asdict(Config()), **RECIPES[recipe], "recipe": recipe}
+    conf = {**RECIPES[recipe], "recipe": recipe}
     if recipe == "demo" and torch.cuda.is_available() and args.get("device") != "cpu":
         conf.update(DEMO_CUDA)  # a GPU trains the demo longer and on larger batches in the same minutes
-    path = args.get("ckpt") or os.path.join(args.get("out_dir", conf["out_dir"]), "ckpt.pt")
-    if mode == "sample" and os.path.isfile(path):  # our checkpoints carry their sampling settings
-        held = (read_checkpoint(path, args.get("unsafe_load", False)).get("config") or {})
-        conf.update({k: held[k] for k in ("sampler", "sample_steps", "cfg_scale", "cfg_interval", "time_shift",
-                                          "t_eps", "seed", "background", "batch_size") if k in held})
-    conf.update(args)
-    cfg = Config(**{k: tuple(v) if isinstance(v, (list, tuple)) else (v,) if isinstance(Config.__dataclass_fields__[
-        k].default, tuple) else v for k, v in conf.items()})  # (a scalar: a checkpoint from before sweeps)
+    cfg = Config(**conf | {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+    cfg.given = frozenset(args)  # the fields the flags set, which sample_main keeps (not a field: never saved)
     for message in flag_errors(cfg, mode):
         p.error(message)
     return cfg, mode
@@ -1561,26 +1530,24 @@ def flag_errors(cfg, mode):  # a message for each bad value, in order; parse_arg
     for k in ("fid_ref", "fid_weights", "dino_path", "vgg_path", "data_path"):
         if getattr(cfg, k) and not os.path.exists(getattr(cfg, k)):
             yield f"--{k} {getattr(cfg, k)}: no such file or folder"
-    if not all(0 <= d < 1 for d in cfg.ema + cfg.ema_decay):
-        yield f"EMA decays (--ema, --ema_decay) must be in [0, 1), got {' '.join(map(str, cfg.ema + cfg.ema_decay))}"
-    if not 0 <= cfg.label_dropout < 1:
-        yield f"--label_dropout must be in [0, 1), got {cfg.label_dropout:g}"
+    for k, v in dict(ema=cfg.ema, ema_decay=cfg.ema_decay, label_dropout=(cfg.label_dropout,)).items():
+        if not all(0 <= d < 1 for d in v):
+            yield f"--{k} must be in [0, 1), got {' '.join(map(str, v))}"
     if cfg.cfg_interval[0] > cfg.cfg_interval[1]:
         yield f"--cfg_interval LO HI needs LO <= HI, got {cfg.cfg_interval[0]:g} {cfg.cfg_interval[1]:g}"
     if not all(0 <= c <= 255 for c in cfg.background):
         yield f"--background R G B takes values in 0..255, got {' '.join(map(str, cfg.background))}"
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.batch_size % (world * cfg.grad_accum) and mode != "sample":  # (sampling: batch_size // world each)
-        yield (f"--batch_size {cfg.batch_size} (global) does not split into {world} processes x {cfg.grad_accum} "
-               f"micro-batches (--grad_accum): make it a multiple of {world * cfg.grad_accum}")
+    world, K = int(os.environ.get("WORLD_SIZE", 1)), cfg.grad_accum
+    if cfg.batch_size % (world * K) and mode != "sample":  # (sampling: batch_size // world each)
+        yield f"--batch_size {cfg.batch_size}: not a multiple of processes x --grad_accum = {world} x {K} = {world * K}"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        yield "--device cuda: PyTorch sees no GPU on this machine (torch.cuda.is_available() is False)"
     if cfg.image_size % 16:
         yield f"--image_size {cfg.image_size} is not a multiple of 16, the patch size of {cfg.model}"
     if cfg.repa_layer >= MODELS[cfg.model]["depth"]:
         yield f"--repa_layer {cfg.repa_layer} must be below {MODELS[cfg.model]['depth']}, the depth of {cfg.model}"
     if (cfg.eval_samples if mode == "train" and cfg.eval_every else cfg.num_samples if cfg.fid_ref else 2) < 2:
         yield "FID needs at least 2 samples (--eval_samples, --num_samples)"
-    if set(cfg.metrics) - set(fid.METRICS):
-        yield f"--metrics takes some of {' '.join(fid.METRICS)}, got {' '.join(cfg.metrics)}"
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         yield "--wandb needs the wandb package (pip install wandb); it is not a dependency of this project"
 

@@ -724,90 +724,88 @@ def test_unknown_sampler_names_are_rejected():
 # ---------------------------------------------------------------------------------------------------------------
 # Config and CLI
 
-def test_cli_flags_and_errors(tmp_path, capsys):
+def test_cli_flags_and_errors(tmp_path, capsys, monkeypatch):
     d = str(tmp_path)
     cfg, mode = pg.parse_args(["--train"])
     assert mode == "train" and cfg.recipe == "demo" and cfg.model == "PixelGen-T/16" and cfg.num_classes == 0
     cfg, _ = pg.parse_args(["--train", "--data_path", d])
-    assert (cfg.recipe, cfg.model, cfg.batch_size, cfg.lr, cfg.epochs, cfg.ema, cfg.sampler, cfg.time_shift) == \
-        ("xl-80ep", "PixelGen-XL/16", 256, 1e-4, 80, (0.9999,), "heun", 2.0)
-    assert (cfg.repa_layer, cfg.keep_every, cfg.grad_accum, cfg.eval_every) == (-1, 100_000, 1, 0)
+    assert (cfg.recipe, cfg.model, cfg.batch_size, cfg.lr, cfg.epochs, cfg.ema, cfg.sampler, cfg.time_shift,
+            cfg.keep_every) == ("xl-80ep", "PixelGen-XL/16", 256, 1e-4, 80, (0.9999,), "heun", 2.0, 100_000)
     cfg, _ = pg.parse_args(["--train", "--data_path", d, "--recipe", "xl-160ep"])
     assert cfg.epochs == 160 and cfg.cfg_scale == (2.25,) and cfg.adaptive_from == 400_000
     cfg, _ = pg.parse_args(["--train", "--data_path", d, "--recipe", "l-200k", "--lr", "2e-4", "--cfg_interval", "0",
                             "1", "--background", "0", "0", "0"])
     assert cfg.model == "PixelGen-L/16" and cfg.max_steps == 200_000 and cfg.sampler == "euler" and cfg.lr == 2e-4
     assert cfg.cfg_interval == (0.0, 1.0) and cfg.background == (0, 0, 0)
-    cfg, _ = pg.parse_args(["--sample", "--ema_decay", "0.9999", "0.9996", "--cfg_scale", "1", "1.5"])
-    assert cfg.ema_decay == (0.9999, 0.9996) and cfg.cfg_scale == (1.0, 1.5)
     # -1: each preset trains with its own REPA layer (8 for L and XL, as official), so a small model needs no flag
-    assert [pg.REPA_LAYER[m] for m in ("PixelGen-XL/16", "PixelGen-L/16", "PixelGen-S/16", "PixelGen-T/16")] == \
-        [8, 8, 4, 2] and pg.build(small_cfg(d), torch.device("cpu"), log=print)[2].repa_layer == 2
-    for bad, msg in [(["--model", "PixelGen-XXL/16"], "invalid choice"), (["--sample_steps", "0"], "must be positive"),
-                     (["--batch_size", "-2"], "--batch_size must be positive, got -2"), (["--sample"], "not allowed"),
-                     (["--lr", "0"], "--lr must be positive, got 0"), (["--no-such-flag"], "unrecognized"),
+    assert pg.build(small_cfg(d), torch.device("cpu"), log=print)[2].repa_layer == pg.REPA_LAYER["PixelGen-T/16"] == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU trains the demo longer; explicit flags win
+    assert [pg.parse_args(["--train"] + f)[0].max_steps for f in ([], ["--device", "cpu"], ["--max_steps", "10"])] \
+        == [3000, 500, 10] and pg.parse_args(["--train"])[0].batch_size == 64
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for bad, msg in [(["--model", "PixelGen-XXL/16"], "invalid choice"), (["--sample"], "not allowed"),
+                     (["--batch_size", "-2"], "--batch_size must be positive, got -2"), (["--no-such-flag"], "unrecog"),
+                     (["--lr", "0"], "--lr must be positive, got 0"), (["--keep_every", "-1"], "0 or more, got -1"),
                      (["--cfg_interval", "0.9", "0.1"], "--cfg_interval LO HI needs LO <= HI, got 0.9 0.1"),
-                     (["--time_shift", "0"], "--time_shift must be positive, got 0"),
                      (["--repa_layer", "6"], "--repa_layer 6 must be below 6, the depth of PixelGen-T/16"),
-                     (["--image_size", "60"],
-                      "--image_size 60 is not a multiple of 16, the patch size of PixelGen-T/16"),
-                     (["--grad_accum", "0"], "must be positive"), (["--keep_every", "-1"], "0 or more"),
-                     (["--ema", "0.999", "1.0"], "in [0, 1), got 0.999 1.0"), (["--num_classes", "-1"], "0 or more"),
+                     (["--image_size", "60"], "--image_size 60 is not a multiple of 16, the patch size of "),
+                     (["--ema", "0.999", "1.0"], "--ema must be in [0, 1), got 0.999 1.0"),
+                     (["--metrics", "fid", "kid"], "invalid choice: 'kid'"), (["--background", "255"], "expected 3"),
                      (["--background", "255", "0", "300"], "--background R G B takes values in 0..255"),
-                     (["--background", "255"], "expected 3 arguments"),
-                     (["--batch_size", "16", "--grad_accum", "3"], "3 micro-batches"),
+                     (["--batch_size", "16", "--grad_accum", "3"], "processes x --grad_accum = 1 x 3 = 3"),
                      (["--eval_every", "10", "--eval_samples", "1"], "at least 2 samples"),
+                     (["--device", "cuda"], "--device cuda: PyTorch sees no GPU"),
                      (["--fid_ref", d + "/none.npz"], "no such file"), (["--data_path", d + "/none"], "no such file")]:
         with pytest.raises(SystemExit):
             pg.parse_args(["--train"] + bad)
         err = capsys.readouterr().err
         assert msg in err and err.count("error:") == 1, (bad, err)
     assert not os.listdir(d)  # bad flags write nothing
+    monkeypatch.setenv("WORLD_SIZE", "3")  # the global batch splits over the processes; sampling's need not
+    cfg = pg.parse_args(["--train", "--batch_size", "9"])[0]  # 9 = 3 processes x 3
+    assert list(pg.flag_errors(pg.dataclasses.replace(cfg, grad_accum=2), "train")) == [
+        "--batch_size 9: not a multiple of processes x --grad_accum = 3 x 2 = 6"]
+    assert pg.parse_args(["--sample", "--batch_size", "8"])[0].batch_size == 8
 
 
-def test_sample_reads_ema_as_ema_decay_and_names_the_flags_it_ignores(tmp_path, capsys, monkeypatch):
+def test_sample_takes_the_run_settings_where_no_flag_gives_others(tmp_path, capsys, monkeypatch):
     cfg, _ = pg.parse_args(["--sample", "--ema", "0.9", "--num_classes", "10", "--image_size", "128",
                             "--cfg_scale", "2"])
     out = capsys.readouterr().out
     assert cfg.ema_decay == (0.9,) and "--sample reads --ema as --ema_decay 0.9" in out
     assert "--sample ignores --num_classes, --image_size" in out and "--cfg_scale" not in out
-    # A run's own checkpoint gives its sampling settings and batch (not the demo recipe's), for any process count.
-    torch.save(dict(config=dict(batch_size=256, sample_steps=3, sampler="euler")), tmp_path / "ckpt.pt")
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    cfg, _ = pg.parse_args(["--sample", "--out_dir", str(tmp_path)])
-    assert (cfg.batch_size, cfg.sample_steps, cfg.sampler) == (256, 3, "euler")
-    assert pg.parse_args(["--sample", "--out_dir", str(tmp_path), "--batch_size", "10"])[0].batch_size == 10
+    sd = pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10).state_dict()
+    torch.save(dict(model=sd, ema=sd, emas={"0.99": sd}, config=dict(batch_size=8, sample_steps=3, sampler="euler")),
+               tmp_path / "ckpt.pt")
+    calls = []
+    monkeypatch.setattr(pg, "sample", lambda model, noise, y, steps, sampler, *a, **k:
+                        calls.append((len(noise), steps, sampler)) or noise)
+    for flags, first_call in [([], (8, 3, "euler")), (["--batch_size", "3", "--sampler", "heun"], (3, 3, "heun"))]:
+        cfg = pg.parse_args(["--sample", "--out_dir", str(tmp_path), "--num_samples", "9"] + flags)[0]
+        assert cfg.sample_steps == pg.RECIPES["demo"]["sample_steps"]  # parse_args reads no checkpoint
+        calls.clear()
+        pg.sample_main(cfg)
+        assert calls[0] == first_call  # the checkpoint's settings and batch, not the recipe's; explicit flags win
 
 
-def test_demo_uses_a_gpu_for_a_longer_run(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    cfg, _ = pg.parse_args(["--train"])
-    assert (cfg.batch_size, cfg.max_steps) == (64, 3000) and cfg.model == "PixelGen-T/16"
-    assert pg.parse_args(["--train", "--device", "cpu"])[0].batch_size == 16  # the CPU demo stays as it is
-    assert pg.parse_args(["--train", "--max_steps", "10"])[0].max_steps == 10  # explicit flags win
+@pg.dataclasses.dataclass
+class Awkward:  # what --help must read right: a "#" and 2-byte letters in a default, two lines, no comment
+    # first group
+    url: str = "http://hôst/#añchör"  # a "#" in the default
+    pair: tuple = (1.0,
+                   2.0)               # the help follows the last line
+    # second group
+    bare: int = 3
 
 
-def test_help_explains_every_flag(capsys):
+def test_help_is_each_fields_comment_under_its_group(capsys):
+    text = " ".join(pg.cli(Awkward).format_help().split())
+    assert ("first group: --url URL a \"#\" in the default (default: http://hôst/#añchör) --pair PAIR [PAIR ...] "
+            "the help follows the last line (default: 1.0 2.0) second group: --bare BARE (default: 3)") in text
     with pytest.raises(SystemExit):
         pg.parse_args(["--help"])
-    out = capsys.readouterr().out
-    for f in pg.dataclasses.fields(pg.Config):
-        assert f"--{f.name}" in out, f.name
-    for text in ("optimisation", "objective", "sampling and evaluation", "bookkeeping", "global batch B",
-                 "micro-batches per process", "official percept_t_threshold", "default: 0.3", "demo: PixelGen-T/16",
-                 "sample a checkpoint", "time the training step"):
-        assert text in " ".join(out.split()), text
-
-
-def test_batch_must_split_over_ranks(monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(SystemExit):
-        pg.parse_args(["--train", "--batch_size", "8"])
-    assert "does not split into 3 processes x 1 micro-batches" in capsys.readouterr().err
-    assert pg.parse_args(["--train", "--batch_size", "9"])[0].batch_size == 9
-    with pytest.raises(SystemExit):
-        pg.parse_args(["--train", "--batch_size", "9", "--grad_accum", "2"])
-    assert "make it a multiple of 6" in capsys.readouterr().err
+    out = " ".join(capsys.readouterr().out.split())  # below: a recipe's value, and an example as it is written
+    assert "(default: 0.3)" in out and "demo: PixelGen-T/16" in out and "--num_samples 50000 \\ --fid_ref" in out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1914,18 +1912,8 @@ def test_evaluation_bad_input_and_failures(tmp_path, monkeypatch, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 # Benchmark
 
-def test_bench_smoke(capsys):  # the benchmark runs end to end (its numbers are for the notes, not for tests)
-    cfg, mode = pg.parse_args(["--bench", "--image_size", "32", "--batch_size", "4", "--bench_steps", "1",
-                               "--sample_steps", "2"])
-    ms = pg.bench(cfg)
-    assert mode == "bench" and set(ms) == {"step", "denoiser", "lpips", "dino", "opt+ema"}
-    assert "img/s" in capsys.readouterr().out
-
-
-def test_bench_compiled_times_what_it_says_is_compiled(monkeypatch, capsys):
-    """--bench --compile compiles the denoiser, the EMA that samples, DINOv2 and LPIPS, and times them through their
-    compiled calls (DINOv2 as a module, not its method). Here torch.compile only counts the calls of each."""
-    calls = {}
+def test_bench_counts_one_train_step_and_times_what_it_compiles(monkeypatch, capsys):
+    calls = {}  # --compile: the denoiser, DINOv2 and LPIPS train, the EMA samples; here compiling counts their calls
 
     def counting(fn, **kw):  # Module.compile passes the module's _call_impl
         name = type(fn.__self__).__name__ + str(len([k for k in calls if k.startswith(type(fn.__self__).__name__)]))
@@ -1933,11 +1921,19 @@ def test_bench_compiled_times_what_it_says_is_compiled(monkeypatch, capsys):
         return lambda *a, **k: calls.__setitem__(name, calls[name] + 1) or fn(*a, **k)
 
     monkeypatch.setattr(torch, "compile", counting)
-    cfg, _ = pg.parse_args(["--bench", "--image_size", "32", "--batch_size", "2", "--bench_steps", "1",
-                            "--sample_steps", "1", "--compile", "--model", "PixelGen-T/16"])
-    pg.bench(cfg)
-    assert "compiled (denoiser, EMA, DINOv2, LPIPS)" in capsys.readouterr().out
+    cfg, mode = pg.parse_args(["--bench", "--image_size", "32", "--batch_size", "2", "--bench_steps", "1",
+                               "--sample_steps", "1", "--compile"])
+    got = pg.bench(cfg)
+    assert mode == "bench" and "compiled: train" in capsys.readouterr().out
     assert set(calls) == {"JiT0", "JiT1", "DINOv20", "LPIPS0"} and all(calls.values()), calls  # every one ran
+    cfg = pg.dataclasses.replace(cfg, num_classes=1000, perceptual_init="random", compile=False)
+    model, emas, loss_fn, opt = pg.build(cfg, torch.device("cpu"))
+    x, y = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 999])
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        pg.train_step(pg.TrainStep(model, loss_fn), opt, emas, iter([(x, y, 0)]), 0, cfg,
+                      pg.Procs(False, 0, 1, torch.device("cpu")), pg.Meter())
+    assert got["flops"] == counter.get_total_flops() > 0 and got["step_ms"] > 0 and got["sample_ms"] > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

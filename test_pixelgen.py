@@ -775,8 +775,8 @@ def test_sample_takes_the_run_settings_where_no_flag_gives_others(tmp_path, caps
     assert cfg.ema_decay == (0.9,) and "--sample reads --ema as --ema_decay 0.9" in out
     assert "--sample ignores --num_classes, --image_size" in out and "--cfg_scale" not in out
     sd = pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10).state_dict()
-    torch.save(dict(model=sd, ema=sd, emas={"0.99": sd}, config=dict(batch_size=8, sample_steps=3, sampler="euler")),
-               tmp_path / "ckpt.pt")
+    conf = dict(model="PixelGen-T/16", image_size=32, num_classes=10, batch_size=8, sample_steps=3, sampler="euler")
+    torch.save(dict(model=sd, ema=sd, emas={"0.99": sd}, step=1, config=conf), tmp_path / "ckpt.pt")
     calls = []
     monkeypatch.setattr(pg, "sample", lambda model, noise, y, steps, sampler, *a, **k:
                         calls.append((len(noise), steps, sampler)) or noise)
@@ -1769,12 +1769,11 @@ def test_load_our_and_official_checkpoints(tmp_path):
 
 def test_sample_program_writes_npz_and_grid(tmp_path):
     m = randomize(pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10))
-    torch.save(dict(model=m.state_dict(), ema=m.state_dict(), config={"sample_steps": 3, "cfg_scale": 1.5}),
-               tmp_path / "ckpt.pt")
+    conf = dict(model="PixelGen-T/16", image_size=32, num_classes=10, sample_steps=3, cfg_scale=(1.5,))
+    torch.save(dict(model=m.state_dict(), emas={"0.99": m.state_dict()}, step=1, config=conf), tmp_path / "ckpt.pt")
     cfg, mode = pg.parse_args(["--sample", "--out_dir", str(tmp_path), "--num_samples", "12", "--batch_size", "5",
                                "--save_pngs"])
-    assert mode == "sample" and cfg.sample_steps == 3 and cfg.cfg_scale == (1.5,)  # settings from the checkpoint
-    pg.sample_main(cfg)
+    pg.sample_main(cfg)  # with the checkpoint's settings
     with np.load(tmp_path / "samples.npz") as f:
         imgs, labels = f["arr_0"], f["arr_1"]
     assert imgs.shape == (12, 32, 32, 3) and imgs.dtype == np.uint8 and labels.tolist() == [i % 10 for i in range(12)]
@@ -1931,7 +1930,7 @@ def test_bench_counts_one_train_step_and_times_what_it_compiles(monkeypatch, cap
     x, y = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 999])
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:
-        pg.train_step(pg.TrainStep(model, loss_fn), opt, emas, iter([(x, y, 0)]), 0, cfg,
+        pg.train_step(pg.DenoiserAndLoss(model, loss_fn), opt, emas, iter([(x, y, [])]), 0, cfg,
                       pg.Procs(False, 0, 1, torch.device("cpu")), pg.Meter())
     assert got["flops"] == counter.get_total_flops() > 0 and got["step_ms"] > 0 and got["sample_ms"] > 0
 

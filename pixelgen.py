@@ -1279,12 +1279,12 @@ def measure(batches, n, ema, w, fid_ctx, cfg, procs):
     def metrics(rows):  # rank 0: row j of process r is image j world + r
         rows = rows.view(procs.world, m, -1).transpose(0, 1).flatten(0, 1)[:n].numpy()
         samples = fid.add_outputs(fid.Side("the samples"), net, which, rows[:, :2048], rows[:, 2048:])
-        return dict(ema=ema, cfg_scale=w, sampler=cfg.sampler, sample_steps=cfg.sample_steps, num_samples=n,
-                    time_shift=cfg.time_shift, **fid.compute_metrics(samples, fid_ctx.reference, which, procs.device))
+        return fid.compute_metrics(samples, fid_ctx.reference, which, procs.device)
     try:  # every cross-process step inside an agreement: a failure on any process fails them all
         rows = procs.together(outputs)
         rows = procs.together(procs.gather, rows) if procs.ddp else rows
-        return procs.together(lambda: metrics(rows) if procs.rank == 0 else {})
+        return dict(ema=ema, cfg_scale=w, sampler=cfg.sampler, sample_steps=cfg.sample_steps, time_shift=cfg.time_shift,
+                    num_samples=n, **procs.together(lambda: metrics(rows) if procs.rank == 0 else {}))
     finally:
         net.cpu()  # the Inception does not stay in GPU memory between evaluations
 

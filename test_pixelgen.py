@@ -1561,11 +1561,16 @@ def test_checkpoint_files_that_are_not_checkpoints_say_so(tmp_path, capsys):
         pg.sample_main(pg.parse_args(["--sample", "--out_dir", "runs/nothing"])[0])
 
 
-def test_training_writes_sample_grids(tmp_path):
-    pg.train(small_cfg(tmp_path, max_steps=2, sample_every=2, sample_steps=2, num_samples=20))
-    grid = Image.open(tmp_path / "grid_0000002.png")
-    assert grid.size == (10 * 34 + 2, 2 * 34 + 2)  # one column per class, 32 px images with 2 px borders
-    assert "sample grid (EMA 0.99):" in (tmp_path / "log.txt").read_text()
+def test_training_grids_one_column_per_class_and_a_failed_grid_is_logged(tmp_path, monkeypatch):
+    pg.train(small_cfg(tmp_path, max_steps=1, sample_every=1, sample_steps=2, num_samples=25))
+    monkeypatch.setattr(pg, "save_grid", lambda *a: 1 / 0)
+    pg.train(small_cfg(tmp_path, max_steps=2, sample_every=1, sample_steps=2))
+    # 10 classes: whole rows of one column per class, 20 of the 25 images; 32 px images, 2 px borders
+    assert Image.open(tmp_path / "grid_0000001.png").size == (10 * 34 + 2, 2 * 34 + 2)
+    log = (tmp_path / "log.txt").read_text()
+    assert f"sample grid (EMA 0.99): {tmp_path}/grid_0000001.png\n" in log
+    assert "sample grid at step 2 failed, training goes on: ZeroDivisionError" in log  # as a failed evaluation
+    assert ckpt(tmp_path / "ckpt.pt")["step"] == 2
 
 
 def test_the_number_of_classes_follows_the_data(tmp_path):
@@ -1654,19 +1659,20 @@ def _late_stop(rank, out, mp):  # rank 1 is told to stop just after step 2's vot
              hook=lambda step, model, emas: rank == 1 and step == 2 and armed.append(1))
 
 
-def _eval_fails(rank, out, mp):  # the evaluation of step 1 fails on rank 1 only (an OOM while sampling, say)
-    sample_images = pg.sample_images
+def _eval_fails(rank, out, mp):  # failures on one process: its Inception, its metrics, its grid (an OOM, say)
+    def fails_once(owner, name, on_rank):
+        real, done = getattr(owner, name), []
+        mp.setattr(owner, name, lambda *a, **k: real(*a, **k) if rank != on_rank or done else (
+            done.append(1), (_ for _ in ()).throw(RuntimeError(f"{name} failed (a test)")))[1])
 
-    def fails_once(*a, **k):
-        if rank == 1 and not fails_once.done:
-            fails_once.done = True
-            raise RuntimeError("CUDA out of memory (a test)")
-        return sample_images(*a, **k)
-
-    fails_once.done = False
-    mp.setattr(pg, "sample_images", fails_once)
+    _fake_network(mp)
+    fails_once(fid, "inception_outputs", 1)  # step 1, rank 1: its images' Inception outputs (before the gather)
+    fails_once(fid, "compute_metrics", 0)  # step 2, rank 0: the metrics (after it)
+    fails_once(pg, "save_grid", 0)  # step 1: the grid, on rank 0 alone
     _next_port()
-    pg.train(small_cfg(out, max_steps=3, eval_every=1, eval_samples=4, sample_steps=2))
+    root = os.path.dirname(out)
+    pg.train(small_cfg(out, max_steps=3, eval_every=1, eval_samples=4, sample_steps=2, sample_every=1, num_samples=10,
+                       fid_ref=os.path.join(root, "ref.npz"), fid_weights=os.path.join(root, "inception.pth")))
 
 
 def _slow_save(rank, out, mp):  # rank 0 writes a checkpoint for longer than the process group's timeout
@@ -1802,14 +1808,16 @@ def test_a_signal_after_the_vote_stops_all_at_the_next_step(two_processes):
     assert "saved" in log.splitlines()[-2]
 
 
-def test_an_evaluation_failing_on_one_process_is_skipped_by_all(two_processes):
+def test_an_evaluation_or_grid_failing_on_one_process_is_skipped_by_all(two_processes):
+    """Every cross-process step of an evaluation runs inside an agreement, so a failure on one process, before or
+    after the gather, is one failure of the evaluation on all; a grid failing on rank 0 is logged the same way."""
     out = _outcome(two_processes, "eval_fails")
     log = (out / "log.txt").read_text()
     assert "evaluation at step 1 failed, training goes on: RuntimeError('it failed on process 1" in log
-    assert not (out / "eval_0000001" / "samples.npz").exists() and ckpt(out / "ckpt.pt")["step"] == 3
-    for step in (2, 3):  # the next evaluations ran on both processes
-        with np.load(out / f"eval_{step:07d}" / "samples.npz") as f:
-            assert f["arr_0"].shape == (4, 32, 32, 3)
+    assert "evaluation at step 2 failed, training goes on: RuntimeError('compute_metrics failed (a test)')" in log
+    assert "sample grid at step 1 failed, training goes on: RuntimeError('save_grid failed (a test)')" in log
+    assert "eval step 3 ema 0.99 cfg 2: FID " in log and (out / "grid_0000003.png").exists()  # then all is well
+    assert ckpt(out / "ckpt.pt")["step"] == 3
 
 
 def test_a_slow_checkpoint_write_is_waited_for_on_the_host(two_processes):
@@ -1893,7 +1901,8 @@ def test_sample_program_writes_npz_and_grid(tmp_path):
     with np.load(tmp_path / "samples.npz") as f:
         imgs, labels = f["arr_0"], f["arr_1"]
     assert imgs.shape == (12, 32, 32, 3) and imgs.dtype == np.uint8 and labels.tolist() == [i % 10 for i in range(12)]
-    assert (tmp_path / "grid.png").exists() and len(os.listdir(tmp_path / "images")) == 12
+    assert len(os.listdir(tmp_path / "images")) == 12
+    assert Image.open(tmp_path / "grid.png").size == (10 * 34 + 2, 34 + 2)  # a column per class: 10 of the 12
     # image i depends only on (seed, i): another batch split (as with more processes) gives the same images, up to
     # the float rounding of batched matmuls (at most 1 of 255)
     pg.sample_main(pg.dataclasses.replace(cfg, batch_size=12, save_pngs=False))
@@ -1902,7 +1911,20 @@ def test_sample_program_writes_npz_and_grid(tmp_path):
     noise = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(pg.seed_for(cfg.seed, 7)))
     with torch.no_grad():
         one = pg.sample(m.eval(), noise[None], torch.tensor([7]), 3, cfg.sampler, 1.5, cfg.cfg_interval, cfg.time_shift)
-    assert np.abs(pg.to_uint8(one)[0].numpy().astype(int) - imgs[7]).max() <= 1
+    one = ((one + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)[0].numpy()
+    assert np.abs(one.astype(int) - imgs[7]).max() <= 1
+
+
+def test_a_sweep_compiles_one_graph_per_batch_shape(tmp_path, compiled):
+    """Fixed shapes: the last, partial batch is padded and t is contiguous, so two EMAs x two CFG scales (unguided
+    batches of 4, guided ones of 8) compile two graphs, shared by the EMAs."""
+    m = pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10)
+    torch.save(dict(model=m.state_dict(), ema=m.state_dict(), emas={"0.9": m.state_dict(), "0.5": m.state_dict()}),
+               tmp_path / "ckpt.pt")
+    pg.sample_main(pg.parse_args(["--sample", "--out_dir", str(tmp_path), "--num_samples", "5", "--batch_size", "4",
+                                  "--sample_steps", "2", "--ema_decay", "0.9", "0.5", "--cfg_scale", "1", "2",
+                                  "--compile"])[0])
+    assert len(compiled) == 2
 
 
 def test_online_evaluation_trains_the_same_weights_and_writes_samples(tmp_path):
@@ -1921,7 +1943,7 @@ def test_online_evaluation_trains_the_same_weights_and_writes_samples(tmp_path):
 
 def _fid_files(tmp_path):  # random-weight Inception weights and a small ADM-style reference batch
     ref = tmp_path / "ref.npz"
-    np.savez(ref, arr_0=_images(6, 32, 32, seed=3).permute(0, 2, 3, 1).numpy())
+    np.savez(ref, arr_0=_images(6, 32, 32, seed=3))
     return _save_weights(tmp_path / "inception.pth"), str(ref)
 
 
@@ -1929,7 +1951,7 @@ METRIC_KEYS = {"fid", "sfid", "inception_score", "precision", "recall", "density
 
 
 def test_online_rows_equal_sample_rows_equal_fid_py_for_every_metric(tmp_path, monkeypatch):
-    _fake_network(monkeypatch)  # the plumbing is under test: the same outputs in, the same numbers out
+    calls = _fake_network(monkeypatch)  # the plumbing is under test: the same outputs in, the same numbers out
     weights, ref = _fid_files(tmp_path)
     pg.train(small_cfg(tmp_path / "run", max_steps=2, eval_every=2, eval_samples=5, keep_every=2, sample_steps=2,
                        ema=(0.9, 0.5), fid_ref=ref, fid_weights=weights))
@@ -1942,7 +1964,9 @@ def test_online_rows_equal_sample_rows_equal_fid_py_for_every_metric(tmp_path, m
     out = tmp_path / "sampled"
     args = ["--sample", "--ckpt", str(tmp_path / "run" / "ckpt_0000002.pt"), "--out_dir", str(out), "--num_samples",
             "5", "--batch_size", "4", "--ema_decay", "0.9", "0.5", "--fid_ref", ref, "--fid_weights", weights]
+    calls.clear()
     pg.sample_main(pg.parse_args(args)[0])
+    assert sum(calls) == 6 + 2 * 5  # the reference once for the whole sweep, then each setting's samples
     rows = json.load(open(out / "eval.json"))
     assert [(r["step"], r["ema"], r["cfg_scale"], r["sample_steps"]) for r in rows] == [(2, 0.9, 2.0, 2),
                                                                                       (2, 0.5, 2.0, 2)]
@@ -1953,10 +1977,6 @@ def test_online_rows_equal_sample_rows_equal_fid_py_for_every_metric(tmp_path, m
         for k in METRIC_KEYS:
             assert r[k] == pytest.approx(o[k], rel=1e-9) and res[k] == pytest.approx(r[k], rel=1e-6), k
     assert online[0]["fid"] != online[1]["fid"]
-    assert list(out.glob("ref.npz.adm.*.npz"))  # the reference side, cached beside the run: the next run reuses it
-    monkeypatch.setattr(fid, "read_outputs", lambda *a, **k: pytest.fail("the reference was computed again"))
-    pg.sample_main(pg.parse_args(args + ["--ema_decay", "0.9"])[0])
-    assert json.load(open(out / "eval.json"))[-1]["fid"] == rows[0]["fid"]
 
 
 def test_sweep_rows_same_noise_and_best_marked(tmp_path, capsys, monkeypatch):
@@ -1969,6 +1989,8 @@ def test_sweep_rows_same_noise_and_best_marked(tmp_path, capsys, monkeypatch):
     rows = json.load(open(tmp_path / "eval.json"))
     assert [(r["ema"], r["cfg_scale"]) for r in rows] == [(0.9, 1.0), (0.9, 3.0), (0.5, 1.0), (0.5, 3.0)]
     table = capsys.readouterr().out
+    assert "samples_ema0.9_cfg1.npz (4 images) and its grid; classes 4-9 are left out (4 images)" in table
+    assert Image.open(tmp_path / "grid_ema0.9_cfg1.png").size == (4 * 34 + 2, 34 + 2)  # one short row
     best = min(rows, key=lambda r: r["fid"])
     marked = [line for line in table.splitlines() if "<- best FID" in line]
     header = "     ema    cfg        fid       sfid inception_score  precision     recall    density   coverage"
@@ -1986,7 +2008,7 @@ def test_evaluation_metrics_follow_the_reference_and_the_flag(tmp_path, monkeypa
     _fake_network(monkeypatch)
     weights, ref = _fid_files(tmp_path)
     with np.load(ref) as f:  # a statistics-only reference: mu and sigma of its images, nothing else
-        mu, sigma = fid.feature_statistics(fid.get_features(fid.load_inception(weights, "cpu"), f["arr_0"]))
+        mu, sigma = fid.statistics(fid.inception_outputs(None, f["arr_0"])[0])
     np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
     pg.train(small_cfg(tmp_path / "run", max_steps=1))
     base = ["--sample", "--out_dir", str(tmp_path / "run"), "--num_samples", "4", "--sample_steps", "1",
@@ -1996,8 +2018,7 @@ def test_evaluation_metrics_follow_the_reference_and_the_flag(tmp_path, monkeypa
                         (["--fid_ref", ref, "--metrics", "is"], {"inception_score"})]:  # (a table without FID)
         pg.sample_main(pg.parse_args(base + extra)[0])
         assert set(json.load(open(tmp_path / "run" / "eval.json"))[-1]) & METRIC_KEYS == want
-    with pytest.raises(SystemExit, match=r"stats.npz holds only mu / sigma: precision / recall need pool3 features or "
-                                         r"images \(arr_0\)"):
+    with pytest.raises(SystemExit, match=r"stats.npz holds no images, nor what pr needs \(mu\)"):
         pg.sample_main(pg.parse_args(base + ["--fid_ref", str(tmp_path / "stats.npz"), "--metrics", "fid", "pr"])[0])
 
 
@@ -2007,7 +2028,7 @@ def test_evaluation_bad_input_and_failures(tmp_path, monkeypatch, capsys):
     (tmp_path / "junk.npz").write_bytes(b"not an npz")
     pg.train(small_cfg(tmp_path / "run", max_steps=1))
     base = ["--sample", "--out_dir", str(tmp_path / "run"), "--num_samples", "2", "--sample_steps", "1"]
-    for bad_ref, msg in [(tmp_path / "empty", "no image files"), (tmp_path / "junk.npz", "junk.npz")]:
+    for bad_ref, msg in [(tmp_path / "empty", "no image files"), (tmp_path / "junk.npz", "junk.npz is neither")]:
         with pytest.raises(SystemExit, match=msg):
             pg.sample_main(pg.parse_args(base + ["--fid_ref", str(bad_ref), "--fid_weights", weights])[0])
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
@@ -2017,7 +2038,7 @@ def test_evaluation_bad_input_and_failures(tmp_path, monkeypatch, capsys):
         pg.sample_main(pg.parse_args(base + ["--fid_ref", ref])[0])
     with pytest.raises(SystemExit, match="holds no EMA of decay 0.5; it holds 0.99"):
         pg.sample_main(pg.parse_args(base + ["--ema_decay", "0.99", "0.5"])[0])
-    monkeypatch.setattr(pg, "evaluate", lambda *a, **k: 1 / 0)  # an evaluation that fails mid-run
+    monkeypatch.setattr(pg, "write_samples", lambda *a, **k: 1 / 0)  # an evaluation that fails mid-run
     pg.train(small_cfg(tmp_path / "run", max_steps=3, eval_every=1, eval_samples=2))
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "evaluation at step 2 failed, training goes on: ZeroDivisionError" in log

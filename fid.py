@@ -159,10 +159,9 @@ class InceptionE(nn.Module):  # 8x8 blocks Mixed_7b/c; out = 320 + 768 + 768 + 1
 
 
 class InceptionV3(nn.Module):
-    """The FID Inception-v3 (no aux head). forward: preprocessed (B, 3, 299, 299) in [-1, 1] -> pool3 (B, 2048), and
-    with spatial=True also sFID's features (B, 2023): the graph's `mixed_6/conv` (it names its blocks mixed, mixed_1,
-    ..., so this is Mixed_6d's 1x1 branch after its ReLU), first 7 channels, 17 x 17, flattened per image in NHWC
-    order as the ADM suite does (what lets its precomputed mu_s / sigma_s be used)."""
+    """The FID Inception-v3 (no aux head): preprocessed (B, 3, 299, 299) -> pool3 (B, 2048), and with spatial=True
+    sFID's (B, 2023): the graph's `mixed_6/conv` (its blocks are named mixed, mixed_1, ...: Mixed_6d's 1x1 branch after
+    the ReLU), first 7 channels, flattened per image in NHWC order, as ADM's precomputed mu_s / sigma_s were."""
 
     def __init__(self):
         super().__init__()
@@ -238,9 +237,8 @@ def full_fp32():
 
 
 def resize_tf1_bilinear(x, size=299):
-    """TF1 `resize_bilinear(align_corners=False)` (no half-pixel centres), the ADM suite's: output pixel i samples
-    input i * in/out in float32 (F.interpolate: (i + 0.5) * in/out - 0.5), the last row / column repeated past the
-    edge. x: float (B, C, H, W) -> (B, C, size, size)."""
+    """TF1 `resize_bilinear(align_corners=False)`, the ADM suite's: output pixel i samples input i * in/out in float32
+    (F.interpolate: (i + 0.5) * in/out - 0.5), the last row / column repeated. (B, C, H, W) -> (B, C, size, size)."""
 
     def axis(n):  # per output index: lower / upper source index and the weight of the upper one
         pos = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n / size, dtype=torch.float32)
@@ -256,9 +254,8 @@ def resize_tf1_bilinear(x, size=299):
 
 
 def preprocess_images(images, mode="adm"):
-    """uint8 (B, 3, H, W) -> float32 (B, 3, 299, 299) in [-1, 1]. adm: TF1 bilinear resize to 299 without half-pixel
-    centres on the uint8 values, then (x - 128) / 128 (the ADM suite's graph); pytorch-fid: x / 255, F.interpolate
-    (bilinear, align_corners=False) to 299, then 2x - 1."""
+    """uint8 (B, 3, H, W) -> float32 (B, 3, 299, 299) in [-1, 1]. adm: TF1 resize of the uint8 values, (x - 128) / 128
+    (the ADM suite's graph); pytorch-fid: x / 255, F.interpolate(bilinear, align_corners=False), 2x - 1."""
     x = images.float()
     if mode == "adm":
         return (resize_tf1_bilinear(x) - 128) / 128
@@ -269,8 +266,7 @@ def preprocess_images(images, mode="adm"):
 
 
 def inception_outputs(model, images, preprocess="adm", spatial=False):
-    """One batch of uint8 images (B, H, W, 3) through the FID Inception on its device, in IEEE fp32: pool3 (B, 2048)
-    and sFID's features (B, 2023) with spatial=True (else None), float32 numpy."""
+    """uint8 images (B, H, W, 3), in IEEE fp32 -> pool3 (B, 2048), sFID's (B, 2023) or None: float32 numpy."""
     x = torch.as_tensor(images).to(next(model.parameters()).device).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
     with torch.inference_mode(), full_fp32():
         out = model(preprocess_images(x, preprocess), spatial=spatial)
@@ -279,8 +275,7 @@ def inception_outputs(model, images, preprocess="adm", spatial=False):
 
 
 def statistics(features, chunk=10000):
-    """mu (D,), sigma (D, D) of (N, D) features in float64: the mean and the unbiased covariance, as np.cov, the
-    centred rows summed a chunk at a time (no float64 copy of them all)."""
+    """mu (D,), sigma (D, D) of (N, D) features: float64 mean and unbiased covariance (np.cov's), chunk by chunk."""
     if len(features) < 2:
         raise ValueError(f"FID statistics need at least 2 images, got {len(features)}")
     parts = range(0, len(features), chunk)
@@ -296,8 +291,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
-                         f"{sigma2.shape}")
+        raise ValueError(f"statistics do not match: {mu1.shape} {sigma1.shape} vs {mu2.shape} {sigma2.shape}")
     try:
         root = np.linalg.cholesky(sigma1)  # (D, D) lower triangular, S1 = R R^T
     except np.linalg.LinAlgError:
@@ -310,14 +304,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 def unbiased_logits(model, pool3):
-    """IS logits: pool3 @ fc.weight.T without the bias (the TF graph's MatMul before the bias add; torch-fidelity's
-    logits_unbiased), (N, 1008) float64, the weight copied to the host once."""
+    """IS logits, pool3 @ fc.weight.T without the bias (the graph's MatMul; torch-fidelity's logits_unbiased)."""
     return np.asarray(pool3, np.float64) @ model.fc.weight.detach().cpu().double().numpy().T
 
 
 def inception_score(logits, split_size=5000):
-    """The ADM suite's IS of (N, C) logits: consecutive splits of `split_size` samples (the last one may be shorter),
-    per split exp(mean_i KL(p_i || mean_j p_j)) with p = softmax, averaged over the splits."""
+    """The ADM suite's IS of (N, C) logits: per consecutive split, exp(mean_i KL(p_i || mean_j p_j)), averaged."""
     scores = []
     for i in range(0, len(logits), split_size):
         log_p = torch.log_softmax(torch.as_tensor(np.asarray(logits[i:i + split_size], np.float64)), 1)  # (n, C)
@@ -349,12 +341,12 @@ def knn_radii(features, ks, chunk=10000):
 
 def neighbour_metrics(ref_features, sample_features, which=("pr", "dc"), ref_radii=None, k_pr=PR_K, k_dc=DC_K,
                       chunk=10000, device=None):
-    """Precision / recall ("pr") and density / coverage ("dc") of pool3 features. A ball reaches its centre's k-th
-    nearest neighbour in its own set. precision / recall: the fraction of samples in some reference ball / of
-    reference points in some sample ball, k = 3, `<=` (the ADM suite); density: (sample, reference ball) pairs with
-    the sample inside / (k M), coverage: the fraction of reference balls holding a sample, k = 5, `<` (prdc). Both
-    sets are centred on the (rounded) reference mean first: far from the origin (Inception features: norms ~2e4), float32
-    distances by expansion lose their differences. ref_radii: {k: (R,)}, the missing ones added in place."""
+    """Precision / recall ("pr") and density / coverage ("dc") of pool3 features; a ball reaches its centre's k-th
+    nearest neighbour in its set. precision / recall: the fraction of samples in some reference ball / of reference
+    points in some sample ball, k = 3, `<=` (ADM); density: (sample, reference ball) pairs, sample inside, / (k M);
+    coverage: the fraction of reference balls holding a sample; k = 5, `<` (prdc). Both sets are centred on the
+    reference mean: far from the origin (norms ~2e4), float32 distances by expansion lose their differences.
+    ref_radii: {k: (R,)}, the missing ones added in place."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ref, sam = (torch.as_tensor(f) for f in (ref_features, sample_features))
     centre = (sum(x.double().sum(0) for x in ref.split(chunk)) / len(ref)).round()  # (D,): whole, so that ties stay
@@ -385,8 +377,7 @@ def neighbour_metrics(ref_features, sample_features, which=("pr", "dc"), ref_rad
 
 
 class Side:
-    """One set as the metrics see it: mu / sigma, mu_s / sigma_s, pool3 features (N, 2048) float32, unbiased logits
-    (N, 1008) float64 (None until had), the features' k-NN radii, and the folder or npz of its `images` if any."""
+    """One set as the metrics see it: statistics, pool3, logits (None until had), k-NN radii, its images' path."""
 
     def __init__(self, name, mu=None, sigma=None, mu_s=None, sigma_s=None, images=None, background=(255, 255, 255)):
         self.name, self.mu, self.sigma, self.mu_s, self.sigma_s = name, mu, sigma, mu_s, sigma_s
@@ -412,9 +403,7 @@ def add_outputs(side, model, which, pool3, spatial=None):
 
 
 def compute_metrics(samples, ref, which=None, device=None):
-    """Every metric of `which` (default: all that both Sides allow, see resolve_metrics), in a dict with the keys fid,
-    sfid, inception_score, precision, recall, density, coverage (those computed): the one function behind
-    `python fid.py`, `--sample --fid_ref` and online evaluation."""
+    """Every metric of `which` (default: all both Sides allow), keys as RESULTS: fid.py's, --sample's, online."""
     which, out = resolve_metrics(which, ref, samples), {}
     if "fid" in which:
         out["fid"] = frechet_distance(samples.mu, samples.sigma, ref.mu, ref.sigma)
@@ -433,8 +422,7 @@ RESULTS = dict(fid="FID", sfid="sFID", inception_score="Inception Score", precis
 
 
 def resolve_metrics(requested, ref=None, samples=None):
-    """The metrics to compute, in METRICS order: `requested` (names from METRICS), or for None / empty every one that
-    the Sides `ref` and `samples` can both give (IS needs nothing of the reference); ValueError for the others."""
+    """`requested` in METRICS order, or every metric both Sides can give (IS needs nothing of `ref`); ValueError."""
     can = lambda side, m: side is None or m == "is" and side is not samples or {NEEDS[m], "images"} & side.holds
     if not requested:
         return tuple(m for m in METRICS if can(ref, m) and can(samples, m))
@@ -457,10 +445,6 @@ def table(rows):  # evaluation rows: a line per setting (ema, cfg) with its metr
         lines.append(f"{r['ema']!s:>8} {r['cfg_scale']:>6g}" + "".join(f"{r[k]:>{width[k]}.4g}" for k in cols)
                      + ("  <- best FID" if r is best else ""))
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Inputs: image folders, ADM npz batches (arr_0) and statistics npz files (mu, sigma).
 
 
 def scan(folder, recursive=True):
@@ -502,8 +486,7 @@ def read_image(path, background=(255, 255, 255)):
 
 
 def open_side(path, background=(255, 255, 255)):
-    """The Side of an image folder or npz file, before any image is read: an npz's statistics (mu, sigma, mu_s,
-    sigma_s) as they are, and its images (arr_0) or the folder's to compute the rest from."""
+    """The Side of a folder or npz before any image is read: an npz's mu, sigma, mu_s, sigma_s, and its images."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file or folder: {path}")
     if os.path.isdir(path):
@@ -521,8 +504,8 @@ def open_side(path, background=(255, 255, 255)):
 
 
 def image_batches(path, background=(255, 255, 255), batch_size=50):
-    """The images of a folder (sorted) or an npz's arr_0 as uint8 (B, H, W, 3) batches of equal-size images, in order.
-    Folder images that `read_image` cannot read are skipped, and one warning at the end names the first few."""
+    """A folder's images (sorted; the unreadable ones skipped, with a warning) or an npz's arr_0: uint8 (B, H, W, 3)
+    batches of equal-size images, in order."""
     if not os.path.isdir(path):
         with np.load(path) as npz:
             images = npz["arr_0"]
@@ -551,8 +534,8 @@ def image_batches(path, background=(255, 255, 255), batch_size=50):
 
 
 def load_side(side, model, which, preprocess="adm", batch_size=50, progress=""):
-    """Gives `side` (open_side) what the metrics `which` need and it lacks, from its images' Inception outputs
-    (model: the FID Inception; unused when nothing is computed). Precomputed statistics are kept, as ADM does."""
+    """Gives `side` (open_side) what the metrics `which` need and it lacks, from its images (precomputed statistics
+    are kept, as ADM does; model: the FID Inception)."""
     own = [m for m in which if NEEDS[m] not in side.holds]
     if not own:
         return side
@@ -562,10 +545,6 @@ def load_side(side, model, which, preprocess="adm", batch_size=50, progress=""):
         pool3.append(p)
         spatial.append(s)
     return add_outputs(side, model, own, np.concatenate(pool3), np.concatenate(spatial) if "sfid" in own else None)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line.
 
 
 def main(argv=None):

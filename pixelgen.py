@@ -1246,8 +1246,7 @@ def save_grid(images, path, classes):  # (B, H, W, 3) uint8 -> a PNG in rows of 
     save_image(torch.from_numpy(images).permute(0, 3, 1, 2) / 255, path, nrow=grid_shape(len(images), classes)[1])
 
 
-def fid_setup(cfg, procs):
-    """Made once per run and kept: the FID Inception (on the CPU between evaluations), the metrics, the reference."""
+def fid_setup(cfg, procs):  # made once per run and kept: the Inception (on the CPU), the metrics, the reference
     def setup():
         net, ref = fid.load_inception(cfg.fid_weights or None, procs.device), fid.open_side(cfg.fid_ref, cfg.background)
         metrics = fid.resolve_metrics(cfg.metrics or None, ref)
@@ -1266,8 +1265,7 @@ def my_images(model, w, n, cfg, procs):  # this process's share of n images (ima
         yield sample_images(model, mine[j:j + b], cfg, procs.device, w, b)
 
 
-def measure(batches, n, ema, w, fid_ctx, cfg, procs):
-    """Rank 0's row of metrics of n images (image i on process i % world; this one's come in `batches`)."""
+def measure(batches, n, ema, w, fid_ctx, cfg, procs):  # rank 0's row of metrics of n images; this process's in batches
     net, m, which = fid_ctx.inception.to(procs.device), -(-n // procs.world), fid_ctx.metrics  # m rows per process
 
     def outputs():  # this process's rows [pool3 (2048) | sFID's], padded to m
@@ -1290,8 +1288,7 @@ def measure(batches, n, ema, w, fid_ctx, cfg, procs):
 
 
 def write_samples(emas, n, cfg, procs, out_dir, fid_ctx=None):
-    """--sample (and online evaluation without a reference): every setting's n images in out_dir, an ADM npz, its
-    grid and with --save_pngs PNGs; with fid_ctx, rank 0's rows of their metrics."""
+    """--sample, and online evaluation without a reference: each setting's npz, grid (PNGs) in out_dir; metrics."""
     rows, mine = [], range(procs.rank, n, procs.world)
     for (d, model), w in itertools.product(emas.items(), cfg.cfg_scale):
         tag = "" if len(emas) * len(cfg.cfg_scale) == 1 else f"_ema{d}_cfg{w:g}"

@@ -1903,11 +1903,7 @@ def test_sample_program_writes_npz_and_grid(tmp_path):
     assert imgs.shape == (12, 32, 32, 3) and imgs.dtype == np.uint8 and labels.tolist() == [i % 10 for i in range(12)]
     assert len(os.listdir(tmp_path / "images")) == 12
     assert Image.open(tmp_path / "grid.png").size == (10 * 34 + 2, 34 + 2)  # a column per class: 10 of the 12
-    # image i depends only on (seed, i): another batch split (as with more processes) gives the same images, up to
-    # the float rounding of batched matmuls (at most 1 of 255)
-    pg.sample_main(pg.dataclasses.replace(cfg, batch_size=12, save_pngs=False))
-    with np.load(tmp_path / "samples.npz") as f:
-        assert np.abs(f["arr_0"].astype(int) - imgs).max() <= 1
+    # image i depends only on (seed, i), not on its batch (padded or not), up to the float rounding of batched matmuls
     noise = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(pg.seed_for(cfg.seed, 7)))
     with torch.no_grad():
         one = pg.sample(m.eval(), noise[None], torch.tensor([7]), 3, cfg.sampler, 1.5, cfg.cfg_interval, cfg.time_shift)
@@ -1915,16 +1911,23 @@ def test_sample_program_writes_npz_and_grid(tmp_path):
     assert np.abs(one.astype(int) - imgs[7]).max() <= 1
 
 
-def test_a_sweep_compiles_one_graph_per_batch_shape(tmp_path, compiled):
+def test_a_sweep_compiles_one_graph_per_batch_shape(tmp_path, monkeypatch):
     """Fixed shapes: the last, partial batch is padded and t is contiguous, so two EMAs x two CFG scales (unguided
     batches of 4, guided ones of 8) compile two graphs, shared by the EMAs."""
+    graphs, compile_ = [], torch.compile
+    backend = lambda gm, inputs: graphs.append(gm) or gm.forward  # one backend for all: dynamo's graphs, run eagerly
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: compile_(fn, backend=backend))
     m = pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10)
     torch.save(dict(model=m.state_dict(), ema=m.state_dict(), emas={"0.9": m.state_dict(), "0.5": m.state_dict()}),
                tmp_path / "ckpt.pt")
-    pg.sample_main(pg.parse_args(["--sample", "--out_dir", str(tmp_path), "--num_samples", "5", "--batch_size", "4",
-                                  "--sample_steps", "2", "--ema_decay", "0.9", "0.5", "--cfg_scale", "1", "2",
-                                  "--compile"])[0])
-    assert len(compiled) == 2
+    torch._dynamo.reset()
+    try:
+        pg.sample_main(pg.parse_args(["--sample", "--out_dir", str(tmp_path), "--num_samples", "5", "--batch_size", "4",
+                                      "--sample_steps", "2", "--ema_decay", "0.9", "0.5", "--cfg_scale", "1", "2",
+                                      "--compile"])[0])
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 2
 
 
 def test_online_evaluation_trains_the_same_weights_and_writes_samples(tmp_path):

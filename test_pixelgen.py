@@ -1561,18 +1561,6 @@ def test_checkpoint_files_that_are_not_checkpoints_say_so(tmp_path, capsys):
         pg.sample_main(pg.parse_args(["--sample", "--out_dir", "runs/nothing"])[0])
 
 
-def test_training_grids_one_column_per_class_and_a_failed_grid_is_logged(tmp_path, monkeypatch):
-    pg.train(small_cfg(tmp_path, max_steps=1, sample_every=1, sample_steps=2, num_samples=25))
-    monkeypatch.setattr(pg, "save_grid", lambda *a: 1 / 0)
-    pg.train(small_cfg(tmp_path, max_steps=2, sample_every=1, sample_steps=2))
-    # 10 classes: whole rows of one column per class, 20 of the 25 images; 32 px images, 2 px borders
-    assert Image.open(tmp_path / "grid_0000001.png").size == (10 * 34 + 2, 2 * 34 + 2)
-    log = (tmp_path / "log.txt").read_text()
-    assert f"sample grid (EMA 0.99): {tmp_path}/grid_0000001.png\n" in log
-    assert "sample grid at step 2 failed, training goes on: ZeroDivisionError" in log  # as a failed evaluation
-    assert ckpt(tmp_path / "ckpt.pt")["step"] == 2
-
-
 def test_the_number_of_classes_follows_the_data(tmp_path):
     for c in ("apps", "devices", "places"):  # 3 classes of 2 images
         (tmp_path / "icons" / c).mkdir(parents=True)
@@ -1828,9 +1816,8 @@ def test_a_slow_checkpoint_write_is_waited_for_on_the_host(two_processes):
 
 
 def test_two_processes_sample_and_evaluate_as_one(tmp_path, two_processes, monkeypatch):
-    """The images (sampled in batches of the same size), the Inception sums and the gathered features do not depend on
-    the number of processes: every metric agrees to the rounding of the float64 sums (amplified by FID's singular
-    covariances of 8 samples)."""
+    """The images (sampled in batches of the same size) and their Inception outputs, gathered in image order, do not
+    depend on the number of processes, and so neither does any metric."""
     out, threads = _outcome(two_processes, "sample"), torch.get_num_threads()
     _fake_network(monkeypatch)
     torch.set_num_threads(1)  # as each of the two processes: the same matmul kernels, the same rounding
@@ -1840,9 +1827,7 @@ def test_two_processes_sample_and_evaluate_as_one(tmp_path, two_processes, monke
         torch.set_num_threads(threads)
     one, two = (json.load(open(d / "eval.json")) for d in (tmp_path, out))
     assert len(one) == len(two) == 2 and METRIC_KEYS <= set(one[0])
-    for a, b in zip(one, two):
-        for k in METRIC_KEYS:
-            assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-12), k
+    assert [{k: r[k] for k in METRIC_KEYS} for r in one] == [{k: r[k] for k in METRIC_KEYS} for r in two]
     for setting in ("cfg1", "cfg2"):
         with np.load(tmp_path / f"samples_ema0.9999_{setting}.npz") as a, np.load(out / f"samples_ema0.9999_"
                                                                                   f"{setting}.npz") as b:
@@ -1920,28 +1905,33 @@ def test_a_sweep_compiles_one_graph_per_batch_shape(tmp_path, monkeypatch):
     m = pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10)
     torch.save(dict(model=m.state_dict(), ema=m.state_dict(), emas={"0.9": m.state_dict(), "0.5": m.state_dict()}),
                tmp_path / "ckpt.pt")
+    torch._dynamo.reset()  # before and after: no other test meets dynamo's recompilation limit because of this one
+    pg.sample_main(pg.parse_args(["--sample", "--out_dir", str(tmp_path), "--num_samples", "5", "--batch_size", "4",
+                                  "--sample_steps", "2", "--ema_decay", "0.9", "0.5", "--cfg_scale", "1", "2",
+                                  "--compile"])[0])
     torch._dynamo.reset()
-    try:
-        pg.sample_main(pg.parse_args(["--sample", "--out_dir", str(tmp_path), "--num_samples", "5", "--batch_size", "4",
-                                      "--sample_steps", "2", "--ema_decay", "0.9", "0.5", "--cfg_scale", "1", "2",
-                                      "--compile"])[0])
-    finally:
-        torch._dynamo.reset()
     assert len(graphs) == 2
 
 
-def test_online_evaluation_trains_the_same_weights_and_writes_samples(tmp_path):
+def test_grids_and_online_evaluations_change_no_training_and_their_failures_are_logged(tmp_path, monkeypatch):
+    run, kw = tmp_path / "eval", dict(eval_every=2, eval_samples=6, sample_steps=2, ema=(0.9, 0.5), ckpt_every=100,
+                                      sample_every=1, num_samples=25)
     pg.train(small_cfg(tmp_path / "plain", max_steps=3))
-    pg.train(small_cfg(tmp_path / "eval", max_steps=3, eval_every=2, eval_samples=6, sample_steps=2, ema=(0.9, 0.5),
-                       ckpt_every=100))
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("plain", "eval"))
+    pg.train(small_cfg(run, max_steps=2, **kw))
+    monkeypatch.setattr(pg, "save_grid", lambda *a: 1 / 0)
+    monkeypatch.setattr(pg, "write_samples", lambda *a: 1 / 0)
+    pg.train(small_cfg(run, max_steps=3, **kw))
+    a, b = ckpt(tmp_path / "plain" / "ckpt.pt"), ckpt(run / "ckpt.pt")
     assert same(a["model"], b["model"]) and same(a["opt"], b["opt"])
-    log = (tmp_path / "eval" / "log.txt").read_text()  # the checkpoint of an evaluation's step comes first
-    assert log.index("step 2/3") < log.index(f"saved {tmp_path / 'eval' / 'ckpt.pt'}") < log.index("step 3/3")
-    for step in (2, 3):  # every eval_every steps and at the end; without --fid_ref the samples are kept
-        for d in (0.9, 0.5):
-            with np.load(tmp_path / "eval" / f"eval_{step:07d}" / f"samples_ema{d}_cfg2.npz") as f:
-                assert f["arr_0"].shape == (6, 32, 32, 3) and f["arr_1"].tolist() == [i % 10 for i in range(6)]
+    for d in (0.9, 0.5):  # without --fid_ref the samples are kept
+        with np.load(run / "eval_0000002" / f"samples_ema{d}_cfg2.npz") as f:
+            assert f["arr_0"].shape == (6, 32, 32, 3) and f["arr_1"].tolist() == [i % 10 for i in range(6)]
+    # 10 classes: whole rows of one column per class, 20 of the 25 images; 32 px images, 2 px borders
+    assert Image.open(run / "grid_0000001.png").size == (10 * 34 + 2, 2 * 34 + 2)
+    log = (run / "log.txt").read_text()
+    assert f"sample grid (EMA 0.9): {run}/grid_0000001.png\n" in log
+    for what in ("sample grid", "evaluation"):  # at the last step: logged alike, and the run ends normally
+        assert f"{what} at step 3 failed, training goes on: ZeroDivisionError" in log
 
 
 def _fid_files(tmp_path):  # random-weight Inception weights and a small ADM-style reference batch
@@ -1998,9 +1988,6 @@ def test_sweep_rows_same_noise_and_best_marked(tmp_path, capsys, monkeypatch):
     marked = [line for line in table.splitlines() if "<- best FID" in line]
     header = "     ema    cfg        fid       sfid inception_score  precision     recall    density   coverage"
     assert header in table and len(marked) == 1 and f" {best['fid']:>10.4g} " in marked[0]  # every column
-    for r in rows:
-        assert (tmp_path / f"samples_ema{r['ema']}_cfg{r['cfg_scale']:g}.npz").exists()
-        assert (tmp_path / f"grid_ema{r['ema']}_cfg{r['cfg_scale']:g}.png").exists()
     pg.sample_main(pg.parse_args(args + ["--ema_decay", "0.5", "--cfg_scale", "3"])[0])  # one setting alone
     with np.load(tmp_path / "samples.npz") as a, np.load(tmp_path / "samples_ema0.5_cfg3.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"])  # every setting starts from the same noise
@@ -2041,11 +2028,6 @@ def test_evaluation_bad_input_and_failures(tmp_path, monkeypatch, capsys):
         pg.sample_main(pg.parse_args(base + ["--fid_ref", ref])[0])
     with pytest.raises(SystemExit, match="holds no EMA of decay 0.5; it holds 0.99"):
         pg.sample_main(pg.parse_args(base + ["--ema_decay", "0.99", "0.5"])[0])
-    monkeypatch.setattr(pg, "write_samples", lambda *a, **k: 1 / 0)  # an evaluation that fails mid-run
-    pg.train(small_cfg(tmp_path / "run", max_steps=3, eval_every=1, eval_samples=2))
-    log = (tmp_path / "run" / "log.txt").read_text()
-    assert "evaluation at step 2 failed, training goes on: ZeroDivisionError" in log
-    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------

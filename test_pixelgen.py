@@ -1890,27 +1890,23 @@ def test_sample_program_writes_npz_and_grid(tmp_path):
     assert Image.open(tmp_path / "grid.png").size == (10 * 34 + 2, 34 + 2)  # a column per class: 10 of the 12
     # image i depends only on (seed, i), not on its batch (padded or not), up to the float rounding of batched matmuls
     noise = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(pg.seed_for(cfg.seed, 7)))
-    with torch.no_grad():
-        one = pg.sample(m.eval(), noise[None], torch.tensor([7]), 3, cfg.sampler, 1.5, cfg.cfg_interval, cfg.time_shift)
+    one = pg.sample(m.eval(), noise[None], torch.tensor([7]), 3, cfg.sampler, 1.5, cfg.cfg_interval, cfg.time_shift)
     one = ((one + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)[0].numpy()
     assert np.abs(one.astype(int) - imgs[7]).max() <= 1
 
 
-def test_a_sweep_compiles_one_graph_per_batch_shape(tmp_path, monkeypatch):
-    """Fixed shapes: the last, partial batch is padded and t is contiguous, so two EMAs x two CFG scales (unguided
-    batches of 4, guided ones of 8) compile two graphs, shared by the EMAs."""
+def test_a_sweep_compiles_one_graph_per_batch_shape(tmp_path, monkeypatch):  # the last batch padded, t contiguous
     graphs, compile_ = [], torch.compile
     backend = lambda gm, inputs: graphs.append(gm) or gm.forward  # one backend for all: dynamo's graphs, run eagerly
     monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: compile_(fn, backend=backend))
-    m = pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10)
-    torch.save(dict(model=m.state_dict(), ema=m.state_dict(), emas={"0.9": m.state_dict(), "0.5": m.state_dict()}),
-               tmp_path / "ckpt.pt")
+    sd = pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10).state_dict()
+    torch.save(dict(model=sd, ema=sd, emas={"0.9": sd, "0.5": sd}), tmp_path / "ckpt.pt")
     torch._dynamo.reset()  # before and after: no other test meets dynamo's recompilation limit because of this one
     pg.sample_main(pg.parse_args(["--sample", "--out_dir", str(tmp_path), "--num_samples", "5", "--batch_size", "4",
                                   "--sample_steps", "2", "--ema_decay", "0.9", "0.5", "--cfg_scale", "1", "2",
                                   "--compile"])[0])
     torch._dynamo.reset()
-    assert len(graphs) == 2
+    assert len(graphs) == 2  # two EMAs x two CFG scales: unguided batches of 4, guided ones of 8, shared by the EMAs
 
 
 def test_grids_and_online_evaluations_change_no_training_and_their_failures_are_logged(tmp_path, monkeypatch):
@@ -1952,8 +1948,7 @@ def test_online_rows_equal_sample_rows_equal_fid_py_for_every_metric(tmp_path, m
     assert [(r["step"], r["ema"], r["num_samples"]) for r in online] == [(2, 0.9, 5), (2, 0.5, 5)]
     assert all(r["eval_seconds"] > 0 and r["inception_score"] >= 1 and METRIC_KEYS <= set(r) for r in online)
     assert not list((tmp_path / "run").glob("eval_*"))  # with a reference, no samples are kept
-    log = (tmp_path / "run" / "log.txt").read_text()
-    assert "eval step 2 ema 0.9 cfg 2: FID " in log and ", sFID " in log and ", Coverage " in log
+    assert "eval step 2 ema 0.9 cfg 2: FID " in (tmp_path / "run" / "log.txt").read_text()
     out = tmp_path / "sampled"
     args = ["--sample", "--ckpt", str(tmp_path / "run" / "ckpt_0000002.pt"), "--out_dir", str(out), "--num_samples",
             "5", "--batch_size", "4", "--ema_decay", "0.9", "0.5", "--fid_ref", ref, "--fid_weights", weights]
@@ -2012,7 +2007,7 @@ def test_evaluation_metrics_follow_the_reference_and_the_flag(tmp_path, monkeypa
         pg.sample_main(pg.parse_args(base + ["--fid_ref", str(tmp_path / "stats.npz"), "--metrics", "fid", "pr"])[0])
 
 
-def test_evaluation_bad_input_and_failures(tmp_path, monkeypatch, capsys):
+def test_evaluation_bad_input(tmp_path, monkeypatch):
     weights, ref = _fid_files(tmp_path)
     (tmp_path / "empty").mkdir()
     (tmp_path / "junk.npz").write_bytes(b"not an npz")

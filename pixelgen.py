@@ -466,7 +466,7 @@ def sample(model, noise, y, steps=50, sampler="heun", cfg_scale=1.0, cfg_interva
     ts_dev, dts_dev, null = ts.to(noise.device), dts.to(noise.device), torch.full_like(y, model.num_classes)  # once
 
     def velocity(x, t, guide):  # v_hat; with guidance, v = v_u + w (v_c - v_u) in v-space
-        t = t.expand(len(x))
+        t = t.repeat(len(x))  # contiguous, as in training: a compiled model sees one layout
         if not guide:  # NOTE(official): the official samplers always run both branches, even at scale 1 or outside
             return x_to_v(model(x, t, y), x, t, t_eps)  # the interval
         x2, t2 = torch.cat([x, x]), t.repeat(2)
@@ -672,7 +672,7 @@ class ImageFolderData(torch.utils.data.Dataset):
 
     def __init__(self, root, size, background=(255, 255, 255), procs=None):
         procs = procs or Procs(False, 0, 1, torch.device("cpu"))
-        listing = [procs.together(lambda: None if procs.rank else list_folder(root))]
+        listing = [procs.all_or_none(lambda: None if procs.rank else list_folder(root))]
         if procs.ddp:
             dist.broadcast_object_list(listing, src=0, group=procs.ctrl)
         self.classes, self.counts, self.ignored, self.paths = listing[0]
@@ -804,12 +804,6 @@ class Procs(NamedTuple):
         if failed:
             raise err or RuntimeError(f"it failed on process {failed - 1} (see its stderr)")
         return out
-
-    together = all_or_none  # TEMP-MERGE
-
-    def all_sum(self, tensors):  # sum host tensors over the processes, in place
-        for u in tensors if self.ctrl is not None else ():
-            dist.all_reduce(u, group=self.ctrl)
 
     def gather(self, u):  # every process's host tensor u, in rank order, in one buffer (one copy per process)
         out = torch.empty((self.world * len(u), *u.shape[1:]), dtype=u.dtype)
@@ -1145,9 +1139,6 @@ def train_step(net, opt, emas, batches, step, cfg, procs, meter):
     meter.gate, meter.steps = meter.gate + norm[1] / B, meter.steps + 1
 
 
-TrainStep = DenoiserAndLoss  # TEMP-MERGE
-
-
 def after_step(cfg, step, max_steps, stopping):  # what this step ends with: the same decision on every process
     keep = bool(cfg.keep_every) and step % cfg.keep_every == 0  # also a snapshot ckpt_{step}.pt
     every = lambda n: bool(n) and (step % n == 0 or step == max_steps) and not stopping
@@ -1224,10 +1215,10 @@ def save(model, emas, loss_fn, opt, step, cfg, data, procs, log, keep):  # rank 
 
 
 def evaluate_online(emas, cfg, procs, step, log, fid_ctx):  # a failure (on any process) is logged; training goes on
-    t0 = time.time()
-    try:
-        rows = evaluate(emas, cfg.eval_samples, cfg, procs, None if fid_ctx else
-                        os.path.join(cfg.out_dir, f"eval_{step:07d}"), fid_ctx)
+    t0, n, runs = time.time(), cfg.eval_samples, itertools.product(emas.items(), cfg.cfg_scale)
+    try:  # without a reference the samples are kept, as the official validation hook does
+        rows = write_samples(emas, n, cfg, procs, f"{cfg.out_dir}/eval_{step:07d}") if fid_ctx is None else [
+            measure(my_images(m, w, n, cfg, procs), n, d, w, fid_ctx, cfg, procs) for (d, m), w in runs]
     except Exception as e:
         return log(f"evaluation at step {step} failed, training goes on: {e!r}")
     for r in rows:
@@ -1236,11 +1227,13 @@ def evaluate_online(emas, cfg, procs, step, log, fid_ctx):  # a failure (on any 
             dict(step=step, **r, eval_seconds=round(time.time() - t0, 1)))
 
 
-def grid(emas, cfg, procs, step, log):  # a sample grid from the first EMA, one column per class
-    path = os.path.join(cfg.out_dir, f"grid_{step:07d}.png")
-    save_grid(sample_images(emas[cfg.ema[0]], range(min(cfg.num_samples, 64)), cfg, procs.device, cfg.cfg_scale[0]),
-              path, cfg.num_classes)
-    log(f"sample grid (EMA {cfg.ema[0]}): {path}")
+def grid(emas, cfg, procs, step, log):  # rank 0: a sample grid of the first EMA; a failure is logged, as above
+    (n, _, note), path = grid_shape(min(cfg.num_samples, 64), cfg.num_classes), f"{cfg.out_dir}/grid_{step:07d}.png"
+    try:
+        save_grid(sample_images(emas[cfg.ema[0]], range(n), cfg, procs.device, cfg.cfg_scale[0]), path, cfg.num_classes)
+    except Exception as e:
+        return log(f"sample grid at step {step} failed, training goes on: {e!r}")
+    log(f"sample grid (EMA {cfg.ema[0]}): {path}{note}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1289,101 +1282,98 @@ def official_preset(sd, path):  # (preset, its size keywords) of an official JiT
     return name, kw
 
 
-def to_uint8(x):  # (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded as official fp2uint8
-    return ((x.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
 @torch.no_grad()
-def sample_images(model, idx, cfg, device, cfg_scale):  # image i: class i % K, noise from (seed, i) -> (b, H, W, 3)
-    size = model.grid * model.patch_size
-    noise = seeded_noise((3, size, size), [seed_for(cfg.seed, i) for i in idx], "cpu").to(device)  # any device: same
+def sample_images(model, idx, cfg, device, cfg_scale, batch=0):  # image i: class i % K, noise from (seed, i)
+    full, size = list(idx) + list(idx[-1:]) * (batch - len(idx)), model.grid * model.patch_size  # padded
+    noise = seeded_noise((3, size, size), [seed_for(cfg.seed, i) for i in full], "cpu").to(device)  # any device: same
     with amp(device):
-        x = sample(model, noise, torch.tensor(idx, device=device) % model.num_classes, cfg.sample_steps, cfg.sampler,
-                   cfg_scale, cfg.cfg_interval, cfg.time_shift, cfg.t_eps)
-    return to_uint8(x).numpy()
+        x = sample(model, noise, torch.tensor(full, device=device) % model.num_classes, cfg.sample_steps, cfg.sampler,
+                   cfg_scale, cfg.cfg_interval, cfg.time_shift, cfg.t_eps)[:len(idx)]
+    return ((x.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # fp2uint8
 
 
-def save_grid(imgs, path, classes):  # (B, H, W, 3) uint8 -> one PNG; one column per class when that fits
-    B, H, W, _ = imgs.shape
-    nrow = classes if classes <= 16 and B % classes == 0 else math.ceil(math.sqrt(B))
-    grid = np.zeros((math.ceil(B / nrow) * (H + 2) + 2, nrow * (W + 2) + 2, 3), np.uint8)
-    for i, im in enumerate(np.asarray(imgs)):
-        r, c = divmod(i, nrow)
-        grid[2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = im
-    Image.fromarray(grid).save(path)
+def grid_shape(n, classes):  # (images, columns, note) of a grid of at most n: a column per class up to 16, whole rows
+    cols = min(n, classes) if classes <= 16 else math.ceil(math.sqrt(n))
+    return n - n % cols, cols, f"; classes {n}-{classes - 1} are left out ({n} images)" if n < classes else ""
 
 
-def fid_setup(cfg, procs):
-    """(FID Inception, on the CPU between evaluations; the reference side of every metric; the metrics), once per run.
-    The reference is sharded over the processes and cached in OUT_DIR, keyed by file, weights and preprocessing."""
+def save_grid(images, path, classes):  # (B, H, W, 3) uint8 -> a PNG in rows of grid_shape, 2 px black borders
+    from torchvision.utils import save_image  # (a short last row is fine)
+    save_image(torch.from_numpy(images).permute(0, 3, 1, 2) / 255, path, nrow=grid_shape(len(images), classes)[1])
+
+
+def fid_setup(cfg, procs):  # made once per run and kept: the Inception (on the CPU), the metrics, the reference
+    def setup():
+        net, ref = fid.load_inception(cfg.fid_weights or None, procs.device), fid.open_side(cfg.fid_ref, cfg.background)
+        metrics = fid.resolve_metrics(cfg.metrics or None, ref)
+        if procs.rank == 0:  # the others wait on the host
+            fid.load_side(ref, net, [m for m in metrics if m != "is"], cfg.fid_preprocess, progress="reference")
+        return argparse.Namespace(inception=net.cpu(), reference=ref, metrics=metrics)
     try:
-        net = fid.load_inception(cfg.fid_weights or None, procs.device)
-        ref = fid.build_reference(cfg.fid_ref, net, cfg.metrics or None, cfg.fid_preprocess, shard=(procs.rank,
-                                  procs.world), reduce=procs.all_sum, gather=procs.gather, cache_dir=cfg.out_dir,
-                                  background=cfg.background)
-        return net.cpu(), ref, fid.resolve_metrics(cfg.metrics or None, ref)
+        return procs.all_or_none(setup)
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {str(e).replace('(--weights)', '(--fid_weights)')}")
 
 
-def evaluate(emas, n, cfg, procs, out_dir=None, fid_ctx=None):
-    """The sampling loop of --sample, online evaluation and sweeps: for every EMA and CFG scale, n images (image i of
-    class i % K from noise seeded by (seed, i)), image i on process i % world. With out_dir, each setting's samples
-    (ADM npz, grid, PNGs); with fid_ctx, rank 0's rows of metrics. A failure anywhere raises everywhere."""
-    rows, net = [], fid_ctx[0].to(procs.device) if fid_ctx else None
-    which = [m for m in fid_ctx[2] if m != "pr" or cfg.metrics or n > fid.PR_K] if fid_ctx else ()  # (k = 3)
-    try:
-        for d, model in emas.items():
-            for w in cfg.cfg_scale:
-                tag = "" if len(emas) * len(cfg.cfg_scale) == 1 else f"_ema{d}_cfg{w:g}"
-                ev = fid.Evaluation(net, fid_ctx[1], which, n, cfg.fid_preprocess) if net else None
-                procs.together(sample_shard, model, w, n, tag, cfg, procs, out_dir, ev)
-                if out_dir:  # rank 0 merges the shards while the others wait on the host
-                    procs.together(merge_samples, n, os.path.join(out_dir, f"samples{tag}.npz"), model, procs)
-                if ev:
-                    ev.collect(procs.world, procs.all_sum, procs.gather)
-                    metrics = procs.together(lambda: {} if procs.rank else ev.metrics(procs.device))  # rank 0's
-                    rows.append(dict(ema=d, cfg_scale=w, sampler=cfg.sampler, sample_steps=cfg.sample_steps,
-                                     time_shift=cfg.time_shift, num_samples=n, **metrics))
+def my_images(model, w, n, cfg, procs):  # this process's share of n images (image i on process i % world), by batch
+    mine, b = range(procs.rank, n, procs.world), max(1, cfg.batch_size // procs.world)
+    for j in tqdm(range(0, len(mine), b), disable=procs.rank != 0, desc=f"sampling cfg {w:g}", leave=False):
+        yield sample_images(model, mine[j:j + b], cfg, procs.device, w, b)
+
+
+def measure(batches, n, ema, w, fid_ctx, cfg, procs):  # rank 0's row of metrics of n images; this process's in batches
+    net, m, which = fid_ctx.inception.to(procs.device), -(-n // procs.world), fid_ctx.metrics  # m rows per process
+
+    def outputs():  # this process's rows [pool3 (2048) | sFID's], padded to m
+        out = [fid.inception_outputs(net, images, cfg.fid_preprocess, "sfid" in which) for images in batches]
+        rows = np.concatenate([np.zeros((0, 2048 + fid.SPATIAL_DIM * ("sfid" in which)), np.float32)] + [
+            np.hstack([p, s] if s is not None else [p]) for p, s in out])
+        return F.pad(torch.from_numpy(rows), (0, 0, 0, m - len(rows)))
+
+    def metrics(rows):  # rank 0: row j of process r is image j world + r
+        rows = rows.view(procs.world, m, -1).transpose(0, 1).flatten(0, 1)[:n].numpy()
+        samples = fid.add_outputs(fid.Side("the samples"), net, which, rows[:, :2048], rows[:, 2048:])
+        return fid.compute_metrics(samples, fid_ctx.reference, which, procs.device)
+    try:  # every cross-process step inside an agreement: a failure on any process fails them all
+        rows = procs.all_or_none(outputs)
+        rows = procs.all_or_none(procs.gather, rows) if procs.ddp else rows
+        return dict(ema=ema, cfg_scale=w, sampler=cfg.sampler, sample_steps=cfg.sample_steps, time_shift=cfg.time_shift,
+                    num_samples=n, **procs.all_or_none(lambda: metrics(rows) if procs.rank == 0 else {}))
     finally:
-        if net:
-            net.cpu()  # the Inception does not stay in GPU memory between evaluations
+        net.cpu()  # the Inception does not stay in GPU memory between evaluations
+
+
+def write_samples(emas, n, cfg, procs, out_dir, fid_ctx=None):
+    """--sample, and online evaluation without a reference: each setting's npz, grid (PNGs) in out_dir; metrics."""
+    rows, mine = [], range(procs.rank, n, procs.world)
+    for (d, model), w in itertools.product(emas.items(), cfg.cfg_scale):
+        tag = "" if len(emas) * len(cfg.cfg_scale) == 1 else f"_ema{d}_cfg{w:g}"
+
+        def shard():  # this process's images by batch, and a file of them for rank 0 to merge
+            batches = list(my_images(model, w, n, cfg, procs))
+            images = np.concatenate(batches or [np.zeros((0, 1, 1, 3), np.uint8)])  # (none when n < world)
+            os.makedirs(os.path.join(out_dir, f"images{tag}") if cfg.save_pngs else out_dir, exist_ok=True)
+            for i, image in zip(mine, images if cfg.save_pngs else []):
+                Image.fromarray(image).save(os.path.join(out_dir, f"images{tag}", f"{i:06d}.png"))
+            np.savez(os.path.join(out_dir, f"samples{tag}_rank{procs.rank}.npz"), idx=mine, arr_0=images)
+            return batches
+        batches = procs.all_or_none(shard)
+        procs.all_or_none(merge_samples, n, os.path.join(out_dir, f"samples{tag}.npz"), model.num_classes, procs)
+        rows += [measure(batches, n, d, w, fid_ctx, cfg, procs)] if fid_ctx else []
     return rows
 
 
-def sample_shard(model, w, n, tag, cfg, procs, out_dir, ev):
-    """This process's images of one setting, into the Evaluation ev and with out_dir a shard file for merge_samples."""
-    mine, bs, imgs = list(range(procs.rank, n, procs.world)), max(1, cfg.batch_size // procs.world), []
-    pngs = os.path.join(out_dir, f"images{tag}") if out_dir and cfg.save_pngs else None
-    if out_dir:
-        os.makedirs(pngs or out_dir, exist_ok=True)
-    for j in tqdm(range(0, len(mine), bs), disable=procs.rank != 0, desc=f"sampling{tag}", leave=False):
-        idx = mine[j: j + bs]
-        im = sample_images(model, idx, cfg, procs.device, w)
-        if ev:
-            ev.add(im, idx)
-        imgs += [im] if out_dir else []
-        for i, a in zip(idx, im if pngs else []):
-            Image.fromarray(a).save(os.path.join(pngs, f"{i:06d}.png"))
-    if out_dir:
-        size = model.grid * model.patch_size
-        np.savez(os.path.join(out_dir, f"samples{tag}_rank{procs.rank}.npz"), idx=mine,
-                 arr_0=np.concatenate(imgs) if imgs else np.zeros((0, size, size, 3), np.uint8))
-
-
-def merge_samples(n, path, model, procs):  # rank 0: the shards -> one ADM npz in index order (+ its grid)
+def merge_samples(n, path, classes, procs):  # rank 0: the shards -> one ADM npz in image order, and its grid
     if procs.rank:
         return
-    size, K = model.grid * model.patch_size, model.num_classes
-    out = np.zeros((n, size, size, 3), np.uint8)
-    for r in range(procs.world):  # in index order, so the file does not depend on the number of processes
-        shard = path.replace(".npz", f"_rank{r}.npz")
-        with np.load(shard) as s:
-            out[s["idx"]] = s["arr_0"]
-        os.remove(shard)
-    np.savez(path, arr_0=out, arr_1=np.arange(n) % K)
-    save_grid(out[:100], path.replace("samples", "grid").replace(".npz", ".png"), K)
-    print(f"wrote {path} ({n} images) and its grid")
+    for r in range(procs.world):  # in image order: the same file for any number of processes
+        with np.load(path.replace(".npz", f"_rank{r}.npz")) as part:
+            out = np.zeros((n, *part["arr_0"].shape[1:]), np.uint8) if r == 0 else out
+            out[part["idx"]] = part["arr_0"]
+        os.remove(path.replace(".npz", f"_rank{r}.npz"))
+    np.savez(path, arr_0=out, arr_1=np.arange(n) % classes)
+    save_grid(out[:grid_shape(min(n, 100), classes)[0]], path.replace("samples", "grid")[:-3] + "png", classes)
+    print(f"wrote {path} ({n} images) and its grid{grid_shape(n, classes)[2]}")
 
 
 @torch.no_grad()
@@ -1397,11 +1387,9 @@ def sample_main(cfg):
     for m in models.values():
         m.to(procs.device).compile() if cfg.compile else m.to(procs.device)
     fid_ctx = fid_setup(cfg, procs) if cfg.fid_ref else None
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    rows = evaluate(models, cfg.num_samples, cfg, procs, cfg.out_dir, fid_ctx)
-    rows = [dict(ckpt=path, step=step, **r) for r in rows]
+    rows = write_samples(models, cfg.num_samples, cfg, procs, cfg.out_dir, fid_ctx)
     if procs.rank == 0 and rows:  # eval.json: a list of rows, appended to; the table marks the best FID
-        out = os.path.join(cfg.out_dir, "eval.json")
+        out, rows = os.path.join(cfg.out_dir, "eval.json"), [dict(ckpt=path, step=step, **r) for r in rows]
         with open(out + ".tmp", "w") as f:
             json.dump((json.load(open(out)) if os.path.isfile(out) else []) + rows, f, indent=1)
         os.replace(out + ".tmp", out)

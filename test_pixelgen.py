@@ -162,9 +162,9 @@ def _fake_network(monkeypatch):
 
     def outputs(model, images, preprocess="adm", spatial=False):
         calls.append(len(images))
-        x = fid.as_uint8_nchw(images).double().flatten(1).numpy() / 255  # (B, 3 H W)
+        x = np.asarray(images, np.float64).reshape(len(images), -1) / 255  # (B, H W 3)
         f = np.tile(x, (1, -(-2048 // x.shape[1])))[:, :2048] + (preprocess == "pytorch-fid")  # (B, 2048)
-        return (f, 5 * f[:, :1008]) + ((np.sqrt(f[:, :2023]),) if spatial else ())
+        return f.astype(np.float32), np.sqrt(f[:, :2023]).astype(np.float32) if spatial else None
 
     monkeypatch.setattr(fid, "inception_outputs", outputs)
     return calls
@@ -1431,13 +1431,6 @@ def test_no_gpu_advises_the_demo_recipe_and_a_gpu_out_of_memory_names_the_micro_
         pg.train(small_cfg(tmp_path / "oom", grad_accum=2))
 
 
-def test_training_writes_sample_grids(tmp_path):
-    pg.train(small_cfg(tmp_path, max_steps=2, sample_every=2, sample_steps=2, num_samples=20))
-    grid = Image.open(tmp_path / "grid_0000002.png")
-    assert grid.size == (10 * 34 + 2, 2 * 34 + 2)  # one column per class, 32 px images with 2 px borders
-    assert "sample grid (EMA 0.99):" in (tmp_path / "log.txt").read_text()
-
-
 def test_the_number_of_classes_follows_the_data(tmp_path):
     for c in ("apps", "devices", "places"):  # 3 classes of 2 images
         (tmp_path / "icons" / c).mkdir(parents=True)
@@ -1535,19 +1528,20 @@ def _unshared(rank, out, mp):  # rank 1's --out_dir lies on its own node's disk,
         pg.train(small_cfg(out if rank == 0 else out + "_node1", max_steps=steps, ckpt_every=1))
 
 
-def _eval_fails(rank, out, mp):  # the evaluation of step 1 fails on rank 1 only (an OOM while sampling, say)
-    sample_images = pg.sample_images
+def _eval_fails(rank, out, mp):  # failures on one process: its Inception, its metrics, its grid (an OOM, say)
+    def fails_once(owner, name, on_rank):
+        real, done = getattr(owner, name), []
+        mp.setattr(owner, name, lambda *a, **k: real(*a, **k) if rank != on_rank or done else (
+            done.append(1), (_ for _ in ()).throw(RuntimeError(f"{name} failed (a test)")))[1])
 
-    def fails_once(*a, **k):
-        if rank == 1 and not fails_once.done:
-            fails_once.done = True
-            raise RuntimeError("CUDA out of memory (a test)")
-        return sample_images(*a, **k)
-
-    fails_once.done = False
-    mp.setattr(pg, "sample_images", fails_once)
+    _fake_network(mp)
+    fails_once(fid, "inception_outputs", 1)  # step 1, rank 1: its images' Inception outputs (before the gather)
+    fails_once(fid, "compute_metrics", 0)  # step 2, rank 0: the metrics (after it)
+    fails_once(pg, "save_grid", 0)  # step 1: the grid, on rank 0 alone
     _next_port()
-    pg.train(small_cfg(out, max_steps=3, eval_every=1, eval_samples=4, sample_steps=2))
+    root = os.path.dirname(out)
+    pg.train(small_cfg(out, max_steps=3, eval_every=1, eval_samples=4, sample_steps=2, sample_every=1, num_samples=10,
+                       fid_ref=os.path.join(root, "ref.npz"), fid_weights=os.path.join(root, "inception.pth")))
 
 
 def _slow_save(rank, out, mp):  # rank 0 writes a checkpoint for longer than the process group's timeout
@@ -1689,14 +1683,16 @@ def test_the_resume_is_decided_once_and_an_unshared_out_dir_stops_every_process(
     assert ckpt(two_processes / "unshared" / "ckpt.pt")["step"] == 1  # the second run stopped before a step
 
 
-def test_an_evaluation_failing_on_one_process_is_skipped_by_all(two_processes):
+def test_an_evaluation_or_grid_failing_on_one_process_is_skipped_by_all(two_processes):
+    """Every cross-process step of an evaluation runs inside an agreement, so a failure on one process, before or
+    after the gather, is one failure of the evaluation on all; a grid failing on rank 0 is logged the same way."""
     out = _outcome(two_processes, "eval_fails")
     log = (out / "log.txt").read_text()
     assert "evaluation at step 1 failed, training goes on: RuntimeError('it failed on process 1" in log
-    assert not (out / "eval_0000001" / "samples.npz").exists() and ckpt(out / "ckpt.pt")["step"] == 3
-    for step in (2, 3):  # the next evaluations ran on both processes
-        with np.load(out / f"eval_{step:07d}" / "samples.npz") as f:
-            assert f["arr_0"].shape == (4, 32, 32, 3)
+    assert "evaluation at step 2 failed, training goes on: RuntimeError('compute_metrics failed (a test)')" in log
+    assert "sample grid at step 1 failed, training goes on: RuntimeError('save_grid failed (a test)')" in log
+    assert "eval step 3 ema 0.99 cfg 2: FID " in log and (out / "grid_0000003.png").exists()  # then all is well
+    assert ckpt(out / "ckpt.pt")["step"] == 3
 
 
 def test_a_slow_checkpoint_write_is_waited_for_on_the_host(two_processes):
@@ -1707,9 +1703,8 @@ def test_a_slow_checkpoint_write_is_waited_for_on_the_host(two_processes):
 
 
 def test_two_processes_sample_and_evaluate_as_one(tmp_path, two_processes, monkeypatch):
-    """The images (sampled in batches of the same size), the Inception sums and the gathered features do not depend on
-    the number of processes: every metric agrees to the rounding of the float64 sums (amplified by FID's singular
-    covariances of 8 samples)."""
+    """The images (sampled in batches of the same size) and their Inception outputs, gathered in image order, do not
+    depend on the number of processes, and so neither does any metric."""
     out, threads = _outcome(two_processes, "sample"), torch.get_num_threads()
     _fake_network(monkeypatch)
     torch.set_num_threads(1)  # as each of the two processes: the same matmul kernels, the same rounding
@@ -1719,9 +1714,7 @@ def test_two_processes_sample_and_evaluate_as_one(tmp_path, two_processes, monke
         torch.set_num_threads(threads)
     one, two = (json.load(open(d / "eval.json")) for d in (tmp_path, out))
     assert len(one) == len(two) == 2 and METRIC_KEYS <= set(one[0])
-    for a, b in zip(one, two):
-        for k in METRIC_KEYS:
-            assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-12), k
+    assert [{k: r[k] for k in METRIC_KEYS} for r in one] == [{k: r[k] for k in METRIC_KEYS} for r in two]
     for setting in ("cfg1", "cfg2"):
         with np.load(tmp_path / f"samples_ema0.9999_{setting}.npz") as a, np.load(out / f"samples_ema0.9999_"
                                                                                   f"{setting}.npz") as b:
@@ -1777,35 +1770,53 @@ def test_sample_program_writes_npz_and_grid(tmp_path):
     with np.load(tmp_path / "samples.npz") as f:
         imgs, labels = f["arr_0"], f["arr_1"]
     assert imgs.shape == (12, 32, 32, 3) and imgs.dtype == np.uint8 and labels.tolist() == [i % 10 for i in range(12)]
-    assert (tmp_path / "grid.png").exists() and len(os.listdir(tmp_path / "images")) == 12
-    # image i depends only on (seed, i): another batch split (as with more processes) gives the same images, up to
-    # the float rounding of batched matmuls (at most 1 of 255)
-    pg.sample_main(pg.dataclasses.replace(cfg, batch_size=12, save_pngs=False))
-    with np.load(tmp_path / "samples.npz") as f:
-        assert np.abs(f["arr_0"].astype(int) - imgs).max() <= 1
+    assert len(os.listdir(tmp_path / "images")) == 12
+    assert Image.open(tmp_path / "grid.png").size == (10 * 34 + 2, 34 + 2)  # a column per class: 10 of the 12
+    # image i depends only on (seed, i), not on its batch (padded or not), up to the float rounding of batched matmuls
     noise = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(pg.seed_for(cfg.seed, 7)))
-    with torch.no_grad():
-        one = pg.sample(m.eval(), noise[None], torch.tensor([7]), 3, cfg.sampler, 1.5, cfg.cfg_interval, cfg.time_shift)
-    assert np.abs(pg.to_uint8(one)[0].numpy().astype(int) - imgs[7]).max() <= 1
+    one = pg.sample(m.eval(), noise[None], torch.tensor([7]), 3, cfg.sampler, 1.5, cfg.cfg_interval, cfg.time_shift)
+    one = ((one + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)[0].numpy()
+    assert np.abs(one.astype(int) - imgs[7]).max() <= 1
 
 
-def test_online_evaluation_trains_the_same_weights_and_writes_samples(tmp_path):
+def test_a_sweep_compiles_one_graph_per_batch_shape(tmp_path, monkeypatch):  # the last batch padded, t contiguous
+    graphs, compile_ = [], torch.compile
+    backend = lambda gm, inputs: graphs.append(gm) or gm.forward  # one backend for all: dynamo's graphs, run eagerly
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: compile_(fn, backend=backend))
+    sd = pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10).state_dict()
+    torch.save(dict(model=sd, ema=sd, emas={"0.9": sd, "0.5": sd}), tmp_path / "ckpt.pt")
+    torch._dynamo.reset()  # before and after: no other test meets dynamo's recompilation limit because of this one
+    pg.sample_main(pg.parse_args(["--sample", "--out_dir", str(tmp_path), "--num_samples", "5", "--batch_size", "4",
+                                  "--sample_steps", "2", "--ema_decay", "0.9", "0.5", "--cfg_scale", "1", "2",
+                                  "--compile"])[0])
+    torch._dynamo.reset()
+    assert len(graphs) == 2  # two EMAs x two CFG scales: unguided batches of 4, guided ones of 8, shared by the EMAs
+
+
+def test_grids_and_online_evaluations_change_no_training_and_their_failures_are_logged(tmp_path, monkeypatch):
+    run, kw = tmp_path / "eval", dict(eval_every=2, eval_samples=6, sample_steps=2, ema=(0.9, 0.5), ckpt_every=100,
+                                      sample_every=1, num_samples=25)
     pg.train(small_cfg(tmp_path / "plain", max_steps=3))
-    pg.train(small_cfg(tmp_path / "eval", max_steps=3, eval_every=2, eval_samples=6, sample_steps=2, ema=(0.9, 0.5),
-                       ckpt_every=100))
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("plain", "eval"))
+    pg.train(small_cfg(run, max_steps=2, **kw))
+    monkeypatch.setattr(pg, "save_grid", lambda *a: 1 / 0)
+    monkeypatch.setattr(pg, "write_samples", lambda *a: 1 / 0)
+    pg.train(small_cfg(run, max_steps=3, **kw))
+    a, b = ckpt(tmp_path / "plain" / "ckpt.pt"), ckpt(run / "ckpt.pt")
     assert same(a["model"], b["model"]) and same(a["opt"], b["opt"])
-    log = (tmp_path / "eval" / "log.txt").read_text()  # the checkpoint of an evaluation's step comes first
-    assert log.index("step 2/3") < log.index(f"saved {tmp_path / 'eval' / 'ckpt.pt'}") < log.index("step 3/3")
-    for step in (2, 3):  # every eval_every steps and at the end; without --fid_ref the samples are kept
-        for d in (0.9, 0.5):
-            with np.load(tmp_path / "eval" / f"eval_{step:07d}" / f"samples_ema{d}_cfg2.npz") as f:
-                assert f["arr_0"].shape == (6, 32, 32, 3) and f["arr_1"].tolist() == [i % 10 for i in range(6)]
+    for d in (0.9, 0.5):  # without --fid_ref the samples are kept
+        with np.load(run / "eval_0000002" / f"samples_ema{d}_cfg2.npz") as f:
+            assert f["arr_0"].shape == (6, 32, 32, 3) and f["arr_1"].tolist() == [i % 10 for i in range(6)]
+    # 10 classes: whole rows of one column per class, 20 of the 25 images; 32 px images, 2 px borders
+    assert Image.open(run / "grid_0000001.png").size == (10 * 34 + 2, 2 * 34 + 2)
+    log = (run / "log.txt").read_text()
+    assert f"sample grid (EMA 0.9): {run}/grid_0000001.png\n" in log
+    for what in ("sample grid", "evaluation"):  # at the last step: logged alike, and the run ends normally
+        assert f"{what} at step 3 failed, training goes on: ZeroDivisionError" in log
 
 
 def _fid_files(tmp_path):  # random-weight Inception weights and a small ADM-style reference batch
     ref = tmp_path / "ref.npz"
-    np.savez(ref, arr_0=_images(6, 32, 32, seed=3).permute(0, 2, 3, 1).numpy())
+    np.savez(ref, arr_0=_images(6, 32, 32, seed=3))
     return _save_weights(tmp_path / "inception.pth"), str(ref)
 
 
@@ -1813,7 +1824,7 @@ METRIC_KEYS = {"fid", "sfid", "inception_score", "precision", "recall", "density
 
 
 def test_online_rows_equal_sample_rows_equal_fid_py_for_every_metric(tmp_path, monkeypatch):
-    _fake_network(monkeypatch)  # the plumbing is under test: the same outputs in, the same numbers out
+    calls = _fake_network(monkeypatch)  # the plumbing is under test: the same outputs in, the same numbers out
     weights, ref = _fid_files(tmp_path)
     pg.train(small_cfg(tmp_path / "run", max_steps=2, eval_every=2, eval_samples=5, keep_every=2, sample_steps=2,
                        ema=(0.9, 0.5), fid_ref=ref, fid_weights=weights))
@@ -1821,12 +1832,13 @@ def test_online_rows_equal_sample_rows_equal_fid_py_for_every_metric(tmp_path, m
     assert [(r["step"], r["ema"], r["num_samples"]) for r in online] == [(2, 0.9, 5), (2, 0.5, 5)]
     assert all(r["eval_seconds"] > 0 and r["inception_score"] >= 1 and METRIC_KEYS <= set(r) for r in online)
     assert not list((tmp_path / "run").glob("eval_*"))  # with a reference, no samples are kept
-    log = (tmp_path / "run" / "log.txt").read_text()
-    assert "eval step 2 ema 0.9 cfg 2: FID " in log and ", sFID " in log and ", Coverage " in log
+    assert "eval step 2 ema 0.9 cfg 2: FID " in (tmp_path / "run" / "log.txt").read_text()
     out = tmp_path / "sampled"
     args = ["--sample", "--ckpt", str(tmp_path / "run" / "ckpt_0000002.pt"), "--out_dir", str(out), "--num_samples",
             "5", "--batch_size", "4", "--ema_decay", "0.9", "0.5", "--fid_ref", ref, "--fid_weights", weights]
+    calls.clear()
     pg.sample_main(pg.parse_args(args)[0])
+    assert sum(calls) == 6 + 2 * 5  # the reference once for the whole sweep, then each setting's samples
     rows = json.load(open(out / "eval.json"))
     assert [(r["step"], r["ema"], r["cfg_scale"], r["sample_steps"]) for r in rows] == [(2, 0.9, 2.0, 2),
                                                                                       (2, 0.5, 2.0, 2)]
@@ -1837,10 +1849,6 @@ def test_online_rows_equal_sample_rows_equal_fid_py_for_every_metric(tmp_path, m
         for k in METRIC_KEYS:
             assert r[k] == pytest.approx(o[k], rel=1e-9) and res[k] == pytest.approx(r[k], rel=1e-6), k
     assert online[0]["fid"] != online[1]["fid"]
-    assert list(out.glob("ref.npz.adm.*.npz"))  # the reference side, cached beside the run: the next run reuses it
-    monkeypatch.setattr(fid, "read_outputs", lambda *a, **k: pytest.fail("the reference was computed again"))
-    pg.sample_main(pg.parse_args(args + ["--ema_decay", "0.9"])[0])
-    assert json.load(open(out / "eval.json"))[-1]["fid"] == rows[0]["fid"]
 
 
 def test_sweep_rows_same_noise_and_best_marked(tmp_path, capsys, monkeypatch):
@@ -1853,13 +1861,12 @@ def test_sweep_rows_same_noise_and_best_marked(tmp_path, capsys, monkeypatch):
     rows = json.load(open(tmp_path / "eval.json"))
     assert [(r["ema"], r["cfg_scale"]) for r in rows] == [(0.9, 1.0), (0.9, 3.0), (0.5, 1.0), (0.5, 3.0)]
     table = capsys.readouterr().out
+    assert "samples_ema0.9_cfg1.npz (4 images) and its grid; classes 4-9 are left out (4 images)" in table
+    assert Image.open(tmp_path / "grid_ema0.9_cfg1.png").size == (4 * 34 + 2, 34 + 2)  # one short row
     best = min(rows, key=lambda r: r["fid"])
     marked = [line for line in table.splitlines() if "<- best FID" in line]
     header = "     ema    cfg        fid       sfid inception_score  precision     recall    density   coverage"
     assert header in table and len(marked) == 1 and f" {best['fid']:>10.4g} " in marked[0]  # every column
-    for r in rows:
-        assert (tmp_path / f"samples_ema{r['ema']}_cfg{r['cfg_scale']:g}.npz").exists()
-        assert (tmp_path / f"grid_ema{r['ema']}_cfg{r['cfg_scale']:g}.png").exists()
     pg.sample_main(pg.parse_args(args + ["--ema_decay", "0.5", "--cfg_scale", "3"])[0])  # one setting alone
     with np.load(tmp_path / "samples.npz") as a, np.load(tmp_path / "samples_ema0.5_cfg3.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"])  # every setting starts from the same noise
@@ -1870,7 +1877,7 @@ def test_evaluation_metrics_follow_the_reference_and_the_flag(tmp_path, monkeypa
     _fake_network(monkeypatch)
     weights, ref = _fid_files(tmp_path)
     with np.load(ref) as f:  # a statistics-only reference: mu and sigma of its images, nothing else
-        mu, sigma = fid.feature_statistics(fid.get_features(fid.load_inception(weights, "cpu"), f["arr_0"]))
+        mu, sigma = fid.statistics(fid.inception_outputs(None, f["arr_0"])[0])
     np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
     pg.train(small_cfg(tmp_path / "run", max_steps=1))
     base = ["--sample", "--out_dir", str(tmp_path / "run"), "--num_samples", "4", "--sample_steps", "1",
@@ -1880,18 +1887,17 @@ def test_evaluation_metrics_follow_the_reference_and_the_flag(tmp_path, monkeypa
                         (["--fid_ref", ref, "--metrics", "is"], {"inception_score"})]:  # (a table without FID)
         pg.sample_main(pg.parse_args(base + extra)[0])
         assert set(json.load(open(tmp_path / "run" / "eval.json"))[-1]) & METRIC_KEYS == want
-    with pytest.raises(SystemExit, match=r"stats.npz holds only mu / sigma: precision / recall need pool3 features or "
-                                         r"images \(arr_0\)"):
+    with pytest.raises(SystemExit, match=r"stats.npz holds no images, nor what pr needs \(mu\)"):
         pg.sample_main(pg.parse_args(base + ["--fid_ref", str(tmp_path / "stats.npz"), "--metrics", "fid", "pr"])[0])
 
 
-def test_evaluation_bad_input_and_failures(tmp_path, monkeypatch, capsys):
+def test_evaluation_bad_input(tmp_path, monkeypatch):
     weights, ref = _fid_files(tmp_path)
     (tmp_path / "empty").mkdir()
     (tmp_path / "junk.npz").write_bytes(b"not an npz")
     pg.train(small_cfg(tmp_path / "run", max_steps=1))
     base = ["--sample", "--out_dir", str(tmp_path / "run"), "--num_samples", "2", "--sample_steps", "1"]
-    for bad_ref, msg in [(tmp_path / "empty", "no image files"), (tmp_path / "junk.npz", "junk.npz")]:
+    for bad_ref, msg in [(tmp_path / "empty", "no image files"), (tmp_path / "junk.npz", "junk.npz is neither")]:
         with pytest.raises(SystemExit, match=msg):
             pg.sample_main(pg.parse_args(base + ["--fid_ref", str(bad_ref), "--fid_weights", weights])[0])
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
@@ -1901,11 +1907,6 @@ def test_evaluation_bad_input_and_failures(tmp_path, monkeypatch, capsys):
         pg.sample_main(pg.parse_args(base + ["--fid_ref", ref])[0])
     with pytest.raises(SystemExit, match="holds no EMA of decay 0.5; it holds 0.99"):
         pg.sample_main(pg.parse_args(base + ["--ema_decay", "0.99", "0.5"])[0])
-    monkeypatch.setattr(pg, "evaluate", lambda *a, **k: 1 / 0)  # an evaluation that fails mid-run
-    pg.train(small_cfg(tmp_path / "run", max_steps=3, eval_every=1, eval_samples=2))
-    log = (tmp_path / "run" / "log.txt").read_text()
-    assert "evaluation at step 2 failed, training goes on: ZeroDivisionError" in log
-    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2141,9 +2142,16 @@ def test_dino_compiles_fullgraph_and_backpropagates(compiled):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# fid.py: FID Inception, features, FID / IS / precision / recall, I/O, CLI
+# fid.py: FID Inception, preprocessing, metrics from Inception outputs, inputs, CLI
 
 _MODEL = []
+
+
+def _images(n, h, w, seed=0):
+    """Smooth random uint8 images (n, h, w, 3) with some noise on top."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.interpolate(torch.rand(n, 3, max(2, h // 8), max(2, w // 8), generator=g), size=(h, w), mode="bilinear")
+    return ((x + 0.2 * torch.rand(n, 3, h, w, generator=g)).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def _random_inception():
@@ -2164,18 +2172,11 @@ def _random_inception():
                 m.bias.data.uniform_(-0.3, 0.5)
                 hooks.append(m.register_forward_pre_hook(set_stats))
         with torch.no_grad():
-            model(fid.preprocess_images(_images(2, 299, 299, seed=1), "adm"))
+            model(fid.preprocess_images(torch.from_numpy(_images(2, 299, 299, seed=1)).permute(0, 3, 1, 2)))
         for h in hooks:
             h.remove()
         _MODEL.append(model)
     return _MODEL[0]
-
-
-def _images(n, h, w, seed=0):
-    """Smooth random uint8 images (n, 3, h, w) with some noise on top."""
-    g = torch.Generator().manual_seed(seed)
-    x = F.interpolate(torch.rand(n, 3, max(2, h // 8), max(2, w // 8), generator=g), size=(h, w), mode="bilinear")
-    return ((x + 0.2 * torch.rand(n, 3, h, w, generator=g)).clamp(0, 1) * 255).to(torch.uint8)
 
 
 def _save_weights(path):
@@ -2188,18 +2189,12 @@ def fid_weights(tmp_path_factory):  # the random-weight Inception's file, writte
     return _save_weights(tmp_path_factory.mktemp("fid") / "inception.pth")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Network
-
-
 def test_fid_state_dict_keys_and_shapes():
     sd = fid.InceptionV3().state_dict()
     assert len(sd) == 472 and sum(v.numel() for v in sd.values()) == 23885392
     assert not any("num_batches_tracked" in k or "AuxLogits" in k for k in sd)
-    assert all(v.dtype == torch.float32 for v in sd.values())
     expected = {
         "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
-        "Conv2d_1a_3x3.bn.running_var": (32,),
         "Conv2d_4a_3x3.conv.weight": (192, 80, 3, 3),
         "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
         "Mixed_6a.branch3x3.conv.weight": (384, 288, 3, 3),
@@ -2210,14 +2205,13 @@ def test_fid_state_dict_keys_and_shapes():
         "Mixed_7c.branch3x3dbl_1.conv.weight": (448, 2048, 1, 1),
         "Mixed_7c.branch_pool.bn.running_var": (192,),
         "fc.weight": (1008, 2048),
-        "fc.bias": (1008,),
     }
     for k, shape in expected.items():
         assert tuple(sd[k].shape) == shape, k
     assert list(sd)[0] == "Conv2d_1a_3x3.conv.weight" and list(sd)[-1] == "fc.bias"
 
 
-def test_fid_strict_load_without_num_batches_tracked(tmp_path):
+def test_fid_weights_load_strictly_or_say_what_is_missing(tmp_path, monkeypatch):
     sd = {k: torch.randn_like(v) for k, v in fid.InceptionV3().state_dict().items()}  # plain dict: no _metadata
     torch.save(sd, tmp_path / "w.pth")
     model = fid.load_inception(str(tmp_path / "w.pth"), device="cpu")
@@ -2227,27 +2221,37 @@ def test_fid_strict_load_without_num_batches_tracked(tmp_path):
     torch.save(sd, tmp_path / "w2.pth")
     with pytest.raises(RuntimeError, match="fc.bias"):
         fid.load_inception(str(tmp_path / "w2.pth"), device="cpu")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError) as e:
+        fid.load_inception(download=False)
+    for part in (fid.FID_WEIGHTS_FILE, fid.FID_WEIGHTS_URL, str(tmp_path / "hub" / "checkpoints")):
+        assert part in str(e.value)
+    (tmp_path / "corrupt.pth").write_bytes(b"garbage")
+    np.savez(tmp_path / "images.npz", arr_0=_images(2, 8, 8))
+    for name, error in (("missing.pth", FileNotFoundError), ("corrupt.pth", RuntimeError)):
+        with pytest.raises(error, match=name):
+            fid.load_inception(str(tmp_path / name))
+        with pytest.raises(SystemExit, match=name):  # the CLI: one line
+            fid.main([str(tmp_path / "images.npz")] * 2 + ["--weights", str(tmp_path / name)])
 
 
-def test_fid_feature_shapes_and_layouts():
-    model = _random_inception()
-    x = _images(2, 37, 53, seed=2)  # odd, non-square
-    ref, logits = fid.get_features(model, x, return_logits=True)
-    assert ref.shape == (2, 2048) and ref.dtype == np.float64 and np.isfinite(ref).all()
-    assert 0.01 < np.abs(ref).max() < 100  # calibrated, not exploding
-    assert logits.shape == (2, 1008)
-    np.testing.assert_allclose(logits, ref @ model.fc.weight.double().numpy().T, rtol=1e-12)
-    nhwc = x.permute(0, 2, 3, 1)
-    for variant, rows in ((nhwc.numpy(), [0, 1]), (nhwc[1:].contiguous(), [1]), (x[:1].numpy(), [0])):
-        np.testing.assert_allclose(fid.get_features(model, variant, batch_size=1), ref[rows], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="uint8"):
-        fid.get_features(model, x.float())
-    with pytest.raises(ValueError, match="preprocess"):
-        fid.get_features(model, x, preprocess="tf2")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Preprocessing
+def test_fid_outputs_pool3_and_sfid_features():
+    model, x = _random_inception(), _images(2, 37, 53, seed=2)  # odd, non-square
+    seen = []
+    hook = model.Mixed_6d.branch1x1.register_forward_hook(lambda m, inputs, out: seen.append(out.clone()))
+    try:
+        pool3, spatial = fid.inception_outputs(model, x, spatial=True)
+    finally:
+        hook.remove()
+    assert pool3.shape == (2, 2048) and pool3.dtype == np.float32 and 0.01 < np.abs(pool3).max() < 100
+    assert spatial.shape == (2, fid.SPATIAL_DIM) == (2, 2023) and spatial.min() == 0 < spatial.max()  # after a ReLU
+    # sFID's mixed_6/conv: our recomputation equals Mixed_6d's own branch (both ran); its first 7 channels, flattened
+    # per image in NHWC order: value (h, w, c) at (h * 17 + w) * 7 + c.
+    assert len(seen) == 2 and seen[0].shape == (2, 192, 17, 17) and torch.equal(seen[0], seen[1])
+    np.testing.assert_array_equal(spatial, seen[1][:, :7].permute(0, 2, 3, 1).reshape(2, -1).numpy())
+    one, none = fid.inception_outputs(model, x[1:])  # another batch, no sFID features: the same pool3
+    assert none is None
+    np.testing.assert_allclose(one, pool3[1:], rtol=1e-5, atol=1e-6)
 
 
 def _tf1_resize_numpy(img, out_h, out_w):
@@ -2282,28 +2286,25 @@ def test_fid_adm_resize_matches_tf1_bilinear():
     # Constant images stay constant; at 299 the resize is the identity; then (x - 128) / 128.
     const = torch.full((1, 3, 37, 53), 77, dtype=torch.uint8)
     assert torch.equal(fid.preprocess_images(const, "adm"), torch.full((1, 3, 299, 299), (77 - 128) / 128))
-    x299 = _images(1, 299, 299)
+    x299 = torch.from_numpy(_images(1, 299, 299)).permute(0, 3, 1, 2)
     assert torch.equal(fid.preprocess_images(x299, "adm"), (x299.float() - 128) / 128)
 
 
 def test_fid_pytorch_fid_preprocessing():
-    x = _images(2, 45, 61)
+    x = torch.from_numpy(_images(2, 45, 61)).permute(0, 3, 1, 2)
     expected = 2 * F.interpolate(x.float() / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1
     assert torch.equal(fid.preprocess_images(x, "pytorch-fid"), expected)
     assert not torch.allclose(fid.preprocess_images(x, "adm"), expected, atol=1e-2)  # the two modes differ
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Metrics
+    with pytest.raises(ValueError, match="preprocess"):
+        fid.preprocess_images(x, "tf2")
 
 
 def _random_cov(d, n, seed):
     rng = np.random.default_rng(seed)
-    feats = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) * 0.3 + 1.0
-    return fid.feature_statistics(feats)
+    return fid.statistics(rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) * 0.3 + 1.0)
 
 
-def test_fid_frechet_distance_closed_forms():
+def test_fid_frechet_distance_closed_forms_and_sqrtm():
     mu1, s1 = _random_cov(64, 500, 0)
     mu2 = mu1 + np.random.default_rng(1).standard_normal(64)
     assert fid.frechet_distance(mu1, s1, mu2, s1) == pytest.approx(np.sum((mu1 - mu2) ** 2), rel=1e-8)
@@ -2314,9 +2315,6 @@ def test_fid_frechet_distance_closed_forms():
     assert abs(fid.frechet_distance(mu, s, mu, s)) < 1e-6
     with pytest.raises(ValueError, match="do not match"):
         fid.frechet_distance(mu1, s1, mu, s)
-
-
-def test_fid_frechet_distance_against_sqrtm():
     for (n1, n2), seed in [((500, 400), 3), ((40, 300), 4)]:  # full rank, and a singular sigma1 (40 samples, 64-d)
         mu1, s1 = _random_cov(64, n1, seed)
         mu2, s2 = _random_cov(64, n2, seed + 10)
@@ -2325,11 +2323,16 @@ def test_fid_frechet_distance_against_sqrtm():
         assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(direct, rel=1e-7)
 
 
-def test_fid_feature_statistics():
-    feats = np.random.default_rng(0).standard_normal((50, 6)).astype(np.float32)
-    mu, sigma = fid.feature_statistics(feats)
-    assert mu.dtype == sigma.dtype == np.float64 and sigma.shape == (6, 6)
-    np.testing.assert_allclose(sigma, np.cov(feats.astype(np.float64), rowvar=False), rtol=1e-12)
+def test_fid_statistics_in_chunks_equal_np_cov():
+    rng = np.random.default_rng(0)
+    feats = (rng.standard_normal((103, 7)) * rng.uniform(0.1, 2, 7) + rng.uniform(-1, 3, 7)).astype(np.float32)
+    for chunk in (10000, 10, 7):
+        mu, sigma = fid.statistics(feats, chunk)
+        assert mu.dtype == sigma.dtype == np.float64
+        np.testing.assert_allclose(mu, feats.astype(np.float64).mean(0), rtol=1e-12)
+        np.testing.assert_allclose(sigma, np.cov(feats.astype(np.float64), rowvar=False), rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="at least 2 images, got 1"):
+        fid.statistics(feats[:1])
 
 
 def _inception_score_numpy(logits, split_size=5000):
@@ -2350,125 +2353,12 @@ def test_fid_inception_score():
     # Against a direct numpy computation with ADM's split_size = 5000: splits of 5000, 5000, 2000.
     logits = np.random.default_rng(0).standard_normal((12000, 10)) * 3
     assert fid.inception_score(logits) == pytest.approx(_inception_score_numpy(logits), rel=1e-10)
-    assert fid.inception_score(logits[:100]) == pytest.approx(fid.inception_score(logits[:100], split_size=100))
-
-
-def _all_reduce(tensor_lists):
-    """What dist.all_reduce(SUM) of each Stats tensor does for the ranks holding these lists: all get the sums."""
-    for tensors in zip(*tensor_lists):
-        total = sum(t.clone() for t in tensors)
-        for t in tensors:
-            t.copy_(total)
-
-
-def test_fid_stats_any_order_and_sharding():
-    rng = np.random.default_rng(0)
-    n, d, c = 103, 7, 11
-    feats = rng.standard_normal((n, d)) * rng.uniform(0.1, 2, d) + rng.uniform(-1, 3, d)  # offsets: mean != 0
-    logits = rng.standard_normal((n, c)) * 3
-    mu, sigma = feats.mean(0), np.cov(feats, rowvar=False)
-    for split_size in (40, 103, 5000):  # splits of 40, 40, 23 (a short last one); exactly one; one shorter than 5000
-        # 3 ranks, each with a shuffled third of the samples, added in batches of random sizes with their indices.
-        parts, perm = [fid.Stats(n, split_size, dim=d, classes=c) for _ in range(3)], rng.permutation(n)
-        for r, part in enumerate(parts):
-            rows = perm[r::3]
-            for chunk in np.split(rows, np.sort(rng.choice(np.arange(1, len(rows)), 4, replace=False))):
-                part.add(torch.tensor(feats[chunk]), logits[chunk], index=chunk)
-        assert all(t.dtype == torch.float64 and t.device.type == "cpu" for t in parts[0].tensors)
-        _all_reduce([p.tensors for p in parts])
-        stats = parts[1]
-        for got in (stats.mu_sigma(), fid.feature_statistics(feats)):
-            np.testing.assert_allclose(got[0], mu, rtol=1e-12, atol=1e-14)
-            np.testing.assert_allclose(got[1], sigma, rtol=1e-10, atol=1e-14)
-        expected = _inception_score_numpy(logits, split_size)
-        assert stats.inception_score() == pytest.approx(expected, rel=1e-12)
-        assert fid.inception_score(logits, split_size) == pytest.approx(expected, rel=1e-12)
-        # The default index: consecutive, continuing over add() calls.
-        stats = fid.Stats(n, split_size, dim=d, classes=c)
-        for chunk in np.array_split(np.arange(n), 6):
-            stats.add(feats[chunk], logits[chunk])
-        assert stats.inception_score() == pytest.approx(expected, rel=1e-12)
-    # Missing logits or samples, too few samples, bad shapes and indices.
-    stats = fid.Stats(n, 40, dim=d, classes=c)
-    stats.add(feats[:50], logits[:50])
-    stats.add(feats[50:])  # features only: FID works, IS does not
-    assert np.allclose(stats.mu_sigma()[1], sigma)
-    with pytest.raises(ValueError, match=r"logits of all n=103 samples: got \[40, 10, 0\] per split of 40"):
-        stats.inception_score()
-    half, one = fid.Stats(n, dim=d), fid.Stats(1, dim=d)
-    half.add(feats[:50])
-    one.add(feats[:1])
-    with pytest.raises(ValueError, match="features of 50 samples were added, but the set has n=103"):
-        half.mu_sigma()
-    with pytest.raises(ValueError, match="at least 2 samples"):
-        one.mu_sigma()
-    with pytest.raises(ValueError, match=r"features must be \(B, 7\)"):
-        stats.add(feats[:, :3])
-    with pytest.raises(ValueError, match=r"logits must be \(2, 11\)"):
-        stats.add(feats[:2], logits[:2, :5], index=[0, 1])
-    with pytest.raises(ValueError, match=r"index must hold 2 sample indices in \[0, 103\)"):
-        stats.add(feats[:2], index=[5, 103])
-
-
-def test_fid_source_ranges(tmp_path):
-    _write_folder(tmp_path / "imgs", [(20, 24), (20, 24), (31, 17)])  # 6 images, one of another size
-    arr = np.random.default_rng(0).integers(0, 256, (7, 16, 12, 3), dtype=np.uint8)
-    np.savez(tmp_path / "stored.npz", arr_0=arr)
-    np.savez_compressed(tmp_path / "compressed.npz", arr_0=arr)
-    for name in ("imgs", "stored.npz", "compressed.npz"):
-        src = fid.Source(str(tmp_path / name))
-        full = [image for batch in src.batches() for image in batch]
-        for start, stop in [(0, None), (1, 4), (2, 2), (3, 6), (5, 100), (len(src), None)]:
-            batches = list(src.batches(2, start, stop))
-            assert all(1 <= len(b) <= 2 for b in batches)
-            part = [image for batch in batches for image in batch]
-            assert len(part) == len(full[start:stop])
-            assert all(np.array_equal(a, b) for a, b in zip(part, full[start:stop]))
-        with pytest.raises(ValueError, match="bad image range"):
-            next(src.batches(2, 4, 3))
-
-
-def test_fid_reference_stats(tmp_path, monkeypatch):
-    _fake_network(monkeypatch)  # streaming and sharding are under test: the same outputs in, the same statistics out
-    model = nn.Linear(2, 2)
-    images = _images(5, 24, 24, seed=3).permute(0, 2, 3, 1).numpy()  # (5, 24, 24, 3)
-    np.savez(tmp_path / "ref.npz", arr_0=images)
-    (tmp_path / "ref").mkdir()
-    for i, image in enumerate(images):
-        Image.fromarray(image).save(tmp_path / "ref" / f"{i}.png")
-    mu, sigma = fid.feature_statistics(fid.get_features(model, images, batch_size=2))
-
-    def sharded(path):  # 2 fake ranks: rank 0's reduce runs rank 1, whose reduce sums the two like an all_reduce
-        def reduce0(tensors0):
-            rank1.append(fid.reference_stats(path, model, batch_size=2, shard=(1, 2),
-                                             reduce=lambda tensors1: _all_reduce([tensors0, tensors1])))
-
-        rank1 = []
-        rank0 = fid.reference_stats(path, model, batch_size=2, shard=(0, 2), reduce=reduce0)
-        return [rank0] + rank1
-
-    for path in (str(tmp_path / "ref.npz"), str(tmp_path / "ref")):
-        for got in [fid.reference_stats(path, model, batch_size=2)] + sharded(path):
-            np.testing.assert_allclose(got[0], mu, rtol=1e-12, atol=1e-14)
-            np.testing.assert_allclose(got[1], sigma, rtol=1e-10, atol=1e-14)
-    # Statistics npz files and ADM reference batches: their mu / sigma, untouched (no network needed).
-    stats = np.arange(3.0), np.diag([1.0, 2.0, 3.0])
-    np.savez(tmp_path / "stats.npz", mu=stats[0], sigma=stats[1])
-    np.savez(tmp_path / "adm.npz", arr_0=images, mu=stats[0], sigma=stats[1])
-    for name in ("stats.npz", "adm.npz"):
-        got = fid.reference_stats(str(tmp_path / name), model=None)
-        assert np.array_equal(got[0], stats[0]) and np.array_equal(got[1], stats[1])
-    # Bad inputs fail before any network use.
-    (tmp_path / "empty").mkdir()
-    np.savez(tmp_path / "other.npz", images=images)
-    np.savez(tmp_path / "one.npz", arr_0=images[:1])
-    for name, error, message in [("nowhere", FileNotFoundError, "nowhere"), ("empty", ValueError, "no image files"),
-                                 ("other.npz", ValueError, "other.npz has no 'arr_0'"),
-                                 ("one.npz", ValueError, "one.npz: FID statistics need at least 2 images, got 1")]:
-        with pytest.raises(error, match=message):
-            fid.reference_stats(str(tmp_path / name), model=None)
-    with pytest.raises(ValueError, match="a reduce function when world > 1"):
-        fid.reference_stats(str(tmp_path / "ref.npz"), model=None, shard=(0, 2))
+    assert fid.inception_score(logits[:100], 40) == pytest.approx(_inception_score_numpy(logits[:100], 40), rel=1e-10)
+    model = nn.Module()  # the IS logits: pool3 @ fc.weight.T, no bias, in float64
+    model.fc = nn.Linear(6, 4)
+    pool3 = np.random.default_rng(1).standard_normal((5, 6)).astype(np.float32)
+    expected = pool3.astype(np.float64) @ model.fc.weight.detach().double().numpy().T
+    np.testing.assert_allclose(fid.unbiased_logits(model, pool3), expected, rtol=1e-15)
 
 
 def _precision_recall_numpy(ref, sam, k=3):
@@ -2477,9 +2367,7 @@ def _precision_recall_numpy(ref, sam, k=3):
 
     r_ref = np.sort(d2(ref, ref), axis=1)[:, k]  # index 0 is the point itself
     r_sam = np.sort(d2(sam, sam), axis=1)[:, k]
-    precision = np.mean((d2(sam, ref) <= r_ref[None]).any(1))
-    recall = np.mean((d2(ref, sam) <= r_sam[None]).any(1))
-    return precision, recall
+    return np.mean((d2(sam, ref) <= r_ref[None]).any(1)), np.mean((d2(ref, sam) <= r_sam[None]).any(1))
 
 
 def test_fid_precision_recall():
@@ -2489,14 +2377,13 @@ def test_fid_precision_recall():
     sam = rng.integers(-10, 31, size=(47, 5)).astype(np.float64)
     expected = _precision_recall_numpy(ref, sam)
     assert 0 < expected[0] < 1 and 0 < expected[1] < 1
-    assert fid.precision_recall(ref, sam, device="cpu") == pytest.approx(expected, abs=1e-12)
-    assert fid.precision_recall(ref, sam, batch_size=7, device="cpu") == pytest.approx(expected, abs=1e-12)
-    assert fid.precision_recall(ref, ref, batch_size=9, device="cpu") == (1.0, 1.0)
-    assert fid.precision_recall(ref, sam + 1000, device="cpu") == (0.0, 0.0)
-    radii = fid.knn_radii(torch.tensor(ref, dtype=torch.float32), (3, 5), batch_size=11)  # (60, 2), one pass
+    pr = lambda r, s, **kw: tuple(fid.neighbour_metrics(r, s, ("pr",), device="cpu", **kw).values())
+    assert pr(ref, sam) == pytest.approx(expected, abs=1e-12) and pr(ref, sam, chunk=7) == pytest.approx(expected)
+    assert pr(ref, ref, chunk=9) == (1.0, 1.0) and pr(ref, sam + 1000) == (0.0, 0.0)
+    radii = fid.knn_radii(torch.tensor(ref, dtype=torch.float32), (3, 5), chunk=11)  # (60, 2), blocks of 11 x 11
     np.testing.assert_array_equal(radii.numpy(), np.sort(((ref[:, None] - ref[None]) ** 2).sum(-1), 1)[:, [3, 5]])
-    with pytest.raises(ValueError, match="more than k"):
-        fid.precision_recall(ref[:3], sam, device="cpu")
+    with pytest.raises(ValueError, match="more than 3 points per set, got 3"):
+        pr(ref[:3], sam)
 
 
 def test_fid_density_coverage_and_precision_recall_by_hand():
@@ -2505,7 +2392,7 @@ def test_fid_density_coverage_and_precision_recall_by_hand():
     # sample 2 on reference 1's; reference 0 on sample 1's.
     ref, sam = np.array([[0.0], [1], [3], [6]]), np.array([[1.0], [2], [4.5], [10]])
     for b in (1, 3, 10000):
-        got = fid.neighbour_metrics(ref, sam, k_pr=1, k_dc=1, batch_size=b, device="cpu")
+        got = fid.neighbour_metrics(ref, sam, k_pr=1, k_dc=1, chunk=b, device="cpu")
         # precision: 1, 2, 4.5 in some reference ball (boundaries count, `<=`); recall: every reference point is in a
         # sample ball, reference 0 only on the boundary of sample 1's.
         assert got["precision"] == 0.75 and got["recall"] == 1.0
@@ -2520,7 +2407,7 @@ def test_fid_density_coverage_and_precision_recall_by_hand():
     assert got == dict(precision=1.0, recall=1.0, density=0.5, coverage=0.25)
     assert fid.neighbour_metrics(ref, sam, ("dc",), k_dc=1, device="cpu") == dict(density=0.5, coverage=0.25)
     # Defaults (k = 3 and 5) against Naeem et al.'s definitions written out on euclidean distances, integer points
-    # (exact squared distances in float32, many ties); radii precomputed or not, any block size.
+    # (exact squared distances in float32, many ties); the reference radii kept from one call to the next.
     rng = np.random.default_rng(0)
     ref, sam = rng.integers(-4, 5, (40, 3)).astype(float), rng.integers(-3, 6, (30, 3)).astype(float)
     d_rs = np.sqrt(((ref[:, None] - sam[None]) ** 2).sum(-1))  # (R, S)
@@ -2528,421 +2415,121 @@ def test_fid_density_coverage_and_precision_recall_by_hand():
     expected = dict(zip(("precision", "recall"), _precision_recall_numpy(ref, sam)),
                     density=(d_rs < r5[:, None]).sum() / (5 * len(sam)), coverage=(d_rs.min(1) < r5).mean())
     assert 0 < expected["density"] and 0 < expected["coverage"] < 1
-    radii = dict(zip((3, 5), fid.knn_radii(torch.tensor(ref, dtype=torch.float32), (3, 5)).T))
-    for kw in (dict(), dict(batch_size=7), dict(ref_radii=radii, batch_size=11)):
+    radii = {}
+    for kw in (dict(), dict(chunk=7), dict(ref_radii=radii, chunk=11), dict(ref_radii=radii)):
         assert fid.neighbour_metrics(ref, sam, device="cpu", **kw) == pytest.approx(expected, abs=1e-12)
-    # A neighbourhood as large as a set: a clear error (density / coverage need more than 5 reference points,
-    # precision / recall more than 3 in each set).
-    with pytest.raises(ValueError, match="5-th nearest neighbour needs more than k=5 points per set, got 5"):
+    assert set(radii) == {3, 5}
+    with pytest.raises(ValueError, match="5-th nearest neighbour needs more than 5 points per set, got 5"):
         fid.neighbour_metrics(ref[:5], sam, ("dc",), device="cpu")
-    with pytest.raises(ValueError, match="more than k=3 points per set, got 3"):
-        fid.neighbour_metrics(ref, sam[:3], ("pr",), device="cpu")
     assert fid.neighbour_metrics(ref[:6], sam[:3], ("dc",), device="cpu")  # density / coverage use no sample balls
 
 
-def test_fid_sfid_features_are_mixed_6d_branch1x1():
-    model = _random_inception()
-    x = _images(2, 40, 40, seed=5)
-    seen = []
-    hook = model.Mixed_6d.branch1x1.register_forward_hook(lambda m, inputs, out: seen.append(out.clone()))
-    try:
-        feats, logits, spatial = fid.get_features(model, x, return_logits=True, return_spatial=True)
-    finally:
-        hook.remove()
-    assert spatial.shape == (2, fid.SPATIAL_DIM) == (2, 2023) and spatial.dtype == np.float64
-    # Our recomputation and Mixed_6d's own branch: both calls of the module ran, with equal outputs (B, 192, 17, 17).
-    assert len(seen) == 2 and seen[0].shape == (2, 192, 17, 17) and torch.equal(seen[0], seen[1])
-    layer = seen[1].double().numpy()
-    # The first 7 channels after the ReLU, flattened per image in NHWC order: value (h, w, c) at (h * 17 + w) * 7 + c.
-    np.testing.assert_array_equal(spatial, layer[:, :7].transpose(0, 2, 3, 1).reshape(2, -1))
-    assert spatial[1, (5 * 17 + 11) * 7 + 4] == layer[1, 4, 5, 11]
-    assert spatial.min() == 0 and spatial.max() > 0  # ReLU output
-    assert np.array_equal(feats, fid.get_features(model, x)) and logits.shape == (2, 1008)  # pool3 unchanged
+def test_fid_neighbour_metrics_far_from_the_origin():
+    """Inception features have norms near 2e4: squared distances by expansion in float32 would lose the differences
+    between points there; centred on the reference mean, the metrics equal those near the origin and a float64
+    computation."""
+    rng = np.random.default_rng(0)
+    ref, sam = rng.standard_normal((80, 64)), rng.standard_normal((60, 64)) * 1.2 + 0.3
+    d2 = lambda a, b: ((a[:, None] - b[None]) ** 2).sum(-1)
+    r3, r5, s3 = (np.sort(d2(x, x), 1)[:, k] for x, k in ((ref, 3), (ref, 5), (sam, 3)))
+    d = d2(ref, sam)  # (R, S) in float64
+    expected = dict(precision=(d <= r3[:, None]).any(0).mean(), recall=(d <= s3[None]).any(1).mean(),
+                    density=(d < r5[:, None]).sum() / (5 * len(sam)), coverage=(d < r5[:, None]).any(1).mean())
+    offset = np.full(64, 2500.0)  # norm 2e4
+    for shift in (0, offset):
+        got = fid.neighbour_metrics((ref + shift).astype(np.float32), (sam + shift).astype(np.float32), device="cpu")
+        assert got == pytest.approx(expected, abs=1e-12)
 
 
-def test_fid_stats_spatial_and_unreadable_any_order_and_sharding():
-    rng = np.random.default_rng(1)
-    n, d, ds, c, split = 61, 5, 6, 4, 20
-    feats, spatial, logits = rng.standard_normal((n, d)), rng.standard_normal((n, ds)) + 2, rng.standard_normal((n, c))
-    unreadable = np.array([3, 20, 21, 60])  # split 0 loses one, split 1 two, split 3 (just index 60) its only one
-    readable = np.setdiff1d(np.arange(n), unreadable)
-    expected_is = np.mean([_inception_score_numpy(logits[readable[(readable >= s) & (readable < s + split)]], split)
-                           for s in (0, 20, 40)])
-    for world in (1, 3):  # shards of shuffled samples in random batches, skipped ones too, then summed
-        parts, perm = [fid.Stats(n, split, dim=d, classes=c, spatial_dim=ds) for _ in range(world)], rng.permutation(n)
-        for r, part in enumerate(parts):
-            rows = perm[r::world]
-            part.skip(np.intersect1d(rows, unreadable))
-            for chunk in np.array_split(np.setdiff1d(rows, unreadable), 3):
-                rng.shuffle(chunk)
-                part.add(feats[chunk], logits[chunk], spatial[chunk], index=chunk)
-        _all_reduce([p.tensors for p in parts])
-        stats = parts[-1]
-        assert stats.holds == {"mu", "mu_s", "logits"}
-        for got, want in ((stats.mu_sigma(), feats[readable]), (stats.mu_sigma(spatial=True), spatial[readable])):
-            np.testing.assert_allclose(got[0], want.mean(0), rtol=1e-12)
-            np.testing.assert_allclose(got[1], np.cov(want, rowvar=False), rtol=1e-10, atol=1e-14)
-        assert stats.inception_score() == pytest.approx(expected_is, rel=1e-12)  # the empty split 3 drops out
-    # Spatial features are required exactly when kept; statistics without them have no sFID.
-    with pytest.raises(ValueError, match="spatial features must be given exactly when"):
-        stats.add(feats[:1], index=[0])
-    plain = fid.Stats(n, split, dim=d, classes=c)
-    with pytest.raises(ValueError, match="spatial features must be given exactly when"):
-        plain.add(feats[:1], spatial=spatial[:1])
-    plain.add(feats[:2])
-    assert plain.holds == {"mu"}
-    with pytest.raises(ValueError, match="no sFID features"):
-        plain.mu_sigma(spatial=True)
-    half = fid.Stats(n, split, dim=d, classes=c)
-    half.skip(unreadable)
-    half.add(feats[:10])
-    with pytest.raises(ValueError, match=r"features of 10 samples were added \(4 more skipped\), but the set has n=61"):
-        half.mu_sigma()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Inputs and errors
-
-
-def _write_folder(folder, sizes, seed=0):
-    """RGB PNGs of the given (h, w) sizes, plus a grayscale, an RGBA and a JPEG one in a subfolder."""
-    rng = np.random.default_rng(seed)
-    (folder / "sub").mkdir(parents=True)
-    for i, (h, w) in enumerate(sizes):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-    h, w = sizes[0]
-    Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), "L").save(folder / "sub" / "gray.png")
-    Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA").save(folder / "sub" / "rgba.png")
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / "sub" / "photo.JPG")
-
-
-def test_fid_folder_and_npz_reading(tmp_path):
-    _write_folder(tmp_path / "imgs", [(20, 24), (20, 24), (31, 17)])
-    src = fid.Source(str(tmp_path / "imgs"))
-    assert len(src) == 6 and src.stats is None
-    batches = list(src.batches(batch_size=2))
-    # sorted paths: img0, img1, img2 (other size: own batch), then sub/gray, sub/photo.JPG, sub/rgba
-    assert [b.shape for b in batches] == [(2, 20, 24, 3), (1, 31, 17, 3), (2, 20, 24, 3), (1, 20, 24, 3)]
-    assert all(b.dtype == np.uint8 for b in batches)
-    gray = np.asarray(Image.open(tmp_path / "imgs" / "sub" / "gray.png"))
-    np.testing.assert_array_equal(batches[2][0], np.repeat(gray[..., None], 3, axis=2))
-    rgba = np.asarray(Image.open(tmp_path / "imgs" / "sub" / "rgba.png"))
-    np.testing.assert_array_equal(batches[3][0], _composite(rgba))  # alpha composited onto white
-
-    arr = np.random.default_rng(0).integers(0, 256, (5, 16, 12, 3), dtype=np.uint8)
+def test_fid_folders_and_npz_files(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    for i, (h, w) in enumerate([(20, 24), (20, 24), (31, 17)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"img{i}.png")
+    grey, rgba = rng.integers(0, 256, (20, 24), dtype=np.uint8), rng.integers(0, 256, (20, 24, 4), dtype=np.uint8)
+    Image.fromarray(grey, "L").save(tmp_path / "imgs" / "sub" / "grey.png")
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "imgs" / "sub" / "rgba.png")
+    (tmp_path / "imgs" / "sub" / "broken.png").write_bytes(b"not a png")
+    side = fid.open_side(str(tmp_path / "imgs"))
+    assert side.holds == {"images"}
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable of 6 images: .*broken.png \(cannot read image"):
+        batches = list(fid.image_batches(side.images, batch_size=2))
+    # sorted paths: img0, img1, img2 (another size: a batch of its own), then sub/grey, sub/rgba (broken skipped)
+    assert [b.shape for b in batches] == [(2, 20, 24, 3), (1, 31, 17, 3), (2, 20, 24, 3)]
+    np.testing.assert_array_equal(batches[2][0], np.repeat(grey[..., None], 3, axis=2))
+    a = rgba[..., 3:].astype(int)  # transparency composited onto white; onto black when asked
+    np.testing.assert_array_equal(batches[2][1], (a * rgba[..., :3] + (255 - a) * 255 + 127) // 255)
+    black = next(fid.image_batches(str(tmp_path / "imgs" / "sub"), (0, 0, 0), batch_size=2))[1]
+    np.testing.assert_array_equal(black, (a * rgba[..., :3] + 127) // 255)
+    arr = rng.integers(0, 256, (5, 16, 12, 3), dtype=np.uint8)
     for save in (np.savez, np.savez_compressed):
-        save(tmp_path / "batch.npz", arr_0=arr)
-        src = fid.Source(str(tmp_path / "batch.npz"))
-        parts = list(src.batches(batch_size=2))
-        assert len(src) == 5 and [len(b) for b in parts] == [2, 2, 1]
-        np.testing.assert_array_equal(np.concatenate(parts), arr)
-    np.savez(tmp_path / "stats.npz", mu=np.zeros(4, np.float32), sigma=np.eye(4))
-    src = fid.Source(str(tmp_path / "stats.npz"))
-    assert len(src) == 0 and src.stats[0].dtype == np.float64 and src.stats[1].shape == (4, 4)
+        save(tmp_path / "batch.npz", arr_0=arr, mu=np.zeros(4, np.float32), sigma=np.eye(4))
+        side = fid.open_side(str(tmp_path / "batch.npz"))
+        assert side.holds == {"images", "mu"} and side.mu.dtype == np.float64 and side.mu_s is None
+        parts = list(fid.image_batches(side.images, batch_size=2))
+        assert [len(b) for b in parts] == [2, 2, 1] and np.array_equal(np.concatenate(parts), arr)
 
 
-def test_fid_list_images_skips_hidden_entries(tmp_path):
-    for d in ("a/.thumbnails", ".cache", "b", "c/.hidden"):
-        (tmp_path / d).mkdir(parents=True)
-    for f in ("a/x.png", "a/.thumbnails/x.png", "a/._x.png", ".cache/y.png", "b/y.JPG", "top.gif", "b/z.svg",
-              "c/.hidden/w.png", "c/.w.png"):
-        (tmp_path / f).write_bytes(b"")
-    assert fid.list_images(str(tmp_path)) == [str(tmp_path / f) for f in ("a/x.png", "b/y.JPG", "top.gif")]
-    assert fid.list_images(str(tmp_path / ".cache")) == [str(tmp_path / ".cache" / "y.png")]  # named: searched
-    with pytest.raises(ValueError, match="no image files"):
-        fid.list_images(str(tmp_path / "c"))
-
-
-def test_fid_features_do_not_see_hidden_colours(tmp_path):
-    model = fid.load_inception(_save_weights(tmp_path / "inception.pth"), "cpu")
-    icons = {h: _icons(0, h, size=24) for h in (1, 2)}
-    for h, ims in icons.items():
-        (tmp_path / f"h{h}").mkdir()
-        for i, icon in enumerate(ims):
-            Image.fromarray(icon, "RGBA").save(tmp_path / f"h{h}" / f"{i}.png")
-    feats = {h: fid.get_features(model, np.concatenate(list(fid.Source(str(tmp_path / f"h{h}")).batches())))
-             for h in (1, 2)}
-    np.testing.assert_array_equal(feats[1], feats[2])
-    dropped = fid.get_features(model, np.stack([icon[..., :3] for icon in icons[2]]))  # alpha dropped:
-    assert not np.allclose(dropped, feats[1], rtol=1e-3)  # the hidden colours would change the features
-
-
-def test_fid_background_reaches_folders_the_cache_key_and_sample_fid_ref(tmp_path, monkeypatch, fid_weights):
-    _fake_network(monkeypatch)  # the plumbing is under test
-    weights = fid_weights
-    icons, black, cache = tmp_path / "icons", tmp_path / "black", str(tmp_path / "cache")
-    icons.mkdir(), black.mkdir()
-    for i, icon in enumerate(_icons(0, 1, n=6, size=16)):  # (6 > k = 5: every metric)
-        Image.fromarray(icon, "RGBA").save(icons / f"{i}.png")
-        Image.fromarray(_composite(icon, (0, 0, 0))).save(black / f"{i}.png")  # the same icons, already on black
-    read = lambda path, *bg: np.concatenate(list(fid.Source(str(path), *bg).batches()))
-    np.testing.assert_array_equal(read(icons, (0, 0, 0)), read(black))
-    assert not np.array_equal(read(icons), read(black))  # white by default
-    model = fid.load_inception(weights, "cpu")
-    build = lambda path, **kw: fid.build_reference(str(path), model, ("fid",), **kw)
-    on_black = build(black)
-    white = build(icons, cache_dir=cache)
-    assert not np.allclose(white.mu, on_black.mu)
-    np.testing.assert_array_equal(build(icons, cache_dir=cache, background=(0, 0, 0)).mu, on_black.mu)  # not cached
-    cli = lambda *flags: fid.main([str(icons), str(black), "--weights", weights, "--device", "cpu", *flags])
-    assert cli("--background", "0", "0", "0") == fid.main([str(black), str(black), "--weights", weights])
-    assert cli() != cli("--background", "0", "0", "0")
-    with pytest.raises(SystemExit, match=r"--background R G B takes values in 0..255, got 0 0 256"):
-        cli("--background", "0", "0", "256")
-    cfg = pg.parse_args(["--sample", "--fid_ref", str(icons), "--fid_weights", weights, "--background", "0", "0", "0",
-                         "--out_dir", str(tmp_path / "run")])[0]
-    _, ref, _ = pg.fid_setup(cfg, pg.Procs(False, 0, 1, torch.device("cpu")))  # --sample --fid_ref's reference
-    np.testing.assert_array_equal(ref.mu, on_black.mu)
-
-
-def test_fid_error_messages(tmp_path, monkeypatch):
+def test_fid_bad_inputs_say_what_they_are(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image files"):
-        fid.Source(str(tmp_path / "empty"))
+        next(fid.image_batches(str(tmp_path / "empty")))
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        fid.Source(str(tmp_path / "nowhere"))
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "broken.png").write_bytes(b"not a png")
-    with pytest.warns(UserWarning, match="skipped 1 unreadable of 1 images: .*broken.png"):
-        assert list(fid.Source(str(tmp_path / "bad")).batches()) == []
-    np.savez(tmp_path / "other.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
-    with pytest.raises(ValueError, match="arr_0"):
-        fid.Source(str(tmp_path / "other.npz"))
+        fid.open_side(str(tmp_path / "nowhere"))
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
-    with pytest.raises(ValueError, match="uint8"):
-        fid.Source(str(tmp_path / "float.npz"))
-    # Weights: missing with download disabled, missing explicit path, corrupt file.
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(FileNotFoundError) as e:
-        fid.load_inception(download=False)
-    for part in (fid.FID_WEIGHTS_FILE, fid.FID_WEIGHTS_URL, str(tmp_path / "hub" / "checkpoints")):
-        assert part in str(e.value)
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
-        fid.load_inception(str(tmp_path / "missing.pth"))
-    (tmp_path / "corrupt.pth").write_bytes(b"garbage")
-    with pytest.raises(RuntimeError, match="corrupt.pth"):
-        fid.load_inception(str(tmp_path / "corrupt.pth"))
-    # The CLI turns them into one-line exits.
-    with pytest.raises(SystemExit, match="nowhere"):
-        fid.main([str(tmp_path / "nowhere"), str(tmp_path / "other.npz")])
-    with pytest.raises(SystemExit, match="missing.pth"):
-        fid.main([str(tmp_path / "bad"), str(tmp_path / "bad"), "--weights", str(tmp_path / "missing.pth")])
+    with pytest.raises(ValueError, match="arr_0 must be uint8"):
+        next(fid.image_batches(str(tmp_path / "float.npz")))
+    np.savez(tmp_path / "other.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
+    torch.save({f"w{i}": torch.zeros(8) for i in range(100)}, tmp_path / "ckpt.pt")  # a checkpoint: a zip, not an npz
+    (tmp_path / "junk.npz").write_bytes(b"not an npz")
+    for name in ("other.npz", "ckpt.pt", "junk.npz"):
+        with pytest.raises(SystemExit) as e:
+            fid.main([str(tmp_path / name), str(tmp_path / "other.npz")])
+        assert str(e.value) == (f"fid.py: error: {tmp_path / name} is neither an image folder nor an npz batch (arr_0) "
+                                f"or statistics file (mu, sigma)")
 
 
-def test_fid_cli_end_to_end(tmp_path, capsys, monkeypatch, fid_weights):
-    weights = fid_weights
-    monkeypatch.setattr(fid, "frechet_distance", lambda mu1, sigma1, mu2, sigma2: float(  # (a real one: seconds)
-        np.sum((mu1 - mu2) ** 2) + np.sum((sigma1 - sigma2) ** 2)))  # the plumbing is under test, as the statistics
-    rng = np.random.default_rng(0)
-    sam = rng.integers(0, 256, (4, 24, 24, 3), dtype=np.uint8)
-    ref = np.concatenate([sam[:2], rng.integers(0, 256, (2, 24, 24, 3), dtype=np.uint8)])
-    (tmp_path / "samples").mkdir()
-    for i, img in enumerate(sam):
-        Image.fromarray(img).save(tmp_path / "samples" / f"{i}.png")
-    np.savez(tmp_path / "ref.npz", arr_0=ref)
-    model = fid.load_inception(weights, "cpu")
-    feats, logits = fid.get_features(model, np.concatenate([sam, ref]), return_logits=True)
-    fs, fr = feats[:4], feats[4:]
-
-    res = fid.main([str(tmp_path / "samples"), str(tmp_path / "ref.npz"), "--is", "--pr", "--save-stats",
-                    str(tmp_path / "s.npz"), "--weights", weights, "--device", "cpu", "--batch_size", "3"])
-    out = capsys.readouterr().out
-    assert all(label in out for label in ("FID:", "Inception Score:", "Precision:", "Recall:"))
-    with np.load(tmp_path / "s.npz") as saved:  # --save-stats wrote the samples' statistics
-        np.testing.assert_allclose(saved["mu"], fs.mean(0), rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(saved["sigma"], np.cov(fs, rowvar=False), rtol=1e-5, atol=1e-9)
-    assert res["inception_score"] == pytest.approx(fid.inception_score(logits[:4]), rel=1e-6)
-    assert (res["precision"], res["recall"]) == fid.precision_recall(fr, fs, device="cpu")
-    # The same as the library path on the same files, batch for batch: Stats and reference_stats.
-    sam_stats = fid.Stats(4)
-    for f, lg in fid.feature_batches(model, fid.Source(str(tmp_path / "samples")).batches(3), batch_size=3):
-        sam_stats.add(f, lg)
-    ref_stats = fid.reference_stats(str(tmp_path / "ref.npz"), model, batch_size=3)
-    assert res["fid"] == pytest.approx(fid.frechet_distance(*sam_stats.mu_sigma(), *ref_stats), rel=1e-10)
-    assert res["inception_score"] == pytest.approx(sam_stats.inception_score(), rel=1e-12)
-
-    # The same FID from statistics alone (no network: the weights path is never opened), with an ADM-style
-    # reference batch holding arr_0 and mu / sigma, whose precomputed statistics are used.
-    mu, sigma = fid.feature_statistics(fr)
-    np.savez(tmp_path / "ref_adm.npz", arr_0=ref, mu=mu, sigma=sigma)
-    res2 = fid.main([str(tmp_path / "s.npz"), str(tmp_path / "ref_adm.npz"), "--weights", str(tmp_path / "none")])
-    assert res2["fid"] == pytest.approx(res["fid"], rel=1e-6)
-    with pytest.raises(SystemExit, match="only mu / sigma"):
-        fid.main([str(tmp_path / "s.npz"), str(tmp_path / "ref.npz"), "--pr", "--weights", weights])
-
-
-def _run_ranks(world, fn):
-    """fn(rank, reduce, gather) in one thread per fake process, reduce and gather acting across them like
-    dist.all_reduce (SUM) of each tensor and dist.all_gather_into_tensor; returns the results in rank order."""
-    barrier, slots, results = threading.Barrier(world, timeout=120), [None] * world, [None] * world
-
-    def collective(rank, value, combine):
-        slots[rank] = value
-        barrier.wait()
-        out = combine(list(slots))
-        barrier.wait()  # nobody writes its slot again before everybody has combined
-        return out
-
-    def reduce_for(rank):
-        def reduce(tensors):
-            for t, total in zip(tensors, collective(rank, tensors, lambda all_: [sum(ts) for ts in zip(*all_)])):
-                t.copy_(total)
-        return reduce
-
-    def run(rank):
-        results[rank] = fn(rank, reduce_for(rank), lambda t: collective(rank, t, torch.cat))
-
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(r is not None for r in results), "a fake process failed (see the thread's traceback above)"
-    return results
-
-
-def _assert_same_reference(a, b, rtol=1e-10):  # rtol=0: the same arrays
-    for x, y in ((a.mu, b.mu), (a.sigma, b.sigma), (a.mu_s, b.mu_s), (a.sigma_s, b.sigma_s)):
-        assert np.array_equal(x, y) if rtol == 0 else np.allclose(x, y, rtol=rtol, atol=1e-12)
-    assert np.array_equal(a.features, b.features) and a.radii.keys() == b.radii.keys()
-    assert all(np.array_equal(a.radii[k], b.radii[k]) for k in a.radii)
-
-
-def test_fid_reference_cache(tmp_path, monkeypatch):
-    calls = _fake_network(monkeypatch)
-    np.savez(tmp_path / "ref.npz", arr_0=_images(7, 8, 8, seed=4).permute(0, 2, 3, 1).numpy())
-    ref, cache, model = str(tmp_path / "ref.npz"), str(tmp_path / "cache"), nn.Linear(2, 2)
-
-    def build(which=None, preprocess="adm", net=model):
-        calls.clear()
-        got = fid.build_reference(ref, net, which, preprocess, batch_size=3, cache_dir=cache)
-        return got, sum(calls)
-
-    first, n = build()
-    assert n == 7 and first.holds == {"mu", "mu_s", "features"} and set(first.radii) == {3, 5}
-    assert first.features.shape == (7, 2048) and first.features.dtype == np.float32
-    [file] = os.listdir(cache)
-    again, n = build()  # read back, nothing computed: the same arrays
-    assert n == 0
-    _assert_same_reference(again, first, rtol=0)
-    assert build(("fid", "pr"))[1] == 0  # asking for less: the cache serves it
-    # A changed key recomputes and overwrites: the file's mtime, other weights, another preprocessing (another file).
-    os.utime(ref, ns=(os.stat(ref).st_atime_ns, os.stat(ref).st_mtime_ns + 10**9))
-    assert build()[1] == 7 and build()[1] == 0 and os.listdir(cache) == [file]
-    other = nn.Linear(2, 2)
-    assert build(net=other)[1] == 7 and build()[1] == 7 and build()[1] == 0
-    pytorch_fid, n = build(preprocess="pytorch-fid")
-    assert n == 7 and not np.array_equal(pytorch_fid.features, first.features) and len(os.listdir(cache)) == 2
-    assert build()[1] == 0
-    # The same key but a request for more than the file holds: recomputed, and the file then holds both.
-    os.remove(os.path.join(cache, file))
-    assert build(("fid",))[1] == 7 and build(("fid",))[1] == 0
-    assert build(("fid", "dc"))[1] == 7 and build()[1] == 7 and build()[1] == 0  # sfid and pr were still missing
-    with open(os.path.join(cache, file), "wb") as f:
-        f.write(b"garbage")  # a broken file is recomputed, not trusted
-    assert build()[1] == 7 and build()[1] == 0 and not [f for f in os.listdir(cache) if f.endswith(".tmp")]
-    # Sharded: all processes use the cache, or none does (here rank 1 sees another reference mtime: both compute).
-    results = _run_ranks(2, lambda rank, reduce, gather: fid.build_reference(
-        ref, model, None, batch_size=3, shard=(rank, 2), reduce=reduce, gather=gather, cache_dir=cache))
-    for got in results:
-        _assert_same_reference(got, first, rtol=0)
-    calls.clear()
-    real_load = fid._load_cache
-    monkeypatch.setattr(fid, "_load_cache", lambda file, key, name: real_load(file, key, name)
-                        if threading.current_thread().name != "rank1" else None)
-    results = _run_ranks(2, lambda rank, reduce, gather: (threading.current_thread().__setattr__("name", f"rank{rank}"),
-                         fid.build_reference(ref, model, None, batch_size=3, shard=(rank, 2), reduce=reduce,
-                                             gather=gather, cache_dir=cache))[1])
-    assert sum(calls) == 7  # 4 + 3 images, computed by both processes
-    for got in results:
-        _assert_same_reference(got, first)
-
-
-def test_fid_unreadable_images_are_skipped(tmp_path, monkeypatch):
-    calls = _fake_network(monkeypatch)
-    images, model = _images(9, 8, 8, seed=6).permute(0, 2, 3, 1).numpy(), nn.Linear(2, 2)
-    for folder, bad in (("ref", ()), ("ref_bad", ("2b", "6b")), ("sam", ()), ("sam_bad", ("0b", "4b", "gone"))):
-        (tmp_path / folder).mkdir()
-        for i, image in enumerate(images[:8] if folder.startswith("ref") else images[1:]):
-            Image.fromarray(image).save(tmp_path / folder / f"{i}.png")
-        for i, name in enumerate(bad):  # an empty file, a truncated PNG, one that read_image fails on otherwise
-            (tmp_path / folder / f"{name}.png").write_bytes((tmp_path / folder / "1.png").read_bytes()[:50 * i])
-    real_read = fid.read_image
-    monkeypatch.setattr(fid, "read_image", lambda p, *bg: real_read(p, *bg) if "gone" not in p else (
-        _ for _ in ()).throw(RuntimeError("vanished")))
-
-    def metrics(sam, ref, world=1):  # compute_metrics of a sample folder, the reference sharded over `world`
-        stats = fid.Stats(len(fid.Source(sam)), spatial_dim=fid.SPATIAL_DIM)
-        feats = fid.read_outputs(model, fid.Source(sam), stats, batch_size=3, keep_features=True)
-        refs = _run_ranks(world, lambda rank, reduce, gather: fid.build_reference(
-            ref, model, batch_size=2, shard=(rank, world), reduce=reduce, gather=gather))
-        return [fid.compute_metrics(stats, r, feats, device="cpu") for r in refs]
-
-    [clean] = metrics(str(tmp_path / "sam"), str(tmp_path / "ref"))
-    assert clean.keys() == {"fid", "sfid", "inception_score", "precision", "recall", "density", "coverage"}
-    calls.clear()
-    with pytest.warns(UserWarning) as caught:
-        got = metrics(str(tmp_path / "sam_bad"), str(tmp_path / "ref_bad"), world=3)
-    assert sum(calls) == 8 + 8  # the readable ones, once each
-    assert all(g == pytest.approx(clean, rel=1e-9) for g in got)  # the statistics of the readable images alone
-    # One warning per pass over a range with unreadable files: the samples, and the reference's shards [0, 4), [8, 10)
-    # (sorted: 0 1 2 2b 3 4 5 6 6b 7); the first file with its error, then the names.
-    ref_a, ref_b, sam = sorted((str(w.message) for w in caught), key=lambda m: ("sam_bad" in m, "6b" in m))
-    assert "ref_bad: skipped 1 unreadable of 4 images: " in ref_a and "2b.png (cannot read image" in ref_a
-    assert "ref_bad: skipped 1 unreadable of 2 images: " in ref_b and "6b.png (cannot read image" in ref_b
-    assert "sam_bad: skipped 3 unreadable of 11 images: " in sam and "0b.png (cannot read image" in sam
-    assert "4b.png, " in sam and sam.endswith("gone.png")
-
-
-def test_fid_metrics_cli_equals_library(tmp_path, monkeypatch, capsys, fid_weights):
-    _fake_network(monkeypatch)
-    weights, model = fid_weights, _random_inception()
-    sam_images = _images(9, 8, 8, seed=7).permute(0, 2, 3, 1).numpy()
+def test_fid_cli_every_metric_and_the_statistics(tmp_path, monkeypatch, capsys, fid_weights):
+    _fake_network(monkeypatch)  # the route is under test: the same outputs in, the same numbers out
+    model, sam_images = _random_inception(), _images(9, 8, 8, seed=7)
     (tmp_path / "samples").mkdir()
     for i, image in enumerate(sam_images):
         Image.fromarray(image).save(tmp_path / "samples" / f"{i:02d}.png")
     ref, sam = str(tmp_path / "ref.npz"), str(tmp_path / "samples")
-    np.savez(ref, arr_0=_images(8, 8, 8, seed=8).permute(0, 2, 3, 1).numpy())
-    cli = fid.main([sam, ref, "--weights", weights, "--device", "cpu", "--cache-dir", str(tmp_path / "cache")])
+    ref_images = _images(8, 8, 8, seed=8)
+    np.savez(ref, arr_0=ref_images)
+    cli = fid.main([sam, ref, "--weights", fid_weights, "--device", "cpu", "--batch_size", "4"])
     assert list(cli) == ["fid", "sfid", "inception_score", "precision", "recall", "density", "coverage"]
     out = capsys.readouterr().out
     assert all(f"{fid.RESULTS[k]}: {v:.6g}\n" in out for k, v in cli.items())
-    # The library, as pixelgen.py runs it: the cached Reference, the samples' Stats and features sharded i mod world
-    # (per batch: pool3, logits, sFID's features), summed, gathered, then compute_metrics.
-    reference = fid.build_reference(ref, model, cache_dir=str(tmp_path / "cache"))
-
-    def rank_metrics(rank, reduce, gather, world):
-        mine = np.arange(rank, len(sam_images), world)
-        stats, kept = fid.Stats(len(sam_images), spatial_dim=fid.SPATIAL_DIM), []
-        for idx in np.array_split(mine, 2):
-            f, logits, spatial = fid.get_features(model, sam_images[idx], return_logits=True, return_spatial=True)
-            stats.add(f, logits, spatial, index=idx)
-            kept.append(f)
-        if world > 1:
-            reduce(stats.tensors)
-        return fid.compute_metrics(stats, reference, fid.gather_features(np.concatenate(kept), len(sam_images), world,
-                                                                          gather), device="cpu")
-
-    for world in (1, 3):
-        for got in _run_ranks(world, lambda rank, reduce, gather: rank_metrics(rank, reduce, gather, world)):
-            assert list(got) == list(cli) and got == pytest.approx(cli, rel=1e-12)
-            assert [got[k] for k in ("precision", "recall", "density", "coverage")] == [
-                cli[k] for k in ("precision", "recall", "density", "coverage")]  # set functions: exactly
-    # A statistics-only reference: by default the metrics it allows; asked for more, a clear error.
-    assert fid.main([ref, "--save-stats", str(tmp_path / "ref_stats.npz"), "--weights", weights]) == {}
+    # By hand from the outputs: the statistics, the logits, the nearest neighbours, then the Frechet distance.
+    (sp, ss), (rp, rs) = (fid.inception_outputs(model, x, spatial=True) for x in (sam_images, ref_images))
+    expected = dict(fid=fid.frechet_distance(*fid.statistics(sp), *fid.statistics(rp)),
+                    sfid=fid.frechet_distance(*fid.statistics(ss), *fid.statistics(rs)),
+                    inception_score=_inception_score_numpy(sp.astype(np.float64) @ model.fc.weight.double().numpy().T),
+                    **fid.neighbour_metrics(rp, sp, device="cpu"))
+    assert cli == pytest.approx(expected, rel=1e-9)
+    # --save-stats; a statistics-only reference gives the metrics it allows, the same; asked for more, an error.
+    assert fid.main([ref, "--save-stats", str(tmp_path / "ref_stats.npz"), "--weights", fid_weights]) == {}
     with np.load(tmp_path / "ref_stats.npz") as z:
         assert sorted(z.files) == ["mu", "mu_s", "sigma", "sigma_s"]
-        np.savez(tmp_path / "mu_only.npz", mu=z["mu"], sigma=z["sigma"])
-    stats_only = fid.main([sam, str(tmp_path / "ref_stats.npz"), "--weights", weights])
+        np.testing.assert_allclose(z["sigma_s"], fid.statistics(rs)[1], rtol=1e-12)
+        mu, sigma = z["mu"], z["sigma"]
+    np.savez(tmp_path / "mu_only.npz", mu=mu, sigma=sigma)
+    np.savez(tmp_path / "adm.npz", arr_0=ref_images, mu=mu + 1, sigma=sigma)  # an ADM batch: its mu / sigma used
+    stats_only = fid.main([sam, str(tmp_path / "ref_stats.npz"), "--weights", fid_weights])
     assert stats_only == {k: pytest.approx(cli[k], rel=1e-9) for k in ("fid", "sfid", "inception_score")}
-    assert fid.main([sam, str(tmp_path / "mu_only.npz"), "--weights", weights]).keys() == {"fid", "inception_score"}
-    for flags, message in [(["--prdc"], "mu_only.npz holds only mu / sigma: precision / recall and density / coverage "
-                                        r"need pool3 features or images \(arr_0\)"),
-                           (["--sfid"], r"sFID needs mu_s / sigma_s or images \(arr_0\)"),
-                           (["--all"], "sFID needs .*; precision / recall and density / coverage need")]:
+    assert fid.main([sam, str(tmp_path / "mu_only.npz"), "--weights", fid_weights]).keys() == {"fid", "inception_score"}
+    adm = fid.main([sam, str(tmp_path / "adm.npz"), "--weights", fid_weights, "--pr"])
+    assert adm == pytest.approx(dict(fid=fid.frechet_distance(*fid.statistics(sp), mu + 1, sigma),
+                                     precision=cli["precision"], recall=cli["recall"]), rel=1e-9)
+    for flags, message in [(["--prdc"], r"mu_only.npz holds no images, nor what pr and dc need \(mu\)"),
+                           (["--sfid"], r"nor what sfid needs \(mu\)"), (["--all"], "nor what sfid and pr and dc need")]:
         with pytest.raises(SystemExit, match=message):
-            fid.main([sam, str(tmp_path / "mu_only.npz"), "--weights", weights, *flags])
+            fid.main([sam, str(tmp_path / "mu_only.npz"), "--weights", fid_weights, *flags])
+    with pytest.raises(SystemExit, match=r"--background R G B takes values in 0..255, got 0 0 256"):
+        fid.main([sam, ref, "--background", "0", "0", "256"])
     # Tiny values print as such (e.g. the FID of a set with itself, rounding errors), not as 0.000000.
     monkeypatch.setattr(fid, "frechet_distance", lambda *stats: 2.5e-14)
-    fid.main([sam, str(tmp_path / "mu_only.npz"), "--weights", weights])
+    fid.main([sam, str(tmp_path / "mu_only.npz"), "--weights", fid_weights])
     assert "FID: 2.5e-14\n" in capsys.readouterr().out

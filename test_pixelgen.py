@@ -1784,7 +1784,8 @@ def test_a_sweep_compiles_one_graph_per_batch_shape(tmp_path, monkeypatch):  # t
     backend = lambda gm, inputs: graphs.append(gm) or gm.forward  # one backend for all: dynamo's graphs, run eagerly
     monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: compile_(fn, backend=backend))
     sd = pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10).state_dict()
-    torch.save(dict(model=sd, ema=sd, emas={"0.9": sd, "0.5": sd}), tmp_path / "ckpt.pt")
+    torch.save(dict(model=sd, ema=sd, emas={"0.9": sd, "0.5": sd}, step=1,
+                    config=dict(model="PixelGen-T/16", image_size=32, num_classes=10)), tmp_path / "ckpt.pt")
     torch._dynamo.reset()  # before and after: no other test meets dynamo's recompilation limit because of this one
     pg.sample_main(pg.parse_args(["--sample", "--out_dir", str(tmp_path), "--num_samples", "5", "--batch_size", "4",
                                   "--sample_steps", "2", "--ema_decay", "0.9", "0.5", "--cfg_scale", "1", "2",

@@ -8,9 +8,7 @@ guidance. The paper reaches FID 5.11 on ImageNet-256 without guidance after 80 e
 
     python pixelgen.py --train                                   # CPU/GPU demo on the built-in toy dataset
     torchrun --nproc_per_node=8 pixelgen.py --train --data_path /data/imagenet/train             # XL/16, 80 ep
-    torchrun --nproc_per_node=8 pixelgen.py --train --recipe xl-160ep --data_path /data/imagenet/train
-    torchrun --nproc_per_node=4 pixelgen.py --train --data_path /data/imagenet/train --grad_accum 2  # same update
-    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_endpoint=HOST:29500 pixelgen.py --train --data_path ...
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_endpoint=HOST:29500 pixelgen.py --train --recipe xl-160ep ...
     torchrun --nproc_per_node=8 pixelgen.py --sample --ckpt PixelGen_XL_80ep.ckpt --unsafe_load --num_samples 50000 \
         --fid_ref VIRTUAL_imagenet256_labeled.npz                          # FID-50K and friends, written to eval.json
     python pixelgen.py --bench --recipe xl-80ep --batch_size 32 --compile   # speed, memory and MFU on one GPU
@@ -22,10 +20,9 @@ Notation (paper Sec. 3; t = 0 is pure noise, t = 1 is the clean image):
     v      = (x - x_t) / (1 - t)               Eq. (3) v_hat  = (x_hat - x_t) / (1 - t)                    Eq. (4)
 
 The method comes first and needs nothing below it: the JiT denoiser `JiT` (Eq. 1), the flow `sample_t`,
-`interpolate` (Eq. 2) and `x_to_v` (Eqs. 3-4), the objective `PixelGenLoss` (Eqs. 5-9: `terms` computes the four
-losses, `forward` adds them as Eq. 6) and the ODE samplers `sample`. Below the banner is the engineering: Config and
-recipes, pretrained weights, data, training, sampling and evaluation, benchmark, CLI. Every deliberate difference
-from the released code (github Zehong-Ma/PixelGen) is marked `NOTE(official)`.
+`interpolate` (Eq. 2) and `x_to_v` (Eqs. 3-4), the objective `PixelGenLoss` (Eqs. 5-9), a training step's draws and
+EMA (`draw`, `update_ema`) and the ODE samplers `sample`. Below the banner is the engineering. Every deliberate
+difference from the released code (github Zehong-Ma/PixelGen) is marked `NOTE(official)`.
 """
 import argparse
 import ast
@@ -884,11 +881,11 @@ def hold_folder(out_dir):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        raise SystemExit(f"error: {out_dir} is in use by another run ({f.read().strip()}): wait for it to end, stop it, "
-                         f"or use another --out_dir") from None
+        raise SystemExit(f"error: {out_dir} is in use by another run ({f.read().strip()}): wait for it to end, stop "
+                         f"it, or use another --out_dir") from None
     f.truncate(0)
-    f.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    f.flush()
+    print(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M')}", file=f,
+          flush=True)
     return f
 
 
@@ -1055,9 +1052,8 @@ def stop_signals(out_dir):
 
 
 def last_checkpoint(out_dir):  # for a message: what a restart with the same command continues from
-    path = os.path.join(out_dir, "ckpt.pt")
     try:
-        return f"the last checkpoint is {path}, at step {read_checkpoint(path)['step']}"
+        return f"the last checkpoint is {out_dir}/ckpt.pt, at step {read_checkpoint(f'{out_dir}/ckpt.pt')['step']}"
     except (Exception, SystemExit):
         return f"no checkpoint in {out_dir} yet"
 
@@ -1167,8 +1163,9 @@ def train(cfg, hook=None):
         f"{describe(data_record(cfg, data))}; {procs.world} process{'es' * (procs.world > 1)}, device {procs.device}")
     if step:
         log(f"resumed from {cfg.out_dir}/ckpt.pt at step {step}" + "".join(f"; EMA {d} starts now" for d in new_emas))
+    b = cfg.batch_size // (procs.world * cfg.grad_accum)
     log(f"{max_steps} steps, {epoch_steps} per epoch, global batch {cfg.batch_size} = {procs.world} process"
-        f"{'es' * (procs.world > 1)} x {cfg.grad_accum} micro-batches x {cfg.batch_size // (procs.world * cfg.grad_accum)}")
+        f"{'es' * (procs.world > 1)} x {cfg.grad_accum} micro-batches x {b}")
     net = wrap_ddp(DenoiserAndLoss(model, loss_fn), procs)
     batches, meter = loader(data, cfg, procs, step), Meter()
     bar = tqdm(total=max_steps, initial=step, disable=procs.rank != 0, dynamic_ncols=True)
@@ -1192,7 +1189,7 @@ def train(cfg, hook=None):
                 if todo.eval:
                     evaluate_online(emas, cfg, procs, step, log, fid_ctx)
                 if todo.grid:
-                    procs.all_or_none(lambda: grid(emas, cfg, procs, step, log) if procs.rank == 0 else None)
+                    procs.all_or_none(lambda: write_grid(emas, cfg, procs, step, log) if procs.rank == 0 else None)
                 if stopping:
                     log(f"stopped by {received[0] if received else 'a signal to another process'} after "
                         f"step {step}; {cfg.out_dir}/ckpt.pt is written: run the same command to continue")
@@ -1227,7 +1224,7 @@ def evaluate_online(emas, cfg, procs, step, log, fid_ctx):  # a failure (on any 
             dict(step=step, **r, eval_seconds=round(time.time() - t0, 1)))
 
 
-def grid(emas, cfg, procs, step, log):  # rank 0: a sample grid of the first EMA; a failure is logged, as above
+def write_grid(emas, cfg, procs, step, log):  # rank 0: a sample grid of the first EMA; a failure is logged, as above
     (n, _, note), path = grid_shape(min(cfg.num_samples, 64), cfg.num_classes), f"{cfg.out_dir}/grid_{step:07d}.png"
     try:
         save_grid(sample_images(emas[cfg.ema[0]], range(n), cfg, procs.device, cfg.cfg_scale[0]), path, cfg.num_classes)
@@ -1343,11 +1340,11 @@ def measure(batches, n, ema, w, fid_ctx, cfg, procs):  # rank 0's row of metrics
         net.cpu()  # the Inception does not stay in GPU memory between evaluations
 
 
-def write_samples(emas, n, cfg, procs, out_dir, fid_ctx=None):
+def write_samples(models, n, cfg, procs, out_dir, fid_ctx=None):
     """--sample, and online evaluation without a reference: each setting's npz, grid (PNGs) in out_dir; metrics."""
     rows, mine = [], range(procs.rank, n, procs.world)
-    for (d, model), w in itertools.product(emas.items(), cfg.cfg_scale):
-        tag = "" if len(emas) * len(cfg.cfg_scale) == 1 else f"_ema{d}_cfg{w:g}"
+    for (d, model), w in itertools.product(models.items(), cfg.cfg_scale):
+        tag = "" if len(models) * len(cfg.cfg_scale) == 1 else f"_ema{d}_cfg{w:g}"
 
         def shard():  # this process's images by batch, and a file of them for rank 0 to merge
             batches = list(my_images(model, w, n, cfg, procs))

@@ -32,7 +32,7 @@ import dataclasses
 import datetime
 import fcntl
 import hashlib
-import importlib.util
+import importlib
 import inspect
 import itertools
 import json
@@ -847,14 +847,13 @@ class Log:  # rank 0's record: stdout (above the progress bar), OUT_DIR/log.txt,
 
     def start(self):  # takes the run folder, opens the files (and a wandb run), writes what waited
         if self.master:
+            wandb = importlib.import_module("wandb") if self.cfg.wandb else None  # optional: pip install wandb
             os.makedirs(self.cfg.out_dir, exist_ok=True)
             self.lock = hold_folder(self.cfg.out_dir)
             self.files = [open(os.path.join(self.cfg.out_dir, f), "a") for f in ("log.txt", "metrics.jsonl")]
-            if self.cfg.wandb:  # optional, imported only when asked for; one wandb run per out_dir, resumed with it
-                import wandb
-                where = os.path.abspath(self.cfg.out_dir)
-                self.wandb = wandb.init(project=self.cfg.wandb, name=os.path.basename(where), resume="allow",
-                                        id=hashlib.md5(where.encode()).hexdigest(), config=dataclasses.asdict(self.cfg))
+            where = os.path.abspath(self.cfg.out_dir)  # one wandb run per out_dir, continued on resume
+            self.wandb = wandb and wandb.init(project=self.cfg.wandb, name=os.path.basename(where), resume="allow",
+                                              id=hashlib.md5(where.encode()).hexdigest(), config=vars(self.cfg))
             for msg, row in self.waiting:
                 self.write(msg, row)
 
@@ -1533,8 +1532,6 @@ def flag_errors(cfg, mode):  # a message for each bad value, in order; parse_arg
         yield f"--repa_layer {cfg.repa_layer} must be below {MODELS[cfg.model]['depth']}, the depth of {cfg.model}"
     if (cfg.eval_samples if mode == "train" and cfg.eval_every else cfg.num_samples if cfg.fid_ref else 2) < 2:
         yield "FID needs at least 2 samples (--eval_samples, --num_samples)"
-    if cfg.wandb and importlib.util.find_spec("wandb") is None:
-        yield "--wandb needs the wandb package (pip install wandb); it is not a dependency of this project"
 
 
 def main(argv=None):

@@ -1809,8 +1809,7 @@ def test_bench_counts_one_train_step_and_times_what_it_compiles(monkeypatch, cap
 # ---------------------------------------------------------------------------------------------------------------
 # dino.py: DINOv2 ViT-B/14 (bitwise equal to facebookresearch/dinov2 in float32 on CPU, checked beside the repo)
 
-# Official dinov2_vitb14_pretrain.pth: 175 tensors = 3 tokens/embeddings + patch conv (2) + 12 blocks x 14
-# + final norm (2)
+# Official dinov2_vitb14_pretrain.pth: 175 tensors = 3 tokens/embeddings + patch conv (2) + 12 blocks x 14 + norm (2)
 DINO_BLOCK_SUFFIXES = [  # (suffix, shape), in state-dict order
     ('norm1.weight', (768,)), ('norm1.bias', (768,)),
     ('attn.qkv.weight', (2304, 768)), ('attn.qkv.bias', (2304,)),
@@ -1858,7 +1857,7 @@ def test_dino_loading(tmp_path, monkeypatch):
     hub = tmp_path / 'hub'
     (hub / 'checkpoints').mkdir(parents=True)
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(hub))
-    sd = {k: torch.tensor(float(i)).expand(shape) for i, (k, shape) in enumerate(DINO_EXPECTED)}  # 1 float each
+    sd = {k: torch.tensor(float(i)).expand(shape) for i, (k, shape) in enumerate(DINO_EXPECTED)}  # a float per key
     path = hub / 'checkpoints' / dino.WEIGHTS_FILE
     torch.save(sd, path)
     for model in (dino.load_dinov2(str(path)), dino.load_dinov2(download=False)):  # explicit path, hub cache

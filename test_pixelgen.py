@@ -180,9 +180,9 @@ BLOCK_KEYS = [("norm1.weight", ("D",)), ("attn.q_norm.weight", ("hd",)), ("attn.
               ("mlp.w12.bias", ("2F",)), ("mlp.w3.weight", ("D", "F")), ("mlp.w3.bias", ("D",)),
               ("adaLN_modulation.1.weight", ("6D", "D")), ("adaLN_modulation.1.bias", ("6D",))]
 OFFICIAL = {
-    "PixelGen-XL/16": dict(D=1152, depth=28, hd=72, F=3072, n=406, params=676_994_112, embed=[
+    "PixelGen-XL/16": dict(D=1152, depth=28, hd=72, F=3072, n=406, params=676_994_112, drop=range(7, 21), embed=[
         ("x_embedder.proj1.weight", (1152, 3, 16, 16)), ("x_embedder.proj1.bias", (1152,))]),
-    "PixelGen-L/16": dict(D=1024, depth=24, hd=64, F=2730, n=351, params=459_139_808, embed=[
+    "PixelGen-L/16": dict(D=1024, depth=24, hd=64, F=2730, n=351, params=459_139_808, drop=[], embed=[
         ("x_embedder.proj1.weight", (128, 3, 16, 16)), ("x_embedder.proj2.weight", (1024, 128, 1, 1)),
         ("x_embedder.proj2.bias", (1024,))]),
 }
@@ -205,35 +205,18 @@ def test_state_dict_matches_official_layout(name):
     got = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
     assert len(got) == o["n"] and got == expected
     assert sum(p.numel() for p in model.parameters()) == o["params"]  # 676M / 459M as the paper reports
+    # XL's dropout acts only in the middle half of the blocks
+    assert [i for i, b in enumerate(model.blocks) if b.attn.proj_drop.p > 0] == list(o["drop"])
 
 
-def test_presets_and_official_keywords():
-    assert pg.MODELS["PixelGen-L/16"] == pg.MODELS["JiT-L/16"]
-    xl = pg.MODELS["PixelGen-XL/16"]
-    assert xl["use_bottleneck"] is False and xl["proj_drop"] == 0.1 and xl["depth"] == 28
-    with torch.device("meta"):  # dropout only in the middle half of the blocks
-        m = pg.JiT(**xl)
-    on = [i for i, b in enumerate(m.blocks) if b.attn.proj_drop.p > 0]
-    assert on == list(range(7, 21))
-
-
-def test_zero_init_gives_zero_prediction():
-    m = tiny_jit()
-    x_hat, h = m(torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 10]), return_layer=2)
-    assert torch.equal(x_hat, torch.zeros_like(x_hat)) and h.shape == (2, 4, 64)
-
-
-def test_sincos_pos_embed_closed_form():
-    D, g = 16, 4
+def test_position_encodings_closed_forms():
+    D, g = 16, 4  # sin-cos: the first half of the channels encodes the column, the second the row
     pe = pg.sincos_pos_embed(D, g)
     omega = 1.0 / 10000 ** (np.arange(4) / 4)
     for r, c in [(0, 0), (1, 3), (3, 2)]:
         row = pe[r * g + c].numpy()
         want = np.concatenate([np.sin(c * omega), np.cos(c * omega), np.sin(r * omega), np.cos(r * omega)])
         np.testing.assert_allclose(row, want, atol=1e-6)
-
-
-def test_rope_is_relative_and_in_context_is_identity():
     hd, g, L = 8, 3, 2
     cos, sin = pg.rope_2d(g, hd, L)  # (L + 9, 4): one angle per pair
     assert torch.equal(cos[:L], torch.ones(L, 4)) and torch.equal(sin[:L], torch.zeros(L, 4))
@@ -241,43 +224,21 @@ def test_rope_is_relative_and_in_context_is_identity():
     i = L + 1 * g + 2
     want = torch.tensor([1.0, 10000 ** -0.5, 2.0, 2 * 10000 ** -0.5])
     torch.testing.assert_close(torch.atan2(sin[i], cos[i]), want)
-    x = torch.randn(hd)
-    rx = pg.apply_rope(x[None, None, None], cos[i][None], sin[i][None])[0, 0, 0]
-    c, s_ = math.cos(1.0), math.sin(1.0)  # first pair by hand: (x0 c - x1 s, x0 s + x1 c)
-    torch.testing.assert_close(rx[:2], torch.stack([x[0] * c - x[1] * s_, x[0] * s_ + x[1] * c]))
+    # turning each pair with real cos / sin (as the official t * cos + rotate_half(t) * sin) is the complex product
+    x = torch.randn(2, 4, L + g * g, hd)
+    z = torch.view_as_complex(x.unflatten(-1, (-1, 2))) * torch.complex(cos, sin)
+    torch.testing.assert_close(pg.apply_rope(x, cos, sin), torch.view_as_real(z).flatten(-2), rtol=1e-6, atol=1e-6)
     q, k = torch.randn(hd), torch.randn(hd)
     rot = lambda u, j: pg.apply_rope(u[None, None, None], cos[j][None], sin[j][None])
     dot = lambda a, b: (rot(q, a) * rot(k, b)).sum()
     # the same relative offset (+1 row, +1 col) gives the same score: RoPE encodes relative positions
     torch.testing.assert_close(dot(L + 0, L + 4), dot(L + 4, L + 8))
-    torch.testing.assert_close(dot(0, 1), (q * k).sum())  # in-context tokens are not rotated
 
 
-def test_rope_in_real_arithmetic_equals_the_complex_rotation_and_traces_no_complex_ops():
-    """The compiler generates no code for complex tensors, so RoPE turns each pair with real cos / sin, as the official
-    t * cos + rotate_half(t) * sin. It equals the complex product (x0 + i x1) e^(i angle)."""
-    cos, sin = pg.rope_2d(4, 16, 3)  # 3 in-context tokens + 16 image tokens, 8 pairs per head
-    x = torch.randn(2, 4, 19, 16)
-    want = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * torch.complex(cos, sin)).flatten(-2)
-    torch.testing.assert_close(pg.apply_rope(x, cos, sin), want, rtol=1e-6, atol=1e-6)
-    from torch.utils._python_dispatch import TorchDispatchMode
-    dtypes = set()
-
-    class Dtypes(TorchDispatchMode):  # every dtype of every tensor an op returns, forward and backward
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            dtypes.update(o.dtype for o in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(o))
-            return out
-
-    model = randomize(tiny_jit())
-    with Dtypes():
-        model(torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 10])).pow(2).mean().backward()
-    assert torch.float32 in dtypes and not any(d.is_complex for d in dtypes)
-
-
-def test_return_layer_feature_is_tokens_entering_block():
-    m = randomize(tiny_jit(depth=4, in_context_start=1))
+def test_forward_is_zero_at_init_conditioned_and_returns_the_tokens_entering_a_block():
     x, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([3, 4])
+    assert torch.equal(tiny_jit()(x, t, y), torch.zeros_like(x))  # the output layer starts at zero
+    m = randomize(tiny_jit(depth=4, in_context_start=1))
     seen = []
     for b in m.blocks:
         b.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
@@ -286,19 +247,7 @@ def test_return_layer_feature_is_tokens_entering_block():
         x_hat, h = m(x, t, y, return_layer=k)
         assert torch.equal(x_hat, ref) and torch.equal(h, seen[k][:, -4:]) and h.shape == (2, 4, 64)
     assert seen[1].shape[1] == 4 + 3  # block 1 runs with the in-context tokens
-
-
-def test_forward_depends_on_class_and_time():
-    m = randomize(tiny_jit(use_bottleneck=False))
-    x = torch.randn(1, 3, 32, 32)
-    a = m(x, torch.tensor([0.5]), torch.tensor([1]))
-    assert not torch.allclose(a, m(x, torch.tensor([0.5]), torch.tensor([2])))
-    assert not torch.allclose(a, m(x, torch.tensor([0.6]), torch.tensor([1])))
-
-
-def _saving(sizes):  # a context that appends to sizes the bytes of each tensor autograd keeps for backward
-    keep = lambda a: sizes.append(a.numel() * a.element_size()) or a
-    return torch.autograd.graph.saved_tensors_hooks(keep, lambda a: a)
+    assert not torch.allclose(ref, m(x, t, y + 1)) and not torch.allclose(ref, m(x, t + 0.1, y))  # class, time
 
 
 def _loss_and_grads(model, loss_fn, x, y, t, eps, seed=0, bf16=False):
@@ -310,7 +259,9 @@ def _loss_and_grads(model, loss_fn, x, y, t, eps, seed=0, bf16=False):
     # a pre-hook: checkpoint's recomputation stops once it has what backward needs, so the block never returns
     hooks = [b.register_forward_pre_hook(lambda *a: calls.append(1)) for b in model.blocks]
     torch.manual_seed(seed)  # dropout masks
-    with _saving(saved), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+    keep = lambda a: saved.append(a.numel() * a.element_size()) or a  # the bytes autograd keeps for backward
+    hook = torch.autograd.graph.saved_tensors_hooks(keep, lambda a: a)
+    with hook, torch.autocast("cpu", torch.bfloat16, enabled=bf16):
         out = loss_of(loss_fn, model, x, y, t, eps)
     out["loss"].backward()
     [h.remove() for h in hooks]
@@ -332,15 +283,6 @@ def test_grad_ckpt_same_loss_and_gradients_with_dropout_and_repa():
     assert g.keys() == g_ref.keys() and all(torch.equal(g[n], g_ref[n]) for n in g), "gradients differ"
     # it did checkpoint: every block ran twice (forward, then recomputed in backward), and autograd kept less
     assert (calls_ref, calls) == (4, 8) and saved < saved_ref
-    model.zero_grad(set_to_none=True)
-    x_t = pg.interpolate(x, eps, t)
-    sizes = {}
-    for ckpt in (False, True):  # the denoiser alone: activations kept for backward, in bytes
-        model.grad_ckpt, n = ckpt, []
-        with _saving(n):
-            model(x_t, t, y, return_layer=2)
-        sizes[ckpt] = sum(n)
-    assert sizes[True] < sizes[False] / 4  # measured 0.41 MB vs 2.51 MB
     # dropout really acts (so the equality above is about masks), and the seed picks the masks
     model.grad_ckpt = False
     assert not torch.equal(_loss_and_grads(model, loss_fn, x, y, t, eps, seed=1)[0]["loss"], ref["loss"])
@@ -366,19 +308,17 @@ def test_jit_compiles_fullgraph_with_repa_feature(grad_ckpt, compiled):
     assert h.shape == (2, 4, 64) and all(a is not None for a in runs[1])
     for a, b in zip(*runs):  # measured: bitwise equal on CPU float32
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    values = [n.meta.get("example_value") for g in compiled for n in g.graph.nodes]  # the traced tensors
+    assert values and not any(torch.is_tensor(v) and v.is_complex() for v in values)  # no code for complex ones
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Flow
 
-def test_time_grid_hand_computed():
+def test_flow_math_hand_computed():
     torch.testing.assert_close(pg.time_grid(4, 1.0), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
     # t = s / (s + 2 (1 - s)): 0, 1/7, 1/3, 3/5, 1
     torch.testing.assert_close(pg.time_grid(4, 2.0), torch.tensor([0.0, 1 / 7, 1 / 3, 0.6, 1.0]))
-    assert len(pg.time_grid(50, 2.0)) == 51 and pg.time_grid(50, 2.0)[-2] < 1
-
-
-def test_flow_math():
     x, eps, t = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4), torch.tensor([0.0, 0.5, 0.99])
     x_t = pg.interpolate(x, eps, t)
     torch.testing.assert_close(x_t[1], 0.5 * x[1] + 0.5 * eps[1])
@@ -397,13 +337,17 @@ def test_flow_math():
 
 def test_loss_terms_equal_the_official_masked_computation_on_the_whole_batch():
     """Each term by hand, as the official code computes it: both nets on the whole batch, per-sample values masked by
-    the gate, sum / count. The loss runs the nets on the gated samples only: the same terms and gradients."""
+    the gate, sum / count. The loss runs the nets on the gated samples only: the same terms and gradients (which
+    reach the model through both perceptual nets)."""
     x, y, eps = batch(6)
     t = torch.tensor([0.1, 0.5, 0.29, 0.9, 0.31, 0.05])
     (d, lp), m1, loss_fn = frozen_nets(), randomize(tiny_jit()), make_loss()
     m2 = copy.deepcopy(m1)
     out = loss_of(loss_fn, m1, x, y, t, eps)
     out["loss"].backward()
+    assert all(p.grad.abs().sum() > 0 for p in loss_fn.proj.parameters())  # REPA's head trains
+    head = {f"proj.{i}.{k}" for i in (0, 2, 4) for k in ("weight", "bias")}
+    assert set(loss_fn.state_dict()) == {"percept_weight"} | head
     tt = t.view(-1, 1, 1, 1)
     x_t = tt * x + (1 - tt) * eps
     x_hat, h = m2(x_t, t, y, return_layer=2)
@@ -437,36 +381,12 @@ def test_gate_edge_cases_run_nets_on_gated_samples_only(ts, n_gated):
         assert out["lpips"] == 0 and out["pdino"] == 0
 
 
-def test_gradients_reach_model_through_perceptual_nets_only_trainables_get_grads():
-    model = randomize(tiny_jit())
-    x, y, eps = batch()
-    t = torch.tensor([0.5, 0.6, 0.7, 0.8])
-    for w in [dict(lpips_weight=1.0, pdino_weight=0.0), dict(lpips_weight=0.0, pdino_weight=1.0)]:
-        model.zero_grad()
-        loss_fn = make_loss(repa_weight=0.0, **w)
-        out = loss_of(loss_fn, model, x, y, t, eps)
-        (out["loss"] - out["fm"]).backward()  # only the perceptual term
-        assert model.final_layer.linear.weight.grad.abs().sum() > 0, w
-    d, lp = frozen_nets()
-    assert all(p.grad is None and not p.requires_grad for p in list(d.parameters()) + list(lp.parameters()))
-    loss_fn = make_loss()
-    loss_of(loss_fn, model, x, y, t, eps)["loss"].backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loss_fn.proj.parameters())  # REPA trains
-    want = {"percept_weight"} | {f"proj.{i}.{k}" for i in (0, 2, 4) for k in ("weight", "bias")}
-    assert set(loss_fn.state_dict()) == want
-
-
 def test_label_dropout_to_the_null_class():
     seen = []
-
-    class Spy(nn.Module):  # records the labels the denoiser receives
-        def forward(self, x, t, y, return_layer=None):
-            seen.append(y.clone())
-            return x * 0
-
+    spy = lambda x, t, y, return_layer=None: seen.append(y.clone()) or x * 0  # the labels the denoiser receives
     loss_fn = pg.PixelGenLoss(64, None, None, lpips_weight=0, pdino_weight=0, repa_weight=0, num_classes=10)
     x, drop = torch.zeros(6, 3, 32, 32), torch.tensor([True, False, False, True, True, False])
-    loss_fn(Spy(), x, torch.arange(6), pg.make_draws(torch.full((6,), 0.5), drop, torch.zeros_like(x), 0.3))
+    loss_fn(spy, x, torch.arange(6), pg.make_draws(torch.full((6,), 0.5), drop, torch.zeros_like(x), 0.3))
     assert seen[0].tolist() == [10, 1, 2, 10, 10, 5]  # the dropped labels become the null class num_classes
 
 
@@ -500,29 +420,20 @@ def test_adaptive_perceptual_weight():
     loss_of(loss_fn, model, x, y, t, eps)  # not this step: unchanged
     assert loss_fn.percept_weight == 1.0
     out = loss_of(loss_fn, model, x, y, t, eps, adapt=True)
-    W = model.final_layer.linear.weight
-    g_fm = torch.autograd.grad(_fm(model, x, y, t, eps), W)[0].norm()
     perc = 0.1 * out["lpips"] + 0.01 * out["pdino"]
     assert perc > 0
-    g_p = torch.autograd.grad(_perc(model, x, y, t, eps), W)[0].norm()
+    d, lp = frozen_nets()  # both terms by hand, as the loss computes them (no labels dropped), on the same draws
+    x_t = pg.interpolate(x, eps, t)
+    x_hat, g = model(x_t, t, y), (t >= 0.3).nonzero()[:, 0]
+    fm = (pg.x_to_v(x_hat, x_t, t) - pg.x_to_v(x, x_t, t)).pow(2).mean()
+    pd = (1 - F.cosine_similarity(d.patch_tokens(x_hat[g], 16), d.patch_tokens(x[g], 16), dim=-1)).mean()
+    W = model.final_layer.linear.weight
+    g_fm = torch.autograd.grad(fm, W, retain_graph=True)[0].norm()
+    g_p = torch.autograd.grad(0.1 * lp(x_hat[g], x[g]).mean() + 0.01 * pd, W)[0].norm()
     want = 0.8 * 1.0 + 0.2 * torch.clamp(g_fm / (g_p + 1e-4), 0, 100)
     torch.testing.assert_close(loss_fn.percept_weight, want, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out["loss"], out["fm"] + want * perc + 0.5 * out["repa"], rtol=1e-4, atol=1e-6)
     assert not make_loss(adaptive_from=0, lpips_weight=0, pdino_weight=0).adapt_due(0)  # nothing to balance
-
-
-def _fm(model, x, y, t, eps):
-    x_t = pg.interpolate(x, eps, t)
-    return (pg.x_to_v(model(x_t, t, y), x_t, t) - pg.x_to_v(x, x_t, t)).pow(2).mean()
-
-
-def _perc(model, x, y, t, eps):
-    d, lp = frozen_nets()
-    x_hat = model(pg.interpolate(x, eps, t), t, y)  # as the loss computes it, without labels dropped
-    g = (t >= 0.3).nonzero()[:, 0]
-    lp_v = lp(x_hat[g], x[g]).mean()
-    pd = (1 - F.cosine_similarity(d.patch_tokens(x_hat[g], 16), d.patch_tokens(x[g], 16), dim=-1)).mean()
-    return 0.1 * lp_v + 0.01 * pd
 
 
 @pytest.mark.parametrize("gate_pdino", [True, False])
@@ -559,73 +470,13 @@ def test_bf16_autocast_objective_close_to_fp32():
     for k, rtol in dict(loss=2e-3, fm=2e-3, lpips=2e-2, pdino=2e-3, repa=2e-3).items():
         assert out[k].dtype == torch.float32 and out[k] != ref[k], k  # bf16 did run, the terms come out in fp32
         assert abs(out[k] - ref[k]) <= rtol * abs(ref[k]), (k, out[k], ref[k])
-    assert g.keys() == g_ref.keys() and len(g) == len(list(model.parameters())) - 1 + 6  # all but pos_embed; head
     for n in g:
-        assert g[n] is not None and torch.isfinite(g[n]).all(), n
+        assert torch.isfinite(g[n]).all(), n
         assert F.cosine_similarity(g[n].flatten(), g_ref[n].flatten(), dim=0) > 0.99, n
-
-
-def test_dino_features_are_normalised_in_float32_under_bf16_autocast():
-    """Under autocast x_hat is bf16 and x float32; both meet the exact ImageNet constants in float32, so P-DINO compares
-    like with like: f(x_hat) = f(x) when x_hat = x (in bf16 the constants round, 0.485 -> 0.484375)."""
-    torch.manual_seed(0)
-    d = dino.DINOv2(embed_dim=64, depth=1, num_heads=4)
-    x = (torch.rand(2, 3, 32, 32) * 2 - 1).bfloat16().float()  # values a bf16 x_hat holds exactly
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-        assert torch.equal(d(x.bfloat16(), 16), d(x, 16))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Samplers
-
-class Oracle(nn.Module):
-    """A perfect x-predictor for a one-image dataset per class: x_hat = target[y]; counts network rows."""
-
-    def __init__(self, targets):
-        super().__init__()
-        self.targets, self.num_classes, self.rows = targets, targets.shape[0] - 1, 0
-
-    def forward(self, x, t, y):
-        self.rows += x.shape[0]
-        return self.targets[y]
-
-
-@pytest.mark.parametrize("sampler", ["heun", "euler", "adams2"])
-@pytest.mark.parametrize("shift", [1.0, 2.0])
-def test_perfect_predictor_lands_on_the_image(sampler, shift):
-    targets = torch.rand(4, 3, 8, 8) * 2 - 1
-    noise, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 2, 1])
-    out = pg.sample(Oracle(targets), noise, y, steps=10, sampler=sampler, time_shift=shift)
-    torch.testing.assert_close(out, targets[y], atol=1e-5, rtol=0)
-
-
-def test_cfg_in_v_space_hand_written():
-    targets = torch.rand(3, 3, 4, 4) * 2 - 1  # class 0, class 1, null (2)
-    noise, y, w = torch.randn(2, 3, 4, 4), torch.tensor([0, 1]), 3.0
-    ts = pg.time_grid(2, 1.0)  # 0, 0.5, 1
-    x = noise.clone()
-    for i in range(2):  # Euler by hand; guidance only while 0.1 < t <= 0.9, i.e. at t = 0.5 only
-        t = ts[i]
-        v_c, v_u = (targets[y] - x) / (1 - t), (targets[2] - x) / (1 - t)
-        v = v_u + w * (v_c - v_u) if 0.1 < t <= 0.9 else v_c
-        x = x + v * (ts[i + 1] - t)
-    m = Oracle(targets)
-    out = pg.sample(m, noise, y, steps=2, sampler="euler", cfg_scale=w, cfg_interval=(0.1, 0.9), time_shift=1.0)
-    torch.testing.assert_close(out, x)
-    assert m.rows == 2 + 4  # t = 0: conditional only; t = 0.5: both branches
-
-
-def test_unguided_heun_runs_half_the_official_rows():
-    m, N, B = Oracle(torch.zeros(2, 3, 4, 4)), 50, 3
-    pg.sample(m, torch.randn(B, 3, 4, 4), torch.zeros(B, dtype=torch.long), steps=N, sampler="heun", cfg_scale=1.0)
-    official_rows = 2 * B * (2 * N - 1)  # the official sampler always doubles the batch; NFE = 2N - 1
-    assert m.rows == B * (2 * N - 1) == official_rows // 2
-    m.rows = 0  # guided: both branches only inside (0.1, 0.9]
-    pg.sample(m, torch.randn(B, 3, 4, 4), torch.zeros(B, dtype=torch.long), steps=N, cfg_scale=2.25, time_shift=2.0)
-    ts = pg.time_grid(N, 2.0)
-    guided = sum(1 for i in range(N) if 0.1 < ts[i] <= 0.9)
-    assert m.rows == B * (2 * N - 1) + B * (2 * guided - (1 if 0.1 < ts[N - 1] <= 0.9 else 0))
-
 
 class Fn(nn.Module):
     """An analytic x-predictor x_hat = f(x, t, y), t shaped (B, 1, 1, 1); records its calls, rows and times."""
@@ -638,6 +489,32 @@ class Fn(nn.Module):
         self.rows += x.shape[0]
         self.times.append(t[0].item())
         return self.f(x, t.view(-1, 1, 1, 1), y)
+
+
+@pytest.mark.parametrize("sampler", ["heun", "euler", "adams2"])
+@pytest.mark.parametrize("shift", [1.0, 2.0])
+def test_perfect_predictor_lands_on_the_image(sampler, shift):
+    targets = torch.rand(4, 3, 8, 8) * 2 - 1  # a one-image dataset per class: x_hat = targets[y]
+    noise, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 2, 1])
+    m = Fn(lambda x, t, y: targets[y], num_classes=3)
+    out = pg.sample(m, noise, y, steps=10, sampler=sampler, time_shift=shift)
+    torch.testing.assert_close(out, targets[y], atol=1e-5, rtol=0)
+
+
+def test_cfg_in_v_space_hand_written():
+    targets = torch.rand(3, 3, 4, 4) * 2 - 1  # class 0, class 1, null (2)
+    noise, y, w = torch.randn(2, 3, 4, 4), torch.tensor([0, 1]), 3.0
+    ts = pg.time_grid(2, 1.0)  # 0, 0.5, 1
+    x = noise.clone()
+    for i in range(2):  # Euler by hand; guidance only while 0.1 < t <= 0.5 (closed at hi), i.e. at t = 0.5 only
+        t = ts[i]
+        v_c, v_u = (targets[y] - x) / (1 - t), (targets[2] - x) / (1 - t)
+        v = v_u + w * (v_c - v_u) if 0.1 < t <= 0.5 else v_c
+        x = x + v * (ts[i + 1] - t)
+    m = Fn(lambda x, t, y: targets[y])
+    out = pg.sample(m, noise, y, steps=2, sampler="euler", cfg_scale=w, cfg_interval=(0.1, 0.5), time_shift=1.0)
+    torch.testing.assert_close(out, x)
+    assert m.rows == 2 + 4  # t = 0: conditional only; t = 0.5: both branches
 
 
 @pytest.mark.parametrize("w, interval, guided", [
@@ -665,10 +542,6 @@ def test_adams2_two_steps_hand_computed(w, interval, guided):
     out = pg.sample(m, noise, y, steps=2, sampler="adams2", cfg_scale=w, cfg_interval=interval, time_shift=1.0)
     torch.testing.assert_close(out, x2)
     assert m.times == [0.0, 0.5] and m.rows == 2 + (4 if guided else 2)
-    assert not torch.allclose(x2, x1 + 0.5 * v1)  # not Euler
-    m = Fn(f)
-    pg.sample(m, noise, y, steps=2, sampler="euler", cfg_scale=3.0, cfg_interval=(0.1, 0.5), time_shift=1.0)
-    assert m.rows == 2 + 4  # euler: closed at hi, guided at t = 0.5
 
 
 def test_adams2_exact_for_velocities_linear_in_t_on_a_shifted_grid():
@@ -677,39 +550,37 @@ def test_adams2_exact_for_velocities_linear_in_t_on_a_shifted_grid():
     # loses q h_i^2 / 2 on every step.
     p, q, x0 = torch.randn(3, 3, 4, 4).unbind()
     m = Fn(lambda x, t, y: x + (1 - t) * (p + q * t))
-    ts = pg.time_grid(10, 3.0)
-    out = pg.sample(m, x0[None], torch.zeros(1, dtype=torch.long), steps=10, sampler="adams2", time_shift=3.0)
+    ts = pg.time_grid(7, 3.0)
+    out = pg.sample(m, x0[None], torch.zeros(1, dtype=torch.long), steps=7, sampler="adams2", time_shift=3.0)
     torch.testing.assert_close(out[0], x0 + p + q / 2 - q * ts[1] ** 2 / 2, atol=1e-5, rtol=1e-5)
-    euler = pg.sample(m, x0[None], torch.zeros(1, dtype=torch.long), steps=10, sampler="euler", time_shift=3.0)
-    torch.testing.assert_close(euler[0], x0 + p + q / 2 - q * (ts.diff() ** 2).sum() / 2, atol=1e-5, rtol=1e-5)
-
-
-def test_adams2_net_time_is_the_float32_running_sum_of_dt():
-    # NOTE(official): AdamLM feeds the net t_cur += dt, not the grid value; they differ (in the last bit) on a few
-    # grids such as 7 steps at shift 3.
-    ts, m = pg.time_grid(7, 3.0), Fn(lambda x, t, y: x)
-    pg.sample(m, torch.zeros(1, 3, 2, 2), torch.zeros(1, dtype=torch.long), steps=7, sampler="adams2", time_shift=3.0)
+    # NOTE(official): AdamLM feeds the net t_cur += dt, not the grid value; on this grid they differ in the last bit
     t_cur = [torch.zeros(())]
     for dt in ts.diff()[:-1]:
         t_cur.append(t_cur[-1] + dt)
     assert m.times == torch.stack(t_cur).tolist() and m.times[2] != ts[2].item()
+    euler = pg.sample(m, x0[None], torch.zeros(1, dtype=torch.long), steps=7, sampler="euler", time_shift=3.0)
+    torch.testing.assert_close(euler[0], x0 + p + q / 2 - q * (ts.diff() ** 2).sum() / 2, atol=1e-5, rtol=1e-5)
 
 
-def test_adams2_one_call_per_step_and_half_the_official_rows_unguided():
-    B, N = 3, 25  # the T2I setting: 25 steps, shift 3, CFG 4 (there on the interval (0, 1))
+@pytest.mark.parametrize("sampler, calls", [("heun", 2 * 25 - 1), ("adams2", 25)])
+def test_rows_unguided_are_half_the_official_and_guidance_doubles_only_inside_the_interval(sampler, calls):
+    # The official samplers always double the batch: 2 B rows per call. The T2I setting: 25 steps, shift 3, CFG 4.
+    B, N = 3, 25
     noise, y = torch.randn(B, 3, 4, 4), torch.zeros(B, dtype=torch.long)
     m = Fn(lambda x, t, y: x * t)
-    pg.sample(m, noise, y, steps=N, sampler="adams2", cfg_scale=1.0, time_shift=3.0)
-    assert len(m.times) == N and m.rows == B * N == 2 * B * N // 2  # the official sampler always doubles the batch
-    for interval in ((0.0, 1.0), (0.1, 0.9)):
+    pg.sample(m, noise, y, steps=N, sampler=sampler, cfg_scale=1.0, time_shift=3.0)
+    assert len(m.times) == calls and m.rows == B * calls
+    times, ts = m.times, pg.time_grid(N, 3.0)[:N].tolist()
+    for lo, hi in ((0.0, 1.0), (0.1, 0.9)):  # heun guides steps with lo < t <= hi, adams2 those with lo < t < hi
         m = Fn(lambda x, t, y: x * t)
-        pg.sample(m, noise, y, steps=N, sampler="adams2", cfg_scale=4.0, cfg_interval=interval, time_shift=3.0)
-        guided = sum(interval[0] < t < interval[1] for t in pg.time_grid(N, 3.0)[:N].tolist())
-        assert len(m.times) == N and m.rows == B * (N + guided) and guided == {0.0: N - 1, 0.1: 18}[interval[0]]
+        pg.sample(m, noise, y, steps=N, sampler=sampler, cfg_scale=4.0, cfg_interval=(lo, hi), time_shift=3.0)
+        steps = [lo < t < hi or (sampler == "heun" and t == hi) for t in ts]
+        guided = sum(steps) + (sum(steps[:-1]) if sampler == "heun" else 0)  # heun's corrector: as its step
+        assert m.times == times and m.rows == B * (calls + guided) and 0 < guided < calls
 
 
 def test_unknown_sampler_names_are_rejected():
-    m, noise, y = Oracle(torch.zeros(2, 3, 4, 4)), torch.randn(1, 3, 4, 4), torch.zeros(1, dtype=torch.long)
+    m, noise, y = Fn(lambda x, t, y: x), torch.randn(1, 3, 4, 4), torch.zeros(1, dtype=torch.long)
     for name in ("adams", "Heun", "dpm"):
         with pytest.raises(ValueError, match=r"unknown sampler .*heun, euler, adams2"):
             pg.sample(m, noise, y, steps=2, sampler=name)
@@ -1940,8 +1811,7 @@ def test_bench_counts_one_train_step_and_times_what_it_compiles(monkeypatch, cap
 # ---------------------------------------------------------------------------------------------------------------
 # dino.py: DINOv2 ViT-B/14 (bitwise equal to facebookresearch/dinov2 in float32 on CPU, checked beside the repo)
 
-# Official dinov2_vitb14_pretrain.pth: 175 tensors = 3 tokens/embeddings + patch conv (2) + 12 blocks x 14
-# + final norm (2)
+# Official dinov2_vitb14_pretrain.pth: 175 tensors = 3 tokens/embeddings + patch conv (2) + 12 blocks x 14 + norm (2)
 DINO_BLOCK_SUFFIXES = [  # (suffix, shape), in state-dict order
     ('norm1.weight', (768,)), ('norm1.bias', (768,)),
     ('attn.qkv.weight', (2304, 768)), ('attn.qkv.bias', (2304,)),
@@ -1957,56 +1827,45 @@ DINO_EXPECTED = (
 
 
 @functools.lru_cache(maxsize=None)
-def _dino_model():
-    """One shared random-weight ViT-B/14 (frozen, so tests cannot change it)."""
-    torch.manual_seed(0)
-    return dino.DINOv2()
-
-
-def _dino_meta():  # ViT-B/14 on the meta device: shapes without computing
-    with torch.device("meta"):
-        return dino.DINOv2()
-
-
-@functools.lru_cache(maxsize=None)
 def _dino_tiny():
     """Same architecture and code paths, narrow (64 wide, 12 blocks): for the semantics tests, fast on CPU."""
     torch.manual_seed(0)
     return dino.DINOv2(embed_dim=64, depth=12, num_heads=4)
 
 
-def test_dino_state_dict_keys_and_shapes():
-    sd = _dino_meta().state_dict()
-    assert len(DINO_EXPECTED) == len(sd) == 175
+def test_dino_official_layout_token_shapes_and_frozen():
+    with torch.device("meta"):  # ViT-B/14: shapes without computing
+        model = dino.DINOv2()
+    sd = model.state_dict()
     assert [(k, tuple(v.shape)) for k, v in sd.items()] == DINO_EXPECTED
-    assert all(v.dtype == torch.float32 for v in sd.values())
     assert sum(v.numel() for v in sd.values()) == 86_580_480
-
-
-def test_dino_frozen_and_always_eval():
-    model = _dino_model()
+    with torch.no_grad():
+        for (H, W), (h, w) in {(224, 224): (16, 16), (224, 308): (16, 22), (518, 518): (37, 37)}.items():
+            out = model.forward_features(torch.randn(1, 3, H, W, device="meta"))
+            assert out['x_norm_clstoken'].shape == (1, 768)
+            assert out['x_norm_patchtokens'].shape == (1, h * w, 768)
+            assert out['x_prenorm'].shape == (1, 1 + h * w, 768)
+        for H, W in [(225, 224), (224, 230)]:
+            with pytest.raises(AssertionError, match='multiple of the patch size 14'):
+                model.forward_features(torch.randn(1, 3, H, W, device="meta"))
     assert not any(p.requires_grad for p in model.parameters())
     model.train()                                    # e.g. a parent module's .train(): must stay in eval
     assert not any(m.training for m in model.modules())
 
 
-def test_dino_strict_roundtrip_and_hub_cache(tmp_path, monkeypatch):
+def test_dino_loading(tmp_path, monkeypatch):
+    """A strict load from a path or the hub cache; a missing, corrupt or wrong file names itself and where to put
+    the official weights."""
     hub = tmp_path / 'hub'
     (hub / 'checkpoints').mkdir(parents=True)
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(hub))
-    torch.manual_seed(1)
-    sd = {k: torch.randn(shape) for k, shape in DINO_EXPECTED}
+    sd = {k: torch.tensor(float(i)).expand(shape) for i, (k, shape) in enumerate(DINO_EXPECTED)}  # a float per key
     path = hub / 'checkpoints' / dino.WEIGHTS_FILE
     torch.save(sd, path)
     for model in (dino.load_dinov2(str(path)), dino.load_dinov2(download=False)):  # explicit path, hub cache
         loaded = model.state_dict()
         assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
-        assert not model.training and not any(p.requires_grad for p in model.parameters())
-
-
-def test_dino_missing_weights_message(tmp_path, monkeypatch):
-    hub = tmp_path / 'hub'
-    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(hub))
+    path.unlink()
 
     def offline(url, dst, *args, **kwargs):
         raise OSError('network is unreachable')
@@ -2020,9 +1879,6 @@ def test_dino_missing_weights_message(tmp_path, monkeypatch):
     assert dino.WEIGHTS_URL == 'https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth'
     with pytest.raises(FileNotFoundError, match='nowhere.pth'):
         dino.load_dinov2(str(tmp_path / 'nowhere.pth'))
-
-
-def test_dino_corrupt_or_wrong_file(tmp_path):
     bad = tmp_path / 'corrupt.pth'
     bad.write_bytes(b'\x00not a checkpoint' * 10)
     with pytest.raises(RuntimeError, match='corrupt.pth'):
@@ -2031,16 +1887,6 @@ def test_dino_corrupt_or_wrong_file(tmp_path):
     torch.save({'cls_token': torch.zeros(1, 1, 768)}, wrong)
     with pytest.raises(RuntimeError, match='wrong.pth'):
         dino.load_dinov2(str(wrong))
-
-
-def test_dino_token_shapes():
-    model = _dino_meta()
-    with torch.no_grad():
-        for (H, W), (h, w) in {(224, 224): (16, 16), (224, 308): (16, 22), (518, 518): (37, 37)}.items():
-            out = model.forward_features(torch.randn(1, 3, H, W, device="meta"))
-            assert out['x_norm_clstoken'].shape == (1, 768)
-            assert out['x_norm_patchtokens'].shape == (1, h * w, 768)
-            assert out['x_prenorm'].shape == (1, 1 + h * w, 768)
 
 
 def test_dino_intermediate_layers_semantics():
@@ -2065,10 +1911,8 @@ def test_dino_intermediate_layers_semantics():
         (tok, cls), = model.get_intermediate_layers(x, n=1, return_class_token=True)
         assert torch.equal(cls, ff['x_norm_clstoken']) and torch.equal(tok, last)
         fmap, = model.get_intermediate_layers(x, n=1, reshape=True)
-        assert fmap.shape == (2, 64, 2, 3)
+        assert fmap.shape == (2, 64, 2, 3)                                      # (B, D, H/14, W/14)
         assert torch.equal(fmap[:, :, 1, 2], last[:, 1 * 3 + 2])                 # row-major patch order
-        fmap, = model.get_intermediate_layers(torch.randn(1, 3, 224, 308), n=1, reshape=True)
-        assert fmap.shape == (1, 64, 16, 22)                                    # (B, D, H/14, W/14)
         with pytest.raises(AssertionError):
             model.get_intermediate_layers(x, n=[12])
 
@@ -2090,40 +1934,30 @@ def test_dino_pos_embed_interpolation():
                               by_size.permute(0, 2, 3, 1), atol=1e-4)
 
 
-def test_dino_size_must_be_multiple_of_14():
-    model = _dino_tiny()
-    for H, W in [(225, 224), (224, 230)]:
-        with pytest.raises(AssertionError, match='multiple of the patch size 14'):
-            model.forward_features(torch.randn(1, 3, H, W))
-
-
 def test_dino_patch_tokens():
-    model = _dino_model()
+    model = _dino_tiny()
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
-        assert model.patch_tokens(torch.rand(1, 3, 256, 256) * 2 - 1).shape == (1, 256, 768)
-        assert model.patch_tokens(torch.rand(1, 3, 64, 128) * 2 - 1, patch_size=32).shape == (1, 8, 768)
+        assert model.patch_tokens(torch.rand(1, 3, 64, 128) * 2 - 1, patch_size=32).shape == (1, 8, 64)
         # the recipe spelled out: [0,1], ImageNet mean/std, bicubic to 14/16 of the size, last block + norm
         mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
         y = F.interpolate(((x + 1) / 2 - mean[:, None, None]) / std[:, None, None], size=(56, 56), mode='bicubic')
         ref = model.forward_features(y)['x_norm_patchtokens']
-    x.requires_grad_(True)
-    feats = model.patch_tokens(x)
-    assert feats.shape == (2, 16, 768) and torch.allclose(feats, ref, atol=1e-6)
-    assert torch.equal(model(x), feats)                                      # forward = patch_tokens
-    (1 - F.cosine_similarity(feats, ref.flip(0), dim=-1)).mean().backward()  # P-DINO-like loss, other target
-    assert x.grad is not None and x.grad.abs().sum() > 0
-    assert all(p.grad is None for p in model.parameters())
+        feats = model.patch_tokens(x)
+        assert feats.shape == (2, 16, 64) and torch.allclose(feats, ref, atol=1e-6)
+        assert torch.equal(model(x), feats)                                  # forward = patch_tokens
 
 
 def test_dino_bf16_autocast():
+    """Under autocast x_hat is bf16 and x float32; both meet the exact ImageNet constants in float32, so P-DINO compares
+    like with like: f(x_hat) = f(x) when x_hat = x (in bf16 the constants round, 0.485 -> 0.484375)."""
     model = _dino_tiny()
-    x = torch.rand(1, 3, 32, 48) * 2 - 1            # -> 28x42 DINO input, 2x3 tokens
+    x = (torch.rand(1, 3, 32, 48) * 2 - 1).bfloat16().float()  # values a bf16 x_hat holds exactly; 2x3 tokens
     with torch.no_grad():
         ref = model.patch_tokens(x)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             low = model.patch_tokens(x)
-    assert low.shape == ref.shape and torch.isfinite(low).all()
+            assert torch.equal(model.patch_tokens(x.bfloat16()), low)
     assert F.cosine_similarity(low.float(), ref, dim=-1).min() > 0.999
 
 

@@ -578,18 +578,17 @@ DEMO_CUDA = dict(batch_size=64, max_steps=3000, log_every=100, ckpt_every=1000, 
 VGG_FILE, VGG_URL = "vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"
 
 
-def make_lpips(pretrained=True, path="", download=True):
+def make_lpips(vgg_file=None):  # LPIPS-VGG: v0.1 heads from the lpips wheel, the VGG16 trunk from vgg_file (or random)
     import lpips  # imported here so `import pixelgen` stays light
-    f = dinov2.hub_file(path, VGG_FILE, VGG_URL, download) if pretrained else None  # (before building anything)
     with warnings.catch_warnings():  # torchvision's deprecation notes about lpips' `pretrained=` call
         warnings.simplefilter("ignore", UserWarning)
-        net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)  # v0.1 heads ship in the wheel
-    if pretrained:  # the VGG16 trunk from torchvision's file, mapped onto lpips' slices (slice2.5.w <- features.5.w)
+        net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    if vgg_file:  # torchvision's VGG16 file, mapped onto lpips' slices (slice2.5.w <- features.5.w)
         try:
-            sd = torch.load(f, map_location="cpu", weights_only=True)
+            sd = torch.load(vgg_file, map_location="cpu", weights_only=True)
             net.net.load_state_dict({k: sd[f"features.{k.split('.', 1)[1]}"] for k in net.net.state_dict()})
         except Exception as e:
-            raise RuntimeError(f"{f} is not a readable torchvision VGG16 state dict ({VGG_FILE}, {VGG_URL}): {e}")
+            raise RuntimeError(f"{vgg_file} is not a torchvision VGG16 state dict ({VGG_FILE}, {VGG_URL}): {e}")
     return net.eval().requires_grad_(False)
 
 
@@ -598,14 +597,14 @@ def perceptual_nets(cfg, device, log=print):
     on with random nets and says so."""
     use_dino, use_lpips = bool(cfg.pdino_weight or cfg.repa_weight), bool(cfg.lpips_weight)
     rand = lambda: (dinov2.DINOv2().to(device).eval().requires_grad_(False) if use_dino else None,
-                    make_lpips(False).to(device) if use_lpips else None)
+                    make_lpips().to(device) if use_lpips else None)
     if cfg.perceptual_init == "random":
         log("WARNING: --perceptual_init random: LPIPS and DINOv2 have RANDOM weights (smoke runs and tests only)")
         return rand()
     try:
         files = pretrained_files(cfg, inception=bool(cfg.eval_every and cfg.fid_ref))
         return (dinov2.load_dinov2(files["dino"], device=device) if use_dino else None,
-                make_lpips(True, files["vgg"]).to(device) if use_lpips else None)
+                make_lpips(files["vgg"]).to(device) if use_lpips else None)
     except (FileNotFoundError, RuntimeError) as e:
         if cfg.data_path:
             raise SystemExit(f"error: {e}\n(--perceptual_init random runs without them, for smoke tests only)")

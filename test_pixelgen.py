@@ -6,7 +6,6 @@ that make that equality hold. They follow the order of the code: pixelgen.py's m
 samplers), then its engineering (config and CLI, pretrained weights, data, training in one and in two processes,
 sampling and evaluation, benchmark), then dino.py and fid.py. Training runs use small random perceptual networks
 (`small_perceptual_nets`), since their size does not matter there."""
-import contextlib
 import copy
 import fcntl
 import functools
@@ -17,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import warnings
 import weakref
@@ -678,8 +676,6 @@ def test_help_is_each_fields_comment_under_its_group(capsys):
 
 def test_missing_pretrained_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth.*download.pytorch.org.*hub/checkpoints"):
-        pg.make_lpips(True, download=False)
     cfg = pg.Config(data_path="/some/imagenet", perceptual_init="pretrained", eval_every=10, fid_ref="ref.npz")
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(SystemExit, match=r"dinov2_vitb14_pretrain.pth: download https://dl.fbaipublicfiles.com/.*"
@@ -689,7 +685,7 @@ def test_missing_pretrained_weights(tmp_path, monkeypatch):
     msgs = []  # the demo (no data path) goes on with random nets and says so
     nets = frozen_nets()  # (their size does not matter here)
     monkeypatch.setattr(dino, "DINOv2", lambda: nets[0])
-    monkeypatch.setattr(pg, "make_lpips", lambda pretrained, *a, **k: nets[1])
+    monkeypatch.setattr(pg, "make_lpips", lambda *a: nets[1])
     d, lp = pg.perceptual_nets(pg.Config(perceptual_init="pretrained"), "cpu", log=msgs.append)
     assert "RANDOMLY INITIALISED" in msgs[0] and not any(p.requires_grad for p in d.parameters())
 
@@ -700,12 +696,12 @@ def test_lpips_loads_torchvision_vgg_file(tmp_path):
         vgg = torchvision.models.vgg16()
     vgg.features.to_empty(device="cpu").apply(lambda m: [nn.init.normal_(p) for p in m.parameters(recurse=False)])
     torch.save({"features." + k: v for k, v in vgg.features.state_dict().items()}, tmp_path / "vgg.pth")
-    lp = pg.make_lpips(True, str(tmp_path / "vgg.pth"))
+    lp = pg.make_lpips(str(tmp_path / "vgg.pth"))
     torch.testing.assert_close(getattr(lp.net.slice3, '10').weight, vgg.features[10].weight)  # conv3_1 lands in slice3
     torch.testing.assert_close(getattr(lp.net.slice5, '28').weight, vgg.features[28].weight)
     (tmp_path / "bad.pth").write_bytes(b"truncated")
-    with pytest.raises(RuntimeError, match="bad.pth is not a readable torchvision VGG16"):
-        pg.make_lpips(True, str(tmp_path / "bad.pth"))
+    with pytest.raises(RuntimeError, match="bad.pth is not a torchvision VGG16"):
+        pg.make_lpips(str(tmp_path / "bad.pth"))
 
 
 def test_unused_networks_are_not_built_or_run(monkeypatch):

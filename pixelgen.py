@@ -1,50 +1,57 @@
 r"""
 PixelGen (arXiv 2602.02493) in one file: pixel-space diffusion with perceptual supervision.
 
-A patch-16 JiT transformer predicts the clean image from a noisy one (x-prediction). It is trained with the
-flow-matching velocity loss plus noise-gated perceptual losses (LPIPS for local texture, P-DINO on frozen DINOv2
-features for global semantics) and REPA feature alignment, and sampled with a Heun ODE solver and classifier-free
-guidance. The paper reaches FID 5.11 on ImageNet-256 without guidance after 80 epochs.
+A patch-16 JiT transformer predicts the clean image from a noisy one (x-prediction). It trains
+with the flow-matching velocity loss plus noise-gated perceptual losses (LPIPS for local texture,
+P-DINO on frozen DINOv2 features for global semantics) and REPA feature alignment, and samples
+with a Heun ODE solver and classifier-free guidance (CFG).
 
-    python pixelgen.py --train                                   # CPU/GPU demo on the built-in toy dataset
-    torchrun --nproc_per_node=8 pixelgen.py --train --data_path /data/imagenet/train             # XL/16, 80 ep
-    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_endpoint=HOST:29500 pixelgen.py --train --recipe xl-160ep ...
-    torchrun --nproc_per_node=8 pixelgen.py --sample --ckpt PixelGen_XL_80ep.ckpt --unsafe_load --num_samples 50000 \
-        --fid_ref VIRTUAL_imagenet256_labeled.npz                          # FID-50K and friends, written to eval.json
-    python pixelgen.py --bench --recipe xl-80ep --batch_size 32 --compile   # speed, memory and MFU on one GPU
+    python pixelgen.py --train                    # demo: toy shapes, minutes on a CPU
+    torchrun --nproc_per_node=8 pixelgen.py --train --data_path /data/imagenet/train
+    torchrun --nproc_per_node=8 pixelgen.py --sample --ckpt PixelGen_XL_80ep.ckpt \
+        --unsafe_load --num_samples 50000 --fid_ref VIRTUAL_imagenet256_labeled.npz
 
-Notation (paper Sec. 3; t = 0 is pure noise, t = 1 is the clean image):
-    x      clean image in [-1, 1], (B, 3, H, W)        eps    Gaussian noise, like x
-    t      time in [0, 1]                              y      class label; y = num_classes is the null class
-    x_t    = t x + (1 - t) eps                 Eq. (2) x_hat  = net(x_t, t, y), the predicted clean image  Eq. (1)
-    v      = (x - x_t) / (1 - t)               Eq. (3) v_hat  = (x_hat - x_t) / (1 - t)                    Eq. (4)
+Notation (t = 0 is pure noise, t = 1 the clean image):
+    x       clean image in [-1, 1], (B, 3, H, W)
+    eps     Gaussian noise, like x
+    t       time in [0, 1]
+    y       class label; y = num_classes is the null class of CFG
+    x_t     = t x + (1 - t) eps                    Eq. (2)
+    x_hat   = net(x_t, t, y), the clean image     Eq. (1)
+    v       = (x - x_t) / (1 - t)                  Eq. (3)
+    v_hat   = (x_hat - x_t) / (1 - t)              Eq. (4)
 
-The method comes first and needs nothing below it: the JiT denoiser `JiT` (Eq. 1), the flow `sample_t`,
-`interpolate` (Eq. 2) and `x_to_v` (Eqs. 3-4), the objective `PixelGenLoss` (Eqs. 5-9), a training step's draws and
-EMA (`draw`, `update_ema`) and the ODE samplers `sample`. Below the banner is the engineering. Every deliberate
-difference from the released code (github Zehong-Ma/PixelGen) is marked `NOTE(official)`.
+The method, top to bottom, and where each piece lives:
+    x-prediction denoiser         JiT                           Eq. (1)
+    path and training time t      interpolate, sample_t         Eq. (2)
+    velocities                    x_to_v                        Eqs. (3)-(4)
+    flow-matching loss L_FM       PixelGenLoss.forward, fm      Eq. (5)
+    total loss, gate g(t)         PixelGenLoss.forward, loss    Eq. (6)
+    LPIPS on gated samples        PixelGenLoss.forward, lpips   Eq. (7)
+    P-DINO on gated samples       PixelGenLoss.forward, pdino   Eq. (8)
+    REPA alignment                PixelGenLoss.forward, repa    Eq. (9)
+    adaptive weight w_ad          PixelGenLoss.adapt            (160-epoch recipe)
+    one training step             train_step                    Algorithm 1
+    Heun / Euler, CFG interval    sample
+    time shift of the grid        time_grid
+Below the banner is the engineering. A deliberate difference from the released code
+(github Zehong-Ma/PixelGen) is marked NOTE(official).
 """
 import argparse
-import ast
 import contextlib
 import copy
 import dataclasses
 import datetime
 import fcntl
-import hashlib
-import importlib
-import inspect
 import itertools
 import json
 import math
 import os
-import shutil
 import signal
-import socket
 import sys
 import time
+import traceback
 import warnings
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -57,75 +64,104 @@ from tqdm import tqdm
 import dino as dinov2
 import fid
 
-# ----------------------------------------------------------------------------------------------------------------
-# Model: JiT, "Just image Transformer" (arXiv 2511.13720), as in official src/models/transformer/JiT.py. A plain ViT
-# on 16x16 pixel patches that outputs the clean image; constructor keywords are the official ones, so an official
-# YAML's denoiser.init_args can be passed as-is.
+# -------------------------------------------------------------------------------------------------
+# Model: JiT, "Just image Transformer" (arXiv 2511.13720): a plain ViT on 16x16 pixel patches that
+# outputs the clean image. Constructor keywords are the official ones.
 
-MODELS = {  # preset -> constructor keywords (input_size and num_classes come from the config)
-    "JiT-B/16": dict(depth=12, hidden_size=768, num_heads=12, bottleneck_dim=128, in_context_start=4),
-    "JiT-L/16": dict(depth=24, hidden_size=1024, num_heads=16, bottleneck_dim=128, in_context_start=8),
-    "JiT-H/16": dict(depth=32, hidden_size=1280, num_heads=16, bottleneck_dim=256, in_context_start=10),
-    "PixelGen-L/16": dict(depth=24, hidden_size=1024, num_heads=16, bottleneck_dim=128, in_context_start=8),  # 459M
-    "PixelGen-XL/16": dict(depth=28, hidden_size=1152, num_heads=16, use_bottleneck=False, in_context_start=8,
-                           proj_drop=0.1),  # 676M
+# preset -> constructor keywords (input_size and num_classes come from the run)
+MODELS = {
+    "JiT-B/16": dict(depth=12, hidden_size=768, num_heads=12,
+                     bottleneck_dim=128, in_context_start=4),
+    "JiT-L/16": dict(depth=24, hidden_size=1024, num_heads=16,
+                     bottleneck_dim=128, in_context_start=8),
+    "JiT-H/16": dict(depth=32, hidden_size=1280, num_heads=16,
+                     bottleneck_dim=256, in_context_start=10),
+    # 459M parameters
+    "PixelGen-L/16": dict(depth=24, hidden_size=1024, num_heads=16,
+                          bottleneck_dim=128, in_context_start=8),
+    # 676M parameters
+    "PixelGen-XL/16": dict(depth=28, hidden_size=1152, num_heads=16,
+                           use_bottleneck=False, in_context_start=8, proj_drop=0.1),
     # small presets for CPU work (ours)
-    "PixelGen-S/16": dict(depth=12, hidden_size=384, num_heads=6, bottleneck_dim=128, in_context_start=4),
-    "PixelGen-T/16": dict(depth=6, hidden_size=192, num_heads=3, bottleneck_dim=64, in_context_len=8,
-                          in_context_start=2),
+    "PixelGen-S/16": dict(depth=12, hidden_size=384, num_heads=6,
+                          bottleneck_dim=128, in_context_start=4),
+    "PixelGen-T/16": dict(depth=6, hidden_size=192, num_heads=3, bottleneck_dim=64,
+                          in_context_len=8, in_context_start=2),
 }
-# The block whose input tokens REPA aligns with DINOv2 (official align_layer 8 for L and XL; REPA: 4 for B-size).
-REPA_LAYER = {"JiT-B/16": 4, "JiT-L/16": 8, "JiT-H/16": 10, "PixelGen-L/16": 8, "PixelGen-XL/16": 8,
-              "PixelGen-S/16": 4, "PixelGen-T/16": 2}
+# REPA aligns the tokens entering this block (official: 8 for L and XL; REPA: 4 for B)
+REPA_LAYER = {"JiT-B/16": 4, "JiT-L/16": 8, "JiT-H/16": 10, "PixelGen-L/16": 8,
+              "PixelGen-XL/16": 8, "PixelGen-S/16": 4, "PixelGen-T/16": 2}
 
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
         super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
 
-    def forward(self, x):  # normalised in fp32, returned in the input dtype (as official)
+    def forward(self, x):
+        # normalised in fp32, returned in the input dtype (as official)
         xf = x.float()
-        return (self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps))).to(x.dtype)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * xf).to(x.dtype)
 
 
 def rope_2d(grid, head_dim, n_prefix, theta=10000.0):
-    """2-D RoPE angles as (cos, sin), (n_prefix + grid^2, head_dim / 2), one angle per pair (x_2j, x_2j+1) of a head:
-    the first half of the pairs turns by the row index, the second half by the column index, at frequencies
-    theta^(-4k/head_dim). Prefix (in-context) tokens get angle 0, the identity."""
-    d = head_dim // 2                                                      # pairs per head
+    """2-D RoPE angles as (cos, sin), each (n_prefix + grid^2, head_dim / 2): one angle per pair
+    (x_2j, x_2j+1) of a head. The first half of the pairs turns by the row index, the second half
+    by the column index, at frequencies theta^(-4k / head_dim). Prefix (in-context) tokens get
+    angle 0, the identity."""
+    d = head_dim // 2
     freqs = 1.0 / theta ** (torch.arange(0, d, 2)[: d // 2].float() / d)  # (d/2,)
-    f = torch.outer(torch.arange(grid).float(), freqs)                     # (grid, d/2)
-    ang = torch.cat([f[:, None].expand(grid, grid, d // 2), f[None].expand(grid, grid, d // 2)], -1).flatten(0, 1)
-    return torch.cat([torch.ones(n_prefix, d), ang.cos()]), torch.cat([torch.zeros(n_prefix, d), ang.sin()])
+    f = torch.outer(torch.arange(grid).float(), freqs)                   # (grid, d/2)
+    rows = f[:, None].expand(grid, grid, d // 2)
+    cols = f[None].expand(grid, grid, d // 2)
+    ang = torch.cat([rows, cols], -1).flatten(0, 1)                      # (grid^2, d)
+    cos = torch.cat([torch.ones(n_prefix, d), ang.cos()])
+    sin = torch.cat([torch.zeros(n_prefix, d), ang.sin()])
+    return cos, sin
 
 
-def apply_rope(x, cos, sin):  # x (B, heads, N, head_dim); cos, sin (N, head_dim/2): pair (x0, x1) turns by its angle
-    # Real arithmetic, as the official t * cos + rotate_half(t) * sin (the compiler generates no code for complex).
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)              # (B, heads, N, head_dim/2) each
-    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).flatten(-2)  # (B, heads, N, head_dim)
+def apply_rope(x, cos, sin):
+    """x (B, heads, N, head_dim): each pair (x0, x1) turns by its angle. Real arithmetic, as the
+    official t cos + rotate_half(t) sin: the compiler generates no code for complex tensors."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, heads, N, head_dim/2)
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1)
+    return out.flatten(-2)                                  # (B, heads, N, head_dim)
 
 
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, attn_drop=0.0, proj_drop=0.0):
         super().__init__()
-        self.num_heads, self.attn_drop = num_heads, attn_drop
-        self.q_norm, self.k_norm = RMSNorm(dim // num_heads), RMSNorm(dim // num_heads)  # qk-norm per head
-        self.qkv, self.proj, self.proj_drop = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Dropout(proj_drop)
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        # qk-norm per head
+        self.q_norm = RMSNorm(dim // num_heads)
+        self.k_norm = RMSNorm(dim // num_heads)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x, rope):
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, D/h)
-        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, D)))  # (B, N, D)
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)               # 3 x (B, h, N, D/h)
+        q = apply_rope(self.q_norm(q), *rope)
+        k = apply_rope(self.k_norm(k), *rope)
+        p = self.attn_drop if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        x = x.transpose(1, 2).reshape(B, N, D)              # (B, N, D)
+        return self.proj_drop(self.proj(x))
 
 
 class SwiGLU(nn.Module):
     def __init__(self, dim, hidden, drop=0.0):
         super().__init__()
-        hidden = int(hidden * 2 / 3)  # keeps the FLOPs of a 4x GELU MLP
-        self.w12, self.w3, self.ffn_dropout = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim), nn.Dropout(drop)
+        # 2/3 of the width keeps the FLOPs of a 4x GELU MLP
+        hidden = int(hidden * 2 / 3)
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+        self.ffn_dropout = nn.Dropout(drop)
 
     def forward(self, x):
         x1, x2 = self.w12(x).chunk(2, -1)
@@ -136,23 +172,31 @@ def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-class Block(nn.Module):  # pre-norm transformer block with adaLN-Zero conditioning
+class Block(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero conditioning on c."""
+
     def __init__(self, dim, num_heads, mlp_ratio, attn_drop, proj_drop):
         super().__init__()
-        self.norm1, self.attn = RMSNorm(dim), Attention(dim, num_heads, attn_drop, proj_drop)
-        self.norm2, self.mlp = RMSNorm(dim), SwiGLU(dim, int(dim * mlp_ratio), proj_drop)
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, num_heads, attn_drop, proj_drop)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, int(dim * mlp_ratio), proj_drop)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c, rope):  # x (B, N, D), c (B, D)
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, -1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
-        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        mods = self.adaLN_modulation(c).chunk(6, -1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods
+        a = self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        x = x + gate1.unsqueeze(1) * a
+        m = self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x + gate2.unsqueeze(1) * m
 
 
 class FinalLayer(nn.Module):
     def __init__(self, dim, out_dim):
         super().__init__()
-        self.norm_final, self.linear = RMSNorm(dim), nn.Linear(dim, out_dim)
+        self.norm_final = RMSNorm(dim)
+        self.linear = nn.Linear(dim, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x, c):
@@ -163,10 +207,14 @@ class FinalLayer(nn.Module):
 class TimestepEmbedder(nn.Module):
     def __init__(self, dim, freq_dim=256):
         super().__init__()
-        self.freq_dim, self.mlp = freq_dim, nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def forward(self, t):  # t (B,) in [0, 1], used raw (not x1000), [cos, sin] order
-        freqs = torch.exp(-math.log(10000) * torch.arange(self.freq_dim // 2, device=t.device) / (self.freq_dim // 2))
+    def forward(self, t):
+        # t (B,) in [0, 1], used raw (not x1000); [cos, sin] order
+        half = self.freq_dim // 2
+        k = torch.arange(half, device=t.device)
+        freqs = torch.exp(-math.log(10000) * k / half)
         args = t.float()[:, None] * freqs[None]
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], -1))  # (B, D)
 
@@ -174,13 +222,16 @@ class TimestepEmbedder(nn.Module):
 class LabelEmbedder(nn.Module):
     def __init__(self, num_classes, dim):
         super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + 1, dim)  # last row: the null class for CFG
+        # the last row is the null class of CFG
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
 
     def forward(self, y):
         return self.embedding_table(y)
 
 
-class PatchEmbed(nn.Module):  # conv k=s=p, or a linear bottleneck (p*p*3 -> bottleneck_dim -> D) as in JiT
+class PatchEmbed(nn.Module):
+    """p x p patches -> tokens: one conv, or JiT's linear bottleneck p*p*3 -> bottleneck -> D."""
+
     def __init__(self, patch, in_ch, dim, bottleneck_dim=None):
         super().__init__()
         if bottleneck_dim:
@@ -189,491 +240,646 @@ class PatchEmbed(nn.Module):  # conv k=s=p, or a linear bottleneck (p*p*3 -> bot
         else:
             self.proj1 = nn.Conv2d(in_ch, dim, patch, patch)
 
-    def forward(self, x):  # (B, 3, H, W) -> (B, N, D)
+    def forward(self, x):  # (B, 3, H, W)
         x = self.proj1(x)
-        return (self.proj2(x) if hasattr(self, "proj2") else x).flatten(2).transpose(1, 2)
+        if hasattr(self, "proj2"):
+            x = self.proj2(x)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D)
 
 
-def sincos_pos_embed(dim, grid):  # fixed 2-D sin-cos table (grid^2, dim): [column half, row half], each [sin, cos]
+def sincos_pos_embed(dim, grid):
+    """The fixed 2-D sin-cos table (grid^2, dim): [column half, row half], each [sin, cos]."""
     omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
-    cols, rows = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
-    emb = [np.concatenate([np.sin(np.outer(p.reshape(-1), omega)), np.cos(np.outer(p.reshape(-1), omega))], 1)
-           for p in (cols, rows)]
+    axis = np.arange(grid, dtype=np.float32)
+    cols, rows = np.meshgrid(axis, axis)
+    emb = []
+    for p in (cols, rows):
+        angles = np.outer(p.reshape(-1), omega)
+        emb += [np.sin(angles), np.cos(angles)]
     return torch.from_numpy(np.concatenate(emb, 1)).float()
 
 
 class JiT(nn.Module):
-    grad_ckpt = False  # set True (--grad_ckpt) to recompute each block in backward: less memory, ~1/3 more compute
+    # --grad_ckpt: recompute each block in backward, less memory for ~1/3 more compute
+    grad_ckpt = False
 
-    def __init__(self, input_size=256, patch_size=16, in_channels=3, hidden_size=1024, depth=24, num_heads=16,
-                 mlp_ratio=4.0, attn_drop=0.0, proj_drop=0.0, num_classes=1000, bottleneck_dim=128,
-                 use_bottleneck=True, in_context_len=32, in_context_start=8):
+    def __init__(self, input_size=256, patch_size=16, in_channels=3, hidden_size=1024,
+                 depth=24, num_heads=16, mlp_ratio=4.0, attn_drop=0.0, proj_drop=0.0,
+                 num_classes=1000, bottleneck_dim=128, use_bottleneck=True,
+                 in_context_len=32, in_context_start=8):
         super().__init__()
-        assert input_size % patch_size == 0 and hidden_size % num_heads == 0 and hidden_size % 4 == 0
-        assert in_context_len == 0 or in_context_start < depth, "in-context tokens must enter before the last block"
-        self.patch_size, self.num_classes, self.in_channels = patch_size, num_classes, in_channels
-        self.in_context_len, self.in_context_start = in_context_len, in_context_start
+        assert input_size % patch_size == 0 and hidden_size % num_heads == 0
+        assert in_context_len == 0 or in_context_start < depth
+        self.patch_size = patch_size
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.in_context_len = in_context_len
+        self.in_context_start = in_context_start
         self.grid = input_size // patch_size
-        self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.grid)[None], requires_grad=False)
+        pos = sincos_pos_embed(hidden_size, self.grid)[None]
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)
         if in_context_len > 0:
-            self.in_context_posemb = nn.Parameter(torch.randn(1, in_context_len, hidden_size) * 0.02)
-        self.t_embedder, self.y_embedder = TimestepEmbedder(hidden_size), LabelEmbedder(num_classes, hidden_size)
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size, bottleneck_dim if use_bottleneck else None)
-        # Dropout only in the middle half of the blocks, as official `depth // 4 * 3 > i >= depth // 4`
-        mid = lambda i, p: p if depth // 4 <= i < depth // 4 * 3 else 0.0
-        self.blocks = nn.ModuleList(Block(hidden_size, num_heads, mlp_ratio, mid(i, attn_drop), mid(i, proj_drop))
-                                    for i in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * in_channels)
-        for name, (cos, sin) in (("rope", rope_2d(self.grid, hidden_size // num_heads, 0)),
-                                 ("rope_ic", rope_2d(self.grid, hidden_size // num_heads, in_context_len))):
-            self.register_buffer(name + "_cos", cos, persistent=False)  # not in the official state dict
+            ic = torch.randn(1, in_context_len, hidden_size) * 0.02
+            self.in_context_posemb = nn.Parameter(ic)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        bottleneck = bottleneck_dim if use_bottleneck else None
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size, bottleneck)
+        self.blocks = nn.ModuleList()
+        for i in range(depth):
+            # dropout only in the middle half of the blocks (as official)
+            mid = depth // 4 <= i < depth // 4 * 3
+            drops = (attn_drop, proj_drop) if mid else (0.0, 0.0)
+            self.blocks.append(Block(hidden_size, num_heads, mlp_ratio, *drops))
+        self.final_layer = FinalLayer(hidden_size, patch_size**2 * in_channels)
+        # RoPE tables: without and with the in-context prefix (not in the state dict)
+        head_dim = hidden_size // num_heads
+        for name, n_prefix in (("rope", 0), ("rope_ic", in_context_len)):
+            cos, sin = rope_2d(self.grid, head_dim, n_prefix)
+            self.register_buffer(name + "_cos", cos, persistent=False)
             self.register_buffer(name + "_sin", sin, persistent=False)
         self.initialize_weights()
 
-    def initialize_weights(self):  # as official: xavier linears, N(0, 0.02) embeddings, adaLN-Zero, zero output
+    def initialize_weights(self):
+        # as official: xavier linears, N(0, 0.02) embeddings, adaLN-Zero, zero output
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        for conv in (m for m in self.x_embedder.children() if isinstance(m, nn.Conv2d)):  # proj1 (, proj2)
+        for conv in self.x_embedder.children():
             nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
-            nn.init.zeros_(conv.bias) if conv.bias is not None else None
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for m in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
-                                                                  self.final_layer.linear]:
+        zero = [b.adaLN_modulation[-1] for b in self.blocks]
+        zero += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        for m in zero:
+            # so x_hat = 0 at init
             nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)  # so x_hat = 0 at init
+            nn.init.zeros_(m.bias)
 
     def forward(self, x_t, t, y, return_layer=None):
-        """x_t (B, 3, H, W), t (B,), y (B,) -> x_hat (B, 3, H, W); with return_layer=k also the REPA feature h
-        (B, N, D): the image tokens entering block k."""
+        """x_t (B, 3, H, W), t (B,), y (B,) -> x_hat (B, 3, H, W); with return_layer=k, also
+        the REPA feature h (B, N, D): the image tokens entering block k."""
         y_emb = self.y_embedder(y)
-        c = self.t_embedder(t) + y_emb                                 # (B, D)
-        x = self.x_embedder(x_t) + self.pos_embed                      # (B, N, D)
+        c = self.t_embedder(t) + y_emb                    # (B, D)
+        x = self.x_embedder(x_t) + self.pos_embed         # (B, N, D)
+        L = self.in_context_len
         h = None
-        # Activation checkpointing: keep only each block's inputs, rerun the block in backward (dropout masks are
-        # replayed: checkpoint restores the RNG state). Only when a backward will come: eval/no_grad run plainly.
+        # Activation checkpointing keeps only each block's input and reruns the block in
+        # backward (checkpoint replays the dropout masks); only when a backward will come.
         ckpt = self.grad_ckpt and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if i == return_layer:
-                h = x[:, self.in_context_len:] if i > self.in_context_start else x
-            if self.in_context_len > 0 and i == self.in_context_start:  # prepend the class tokens
-                x = torch.cat([y_emb[:, None] + self.in_context_posemb, x], 1)  # (B, L + N, D)
-            in_context = self.in_context_len > 0 and i >= self.in_context_start  # their angle is 0: no rotation
-            rope = (self.rope_ic_cos, self.rope_ic_sin) if in_context else (self.rope_cos, self.rope_sin)
-            x = torch.utils.checkpoint.checkpoint(block, x, c, rope, use_reentrant=False) if ckpt else block(x, c, rope)
-        x = self.final_layer(x[:, self.in_context_len:], c)             # (B, N, p*p*3)
-        p, grid = self.patch_size, self.grid                               # N = grid * grid patches of p x p pixels
-        x = x.view(-1, grid, grid, p, p, self.in_channels)                 # (B, rows, cols, p, p, 3)
-        x_hat = x.permute(0, 5, 1, 3, 2, 4).reshape(-1, self.in_channels, grid * p, grid * p)  # (B, 3, H, W)
-        return x_hat if return_layer is None else (x_hat, h)
+                h = x[:, L:] if i > self.in_context_start else x
+            if L > 0 and i == self.in_context_start:
+                # prepend the class tokens
+                ic = y_emb[:, None] + self.in_context_posemb
+                x = torch.cat([ic, x], 1)                 # (B, L + N, D)
+            # the class tokens' angle is 0: no rotation
+            if L > 0 and i >= self.in_context_start:
+                rope = (self.rope_ic_cos, self.rope_ic_sin)
+            else:
+                rope = (self.rope_cos, self.rope_sin)
+            if ckpt:
+                x = torch.utils.checkpoint.checkpoint(block, x, c, rope, use_reentrant=False)
+            else:
+                x = block(x, c, rope)
+        x = self.final_layer(x[:, L:], c)                 # (B, N, p*p*3)
+        # N = grid x grid patches of p x p pixels
+        p = self.patch_size
+        g = self.grid
+        x = x.view(-1, g, g, p, p, self.in_channels)      # (B, rows, cols, p, p, 3)
+        x = x.permute(0, 5, 1, 3, 2, 4)
+        x_hat = x.reshape(-1, self.in_channels, g * p, g * p)  # (B, 3, H, W)
+        if return_layer is None:
+            return x_hat
+        return x_hat, h
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Flow (paper Eqs. 1-5): the straight path from noise (t = 0) to the image (t = 1); one x_to_v serves the loss and
-# the samplers.
+# -------------------------------------------------------------------------------------------------
+# Flow (Eqs. 1-5): the straight path from noise (t = 0) to the image (t = 1). One x_to_v serves
+# the loss and the samplers.
 
-def sample_t(n, P_mean=-0.8, P_std=0.8, generator=None):  # logit-normal training time
-    # NOTE(official): drawn on the host (official: on the GPU), so the gate g(t) is known without a device sync
+def sample_t(n, P_mean=-0.8, P_std=0.8, generator=None):
+    """Training times, logit-normal: t = sigmoid(P_mean + P_std n), n ~ N(0, 1)."""
+    # NOTE(official): drawn on the host (official: on the GPU), so g(t) needs no device sync
     return torch.sigmoid(torch.randn(n, generator=generator) * P_std + P_mean)
 
 
-def interpolate(x, eps, t):  # Eq. (2): x_t = t x + (1 - t) eps
+def interpolate(x, eps, t):
+    # Eq. (2): x_t = t x + (1 - t) eps
     t = t.view(-1, 1, 1, 1)
     return t * x + (1 - t) * eps
 
 
-def x_to_v(x_hat, x_t, t, t_eps=0.05):  # Eqs. (3)-(4): the velocity that carries x_t to x_hat by t = 1; 1 - t clamped
+def x_to_v(x_hat, x_t, t, t_eps=0.05):
+    # Eqs. (3)-(4): the velocity that carries x_t to x_hat by t = 1; 1 - t clamped at t_eps
     return (x_hat - x_t) / (1 - t.view(-1, 1, 1, 1)).clamp_min(t_eps)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Objective (paper Eqs. 5-9):  L = L_FM + g(t) (0.1 L_LPIPS + 0.01 L_PDINO) + 0.5 L_REPA,  g(t) = 1[t >= 0.3].
+# -------------------------------------------------------------------------------------------------
+# Objective (Eqs. 5-9):
+#     L = L_FM + w_ad g(t) (0.1 L_LPIPS + 0.01 L_PDINO) + 0.5 L_REPA,   g(t) = 1[t >= 0.3]
 
-def gate(t, gate_t=0.3):  # the noise gate of Eq. (6), g(t) = 1[t >= gate_t], as the indices of the samples it keeps
-    return (t >= gate_t).nonzero()[:, 0]
+def to_device(u, device):
+    """A host tensor to the device without making the host wait (from pinned memory on CUDA)."""
+    if device.type == "cuda":
+        u = u.pin_memory()
+    return u.to(device, non_blocking=True)
 
 
-class Draws(NamedTuple):
-    """A batch's per-sample randomness, on the device (made by make_draws): time t (b,), noise eps (b, 3, H, W), label
-    dropout drop (b,), and `gated`, the indices of the samples with g(t) = 1 (gate). The loss terms are means over a
-    global batch of B samples, G of them gated, of which this batch's b samples are a part (B = b for a batch alone)."""
-    t: torch.Tensor
-    eps: torch.Tensor
-    drop: torch.Tensor
-    gated: torch.Tensor
-    B: int
-    G: int
+def cos_distance(a, b):
+    # mean over samples and tokens of 1 - cos, along the feature axis
+    return (1 - F.cosine_similarity(a, b, dim=-1)).mean()
 
 
 class PixelGenLoss(nn.Module):
-    """The PixelGen objective of a denoiser. Owns the trainable REPA projector and the adaptive weight w_ad; uses (does
-    not own) the frozen DINOv2 and LPIPS networks. A term whose weight is 0 runs no network (DINOv2 not at all when
-    P-DINO and REPA are both off; then `dino` may be None)."""
-    adapt_every = 50  # steps between updates of the adaptive weight (official)
+    """The PixelGen objective of a denoiser. Owns the trainable REPA projector and the adaptive
+    weight w_ad; uses (does not own) the frozen DINOv2 and LPIPS. A term of weight 0 runs no
+    network (then its net may be None)."""
+    # steps between updates of w_ad (official)
+    adapt_every = 50
 
-    def __init__(self, hidden_size, dino, lpips, *, patch_size=16, lpips_weight=0.1, pdino_weight=0.01,
-                 repa_weight=0.5, repa_layer=8, gate_t=0.3, t_eps=0.05, num_classes=1000, gate_pdino=True,
-                 adaptive_from=-1):
+    def __init__(self, hidden_size, dino, lpips, *, patch_size=16, lpips_weight=0.1,
+                 pdino_weight=0.01, repa_weight=0.5, repa_layer=8, gate_t=0.3, t_eps=0.05,
+                 num_classes=1000, adaptive_from=-1):
         super().__init__()
-        self.lpips_weight, self.pdino_weight, self.repa_weight = lpips_weight, pdino_weight, repa_weight
-        self.repa_layer, self.gate_t, self.t_eps, self.patch_size = repa_layer, gate_t, t_eps, patch_size
-        self.num_classes, self.gate_pdino, self.adaptive_from = num_classes, gate_pdino, adaptive_from
-        width = dino.embed_dim if repa_weight else 0  # REPA predicts DINOv2 features (its embedding width)
-        self.proj = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size),
-                                  nn.SiLU(), nn.Linear(hidden_size, width)) if repa_weight else None
-        self.register_buffer("percept_weight", torch.ones(()))  # w_ad, the adaptive weight (1 unless adapted)
-        # The frozen nets stay outside the module tree: not in state_dict(), not trained, not seen by DDP.
-        frozen = lambda net, used: net.eval().requires_grad_(False) if used else None
-        self.__dict__.update(dino=frozen(dino, pdino_weight or repa_weight), lpips=frozen(lpips, lpips_weight))
+        self.lpips_weight = lpips_weight
+        self.pdino_weight = pdino_weight
+        self.repa_weight = repa_weight
+        self.repa_layer = repa_layer
+        self.gate_t = gate_t
+        self.t_eps = t_eps
+        self.patch_size = patch_size
+        self.num_classes = num_classes
+        self.adaptive_from = adaptive_from
+        self.proj = None
+        if repa_weight:
+            # REPA's MLP predicts DINOv2 features from the JiT tokens h
+            D = hidden_size
+            self.proj = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D), nn.SiLU(),
+                                      nn.Linear(D, dino.embed_dim))
+        # w_ad, the adaptive weight of the perceptual terms (1 unless adapted)
+        self.register_buffer("w_ad", torch.ones(()))
+        # The frozen nets stay outside the module tree: not saved, not trained, not seen by DDP.
+        frozen = dict(dino=dino if pdino_weight or repa_weight else None,
+                      lpips=lpips if lpips_weight else None)
+        for name, net in frozen.items():
+            if net is not None:
+                net.eval().requires_grad_(False)
+            self.__dict__[name] = net
 
-    def forward(self, model, x, y, d, adapt=False):
-        """The loss of a batch x (B, 3, H, W) with labels y (B,) and Draws d, and its terms (detached, for logs).
-        With d.B and d.G of a global batch each term is this micro-batch's share of the global mean, so the losses of
-        the micro-batches add up to the loss of the global batch, however it is split. adapt: update w_ad first."""
-        x_t = interpolate(x, d.eps, d.t)                                          # Eq. (2)
-        y = torch.where(d.drop, self.num_classes, y)                              # CFG: some labels become null
+    def forward(self, model, x, y, t, eps, drop, adapt=False):
+        """The loss of images x (b, 3, H, W) with labels y (b,) and their draws: times t (b,) and
+        label dropout drop (b,) on the host, noise eps like x. Each term is a mean over this
+        batch. Returns the loss and its terms (detached). adapt: update w_ad first."""
+        device = x.device
+        # Eq. (6)'s gate g(t) = 1[t >= gate_t]: no perceptual loss where the noise is so high
+        # that no sharp image can be predicted. Known on the host: the count needs no sync.
+        gated = (t >= self.gate_t).nonzero()[:, 0]
+        n_gated = len(gated)
+        gated = to_device(gated, device)
+        t = to_device(t, device)
+        # CFG: a fraction of the labels become the null class
+        y = torch.where(to_device(drop, device), self.num_classes, y)
+        x_t = interpolate(x, eps, t)                                     # Eq. (2)
         repa = self.proj is not None
-        out = model(x_t, d.t, y, return_layer=self.repa_layer if repa else None)  # Eq. (1), and REPA's tokens h
+        out = model(x_t, t, y, return_layer=self.repa_layer if repa else None)  # Eq. (1)
         x_hat, h = out if repa else (out, None)
-        L = self.terms(x, x_t, x_hat, h, d)
+        v_hat = x_to_v(x_hat, x_t, t, self.t_eps)
+        v = x_to_v(x, x_t, t, self.t_eps)
+        zero = x.new_zeros((), dtype=torch.float32)
+        L = dict(fm=(v_hat - v).pow(2).mean(), lpips=zero, pdino=zero, repa=zero)  # Eq. (5)
+        z = None
+        if repa:
+            with torch.no_grad():
+                z = self.features(x)                       # (b, N, DINOv2 width)
+            # Eq. (9), not gated: the tokens entering block repa_layer, projected
+            L["repa"] = cos_distance(self.proj(h).float(), z)
+        # NOTE(official): the nets see only the gated samples (official: all, masked): same loss
+        if n_gated:
+            x_hat_g = x_hat[gated]
+            x_g = x[gated]
+            if self.lpips is not None:
+                lp = self.lpips(self.lpips_scale(x_hat_g), self.lpips_scale(x_g))
+                L["lpips"] = lp.float().mean()                                 # Eq. (7)
+            # NOTE(official): the released P-DINO mask broadcasts (B, N) against (B, 1, 1), which
+            # leaves P-DINO ungated; we gate it as the paper says
+            if self.pdino_weight:
+                with torch.no_grad():
+                    z_g = z[gated] if z is not None else self.features(x_g)
+                L["pdino"] = cos_distance(self.features(x_hat_g), z_g)        # Eq. (8)
         if adapt:
             self.adapt(model, L)
-        L = {k: v * self.shares(d)[k] for k, v in L.items()}
-        loss = L["fm"] + self.percept_weight * (self.lpips_weight * L["lpips"] + self.pdino_weight * L["pdino"]) \
-            + self.repa_weight * L["repa"]                                        # Eq. (6)
+        perceptual = self.lpips_weight * L["lpips"] + self.pdino_weight * L["pdino"]
+        loss = L["fm"] + self.w_ad * perceptual + self.repa_weight * L["repa"]  # Eq. (6)
         return dict(loss=loss, **{k: v.detach() for k, v in L.items()})
 
-    def terms(self, x, x_t, x_hat, h, d):
-        """The four losses of Eq. (6), each a mean over this batch: FM (Eq. 5) and REPA (Eq. 9) over all samples,
-        LPIPS (Eq. 7) and P-DINO (Eq. 8) over the gated ones: the gate g(t) keeps the perceptual losses away from high
-        noise, where no sharp image can be predicted. Zero where a weight is 0 or no sample is gated."""
-        fm = (x_to_v(x_hat, x_t, d.t, self.t_eps) - x_to_v(x, x_t, d.t, self.t_eps)).pow(2).mean()    # Eq. (5)
-        lp = pd = repa = zero = fm.new_zeros((), dtype=torch.float32)
-        cos = lambda a, b: (1 - F.cosine_similarity(a, b, dim=-1)).mean()    # mean over samples and tokens
-        z = None
-        if self.proj is not None:  # REPA: the tokens entering block repa_layer, projected, against DINOv2's of x
-            with torch.no_grad():
-                z = self.features(x)                                             # (B, N, DINOv2 width)
-            repa = cos(self.proj(h).float(), z)                                  # Eq. (9), not gated
-        if len(d.gated):  # NOTE(official): the nets see only the gated samples (official: all, masked): same loss
-            x_hat_g, x_g = x_hat[d.gated], x[d.gated]
-            if self.lpips is not None:
-                lp = self.lpips(self.lpips_scale(x_hat_g), self.lpips_scale(x_g)).float().mean()  # Eq. (7)
-            if self.pdino_weight and self.gate_pdino:
-                with torch.no_grad():
-                    z_g = z[d.gated] if z is not None else self.features(x_g)
-                pd = cos(self.features(x_hat_g), z_g)                            # Eq. (8)
-        if self.pdino_weight and not self.gate_pdino:
-            pd = self.released_pdino(x, x_hat, z, d.G) if d.G else zero + 1
-        return dict(fm=fm, lpips=lp, pdino=pd, repa=repa)
-
-    def features(self, u):  # f(u): DINOv2 last-block patch tokens, (b, N, its width) float32, one per JiT token
-        # NOTE(official): DINO resizes by the model's patch (official: always 16), so REPA tokens align for any patch.
+    def features(self, u):
+        """f(u): DINOv2's last-block patch tokens (b, N, its width), one per JiT token, float32."""
+        # A compiled DINOv2 sees a batch size it may not specialise on: one graph for any count.
+        torch._dynamo.maybe_mark_dynamic(u, 0)
+        # NOTE(official): DINO resizes by the model's patch (official: 16), so tokens align
         return self.dino(u, self.patch_size).float()
 
-    def lpips_scale(self, u):  # LPIPS sees the image at patch-16 scale, as official (unchanged for patch 16)
+    def lpips_scale(self, u):
+        # LPIPS sees the image at patch-16 scale, as official (unchanged for patch 16)
+        torch._dynamo.maybe_mark_dynamic(u, 0)
         size = u.shape[-1] * 16 // self.patch_size
-        return u if size == u.shape[-1] else F.interpolate(u, size=(size, size), mode="bilinear", antialias=True)
+        if size == u.shape[-1]:
+            return u
+        return F.interpolate(u, size=(size, size), mode="bilinear", antialias=True)
 
-    def released_pdino(self, x, x_hat, z, G):
-        """NOTE(official): the released P-DINO mask broadcasts (B, N) x (B, 1, 1), so it averages 1 - cos over the
-        whole batch whenever any sample is gated, and is the constant 1 when none is (G = 0). On request only."""
-        with torch.no_grad():
-            z = z if z is not None else self.features(x)
-        return (1 - F.cosine_similarity(self.features(x_hat), z, dim=-1)).mean()
-
-    def shares(self, d):  # this batch's share of each global-batch mean: b/B over all samples, g/G over gated ones
-        # NOTE(official): means over the global batch (official: each GPU's means, averaged), so any split is one update
-        s, s_gated = len(d.t) / d.B, (len(d.gated) / d.G if d.G else 0.0)
-        return dict(fm=s, repa=s, lpips=s_gated, pdino=s_gated if self.gate_pdino else s)
-
-    def adapt_due(self, step):  # the 160-epoch recipe's adaptive weight: every 50 steps from step `adaptive_from`
-        return 0 <= self.adaptive_from <= step and step % self.adapt_every == 0 and \
-            (self.lpips is not None or bool(self.pdino_weight))
+    def adapt_due(self, step):
+        """The 160-epoch recipe's adaptive weight: every 50 steps from step adaptive_from."""
+        on = 0 <= self.adaptive_from <= step and step % self.adapt_every == 0
+        return on and (self.lpips is not None or bool(self.pdino_weight))
 
     def adapt(self, model, L):
-        """w_ad <- 0.8 w_ad + 0.2 w, w = |grad_W L_FM| / (|grad_W L_perc| + 1e-4) clamped to [0, 100], at the last
-        linear layer W: it keeps the perceptual gradient in proportion to the FM gradient late in training.
-        NOTE(official): w_ad is checkpointed (official: a per-GPU float that restarts at 1 on resume), and over several
-        processes it is the mean of their estimates, so every process uses the same value."""
-        W, percept = model.final_layer.linear.weight, self.lpips_weight * L["lpips"] + self.pdino_weight * L["pdino"]
+        """w_ad <- 0.8 w_ad + 0.2 w, w = |grad_W L_FM| / (|grad_W L_perc| + 1e-4) in [0, 100], W the
+        last linear layer: the perceptual gradient stays in proportion to the FM gradient.
+        NOTE(official): w_ad is checkpointed and the mean of every process's estimate (official: a
+        per-GPU float that restarts at 1 on resume)."""
+        W = model.final_layer.linear.weight
+        perceptual = self.lpips_weight * L["lpips"] + self.pdino_weight * L["pdino"]
         g_fm = torch.autograd.grad(L["fm"], W, retain_graph=True)[0].norm()
-        g_p = torch.autograd.grad(percept, W, retain_graph=True)[0].norm() if percept.requires_grad else 0.0
-        w = (g_fm / (g_p + 1e-4)).clamp(0, 100).detach()  # official: also when nothing is gated (g_p = 0)
+        # official: also when nothing is gated (then the perceptual gradient is 0)
+        g_p = 0.0
+        if perceptual.requires_grad:
+            g_p = torch.autograd.grad(perceptual, W, retain_graph=True)[0].norm()
+        w = (g_fm / (g_p + 1e-4)).clamp(0, 100).detach()
         if dist.is_initialized():
             dist.all_reduce(w)
             w /= dist.get_world_size()
-        self.percept_weight.mul_(0.8).add_(0.2 * w)
+        self.w_ad.mul_(0.8).add_(0.2 * w)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# One training step (Alg. 1): draw t, eps and the label dropout per sample, take the loss above, one AdamW step, then
-# the EMA of the weights, which is what samples. Every draw of a sample is a function of (seed, step, its position
-# in the global batch), so any split of the batch over processes and micro-batches draws the same.
+# -------------------------------------------------------------------------------------------------
+# One training step (Algorithm 1). Every draw of a sample is a function of (seed, step, its
+# position in the global batch), so a resumed run draws the same, and so does any split of the
+# batch over processes and micro-batches.
 
-def seed_for(*keys):  # a 32-bit seed that mixes non-negative integer keys (CPU generators use 32 bits of a seed)
+def seed_for(*keys):
+    # a 32-bit seed mixing non-negative integer keys (CPU generators use 32 bits of a seed)
     return int(np.random.SeedSequence(keys).generate_state(1)[0])
 
 
-def draw(B, seed, step, P_mean=-0.8, P_std=0.8, label_dropout=0.1):
-    """(t, drop, gen) of a global batch of B, on the host: logit-normal t and the label dropout to the null class,
-    and the generator they came from (for further draws, such as flips). The noise comes from seeded_noise."""
+def draw(B, seed, step, cfg):
+    """The host-side draws of a global batch of B: times t (logit-normal), the label dropout to the
+    null class, and horizontal flips (JiT's recipe only)."""
     gen = torch.Generator().manual_seed(seed_for(seed, step))
-    return sample_t(B, P_mean, P_std, gen), torch.rand(B, generator=gen) < label_dropout, gen
+    t = sample_t(B, cfg.P_mean, cfg.P_std, gen)
+    drop = torch.rand(B, generator=gen) < cfg.label_dropout
+    flip = torch.rand(B, generator=gen) < 0.5
+    return t, drop, flip
 
 
-def seeded_noise(shape, seeds, device):  # eps (len(seeds), *shape) ~ N(0, I), sample i drawn from its own seeds[i]
+def noise(shape, seeds, device):
+    """eps (len(seeds), *shape) ~ N(0, I); sample i from its own seeds[i]."""
     gen = torch.Generator(device)
-    return torch.stack([torch.randn(shape, generator=gen.manual_seed(s), device=device) for s in seeds])
+    eps = [torch.randn(shape, generator=gen.manual_seed(s), device=device) for s in seeds]
+    return torch.stack(eps)
 
 
 @torch.no_grad()
-def update_ema(emas, model):  # each ema <- d ema + (1 - d) model, one fused op; NOTE(official): lerp, not mul + add
-    params = list(model.parameters())
-    torch._foreach_lerp_([p for e in emas.values() for p in e.parameters()], params * len(emas),
-                         [1 - d for d in emas for _ in params])
+def update_ema(emas, model):
+    """Each EMA: ema <- d ema + (1 - d) theta."""
+    theta = list(model.parameters())
+    for d, ema in emas.items():
+        # NOTE(official): one fused lerp, ema + (1 - d) (theta - ema), not mul and add
+        torch._foreach_lerp_(list(ema.parameters()), theta, 1 - d)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Samplers (official HeunSamplerJiT(exact_henu=True), EulerSamplerJiT, AdamLMSamplerJiT(order=2)): t = 0 (noise) -> 1.
+def train_step(net, opt, emas, batches, step, cfg, procs, meter):
+    """Algorithm 1 on the global batch of B images. This process takes its K micro-batches of b
+    images; each loss is its micro-batch's means, their gradients are averaged (by DDP over the
+    processes, on the last one), then one AdamW step and the EMA update."""
+    K = cfg.grad_accum
+    b = cfg.batch_size // (procs.world * K)
+    device = procs.device
+    module = net.module if procs.ddp else net
+    adapt = module.loss_fn.adapt_due(step)
+    t, drop, flip = draw(cfg.batch_size, cfg.seed, step, cfg)
+    # the fraction of the global batch that the gate keeps, for the log
+    gate = (t >= cfg.gate_t).float().mean().item()
+    for k in range(K):
+        img, y, skipped = next(batches)
+        # this micro-batch's positions in the global batch
+        first = (procs.rank * K + k) * b
+        pos = slice(first, first + b)
+        x = img.to(device, non_blocking=True).float() / 127.5 - 1  # uint8 -> [-1, 1]
+        if cfg.flip:
+            x = torch.where(to_device(flip[pos], device).view(-1, 1, 1, 1), x.flip(-1), x)
+        eps = noise(x.shape[1:], [seed_for(cfg.seed, step, i) for i in range(first, first + b)],
+                    device)
+        # dropout masks: per process and micro-batch
+        torch.manual_seed(seed_for(cfg.seed, step, procs.rank, k))
+        # DDP averages the gradients over the processes on the last micro-batch only
+        last = k == K - 1
+        sync = contextlib.nullcontext() if last or not procs.ddp else net.no_sync()
+        with sync:
+            with autocast(device):
+                out = net(x, y.to(device, non_blocking=True), t[pos], eps, drop[pos],
+                          adapt=adapt and k == 0)
+            (out["loss"] / K).backward()
+        meter.add(out, skipped, gate)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    update_ema(emas, module.model)
 
-SAMPLERS = ("heun", "euler", "adams2")
+
+def autocast(device):
+    # bf16 autocast on CUDA, plain fp32 on the CPU; wraps forward passes only
+    return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
 
 
-def time_grid(steps, shift=1.0):  # N uniform steps on [0, 1 - 1/N], then 1; shifted towards noise by `shift`
+# -------------------------------------------------------------------------------------------------
+# Samplers (official HeunSamplerJiT(exact_henu=True), EulerSamplerJiT): from t = 0 (noise) to 1.
+
+SAMPLERS = ("heun", "euler")
+
+
+def time_grid(steps, shift=1.0):
+    """N uniform steps on [0, 1 - 1/N], then 1; shifted towards the noise by `shift`."""
     s = torch.cat([torch.linspace(0.0, 1 - 1.0 / steps, steps), torch.ones(1)])
     return s / (s + (1 - s) * shift)
 
 
 @torch.no_grad()
-def sample(model, noise, y, steps=50, sampler="heun", cfg_scale=1.0, cfg_interval=(0.1, 0.9), time_shift=2.0,
-           t_eps=0.05):
-    """Integrate dx/dt = v_hat(x, t) from noise (t = 0) to an image (t = 1); returns x in about [-1, 1]."""
+def sample(model, noise, y, steps=50, sampler="heun", cfg_scale=1.0, cfg_interval=(0.1, 0.9),
+           time_shift=2.0, t_eps=0.05):
+    """Integrates dx/dt = v_hat(x, t) from noise (t = 0) to an image (t = 1): x in about [-1, 1]."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
-    ts, (lo, hi) = time_grid(steps, time_shift), cfg_interval  # float32 on the host: the CFG tests need no sync
-    dts = ts.diff()                                             # the steps dt
-    if sampler == "adams2":  # NOTE(official): AdamLM feeds the net t_cur, a float32 running sum of dt, rather than
-        for i in range(steps):  # the grid value, and guides only on the open interval lo < t_cur < hi
-            ts[i + 1] = ts[i] + dts[i]
-    guided = ((ts > lo) & (ts < hi if sampler == "adams2" else ts <= hi) & (cfg_scale != 1.0)).tolist()
-    ts_dev, dts_dev, null = ts.to(noise.device), dts.to(noise.device), torch.full_like(y, model.num_classes)  # once
+    # the grid on the host, so that the CFG tests need no sync
+    ts = time_grid(steps, time_shift)
+    lo, hi = cfg_interval
+    in_interval = (ts > lo) & (ts <= hi)
+    guided = (in_interval & (cfg_scale != 1.0)).tolist()
+    dts = ts.diff().to(noise.device)
+    ts = ts.to(noise.device)
+    null = torch.full_like(y, model.num_classes)
 
-    def velocity(x, t, guide):  # v_hat; with guidance, v = v_u + w (v_c - v_u) in v-space
-        t = t.repeat(len(x))  # contiguous, as in training: a compiled model sees one layout
-        if not guide:  # NOTE(official): the official samplers always run both branches, even at scale 1 or outside
-            return x_to_v(model(x, t, y), x, t, t_eps)  # the interval
-        x2, t2 = torch.cat([x, x]), t.repeat(2)
-        v_u, v_c = x_to_v(model(x2, t2, torch.cat([null, y])), x2, t2, t_eps).chunk(2)
+    def velocity(x, t, guide):
+        # contiguous t, as in training: a compiled model sees one layout
+        t = t.repeat(len(x))
+        # NOTE(official): unguided, one branch (official: both, even at scale 1)
+        if not guide:
+            return x_to_v(model(x, t, y), x, t, t_eps)
+        x2 = torch.cat([x, x])
+        t2 = t.repeat(2)
+        x_hat = model(x2, t2, torch.cat([null, y]))
+        v_u, v_c = x_to_v(x_hat, x2, t2, t_eps).chunk(2)
+        # CFG in v-space
         return v_u + cfg_scale * (v_c - v_u)
 
-    x, v_prev = noise, None
+    x = noise
     for i in range(steps):
-        v = slope = velocity(x, ts_dev[i], guided[i])
-        if sampler == "heun" and i < steps - 1:  # Heun: average with the slope at the end of the Euler step (same CFG)
-            slope = (v + velocity(x + v * dts_dev[i], ts_dev[i + 1], guided[i])) / 2
-        elif sampler == "adams2" and i > 0:  # Adams-Bashforth 2: the line through the last two slopes, over the step
-            a = dts[i] / dts[i - 1] / 2  # normalised Lagrange weights (-a, 1 + a); on a uniform grid (-1/2, 3/2)
-            slope = (1 + a) * v - a * v_prev
-        x, v_prev = x + slope * dts_dev[i], v  # Euler otherwise, Heun's last step too: the net never sees t = 1
+        v = velocity(x, ts[i], guided[i])
+        # Heun: average with the slope at the end of the Euler step (the same CFG decision).
+        # The last step is Euler: the net never sees t = 1.
+        if sampler == "heun" and i < steps - 1:
+            v_next = velocity(x + v * dts[i], ts[i + 1], guided[i])
+            v = (v + v_next) / 2
+        x = x + v * dts[i]
     return x
 
 
-# ================================================================================================================
-# Engineering: what runs the method above on real machines. Config and recipes, pretrained weights, data, training
-# (DDP, global batches, checkpoints, preemption), sampling and evaluation, benchmark, command line.
-# ================================================================================================================
+# =================================================================================================
+# Engineering: what runs the method above on real machines. Config and recipes, pretrained
+# weights, data, training (DDP, checkpoints, preemption), sampling and evaluation, command line.
+# =================================================================================================
 
-# ----------------------------------------------------------------------------------------------------------------
-# Config: every field is a CLI flag (--name); a recipe (below) overrides a few defaults; explicit flags win.
+# -------------------------------------------------------------------------------------------------
+# Config: every field is a flag (--name); a recipe overrides a few defaults; flags win.
 
 @dataclasses.dataclass
 class Config:
     # what to run
-    recipe: str = "auto"              # xl-80ep | xl-160ep | l-200k | demo; auto: demo without --data_path, else xl-80ep
-    model: str = "PixelGen-XL/16"     # a key of MODELS; official configs_c2i/PixelGen_XL.yaml
-    image_size: int = 256             # paper: ImageNet 256x256
-    num_classes: int = 0              # 0 = the data's (ImageNet-1k: 1000; the demo's toy shapes: 10); more is allowed
-    data_path: str = ""               # ImageFolder layout (class subfolders) or a flat folder; "" = demo dataset
-    background: tuple = (255, 255, 255)  # R G B under transparent pixels (training and FID): white, as browsers show
-    flip: bool = False                # random horizontal flip: off in PixelGen, on in JiT's recipe
-    out_dir: str = "runs/pixelgen"    # checkpoints, logs, metrics, grids, samples, eval.json
-    device: str = "auto"              # auto (cuda if available) | cpu | cuda
-    seed: int = 1234                  # official seed_everything: 1234
+    recipe: str = "auto"             # xl-80ep | xl-160ep | l-200k | demo; auto: demo without data
+    model: str = "PixelGen-XL/16"    # a key of MODELS; official configs_c2i/PixelGen_XL.yaml
+    image_size: int = 256            # paper: ImageNet 256x256
+    num_classes: int = 0             # 0 = the data's (ImageNet: 1000; the demo's shapes: 10)
+    data_path: str = ""              # class folders (ImageNet layout) or a flat folder; "" = demo
+    background: tuple = (255, 255, 255)  # R G B under transparent pixels: white, as browsers
+    flip: bool = False               # random horizontal flips: off in PixelGen, on in JiT
+    out_dir: str = "runs/pixelgen"   # checkpoints, logs, metrics, grids, samples
+    device: str = "auto"             # auto (cuda if available) | cpu | cuda
+    seed: int = 1234                 # official seed_everything(1234)
     # optimisation (official PixelGen_XL.yaml)
-    batch_size: int = 256             # global batch B, split over processes x grad_accum micro-batches; paper 256
-    grad_accum: int = 1               # micro-batches per process and step: any split gives the same update
-    lr: float = 1e-4                  # AdamW, constant, no warmup
-    beta1: float = 0.9                # AdamW beta1: torch default, as official
-    beta2: float = 0.999              # AdamW beta2: torch default, as official
-    weight_decay: float = 0.0         # official weight_decay: 0.0
-    epochs: int = 80                  # paper: 80 epochs ~ 400k steps at batch 256
-    max_steps: int = 0                # > 0 overrides epochs
-    ema: tuple = (0.9999,)            # EMA decay(s), fp32, every step; official SimpleEMA 0.9999 (JiT also 0.9996)
-    num_workers: int = 8              # data loader workers per process
-    compile: bool = False             # torch.compile the denoiser and the frozen nets (CUDA; see --bench)
-    grad_ckpt: bool = False           # activation checkpointing of the JiT blocks: less memory, one more forward
-    # objective (paper Eq. 6-9; official training_repa_JiT_LPIPS_DINO_NoiseGating.py); a weight of 0 skips its net
-    P_mean: float = -0.8              # logit-normal t = sigmoid(P_mean + P_std n): official P_mean
-    P_std: float = 0.8                # official P_std
-    t_eps: float = 0.05               # clamp of 1 - t in x -> v
-    label_dropout: float = 0.1        # official null_condition_p
-    lpips_weight: float = 0.1         # paper lambda_1
-    pdino_weight: float = 0.01        # paper lambda_2
-    repa_weight: float = 0.5          # official feat_loss_weight
-    repa_layer: int = -1              # REPA feature: tokens entering this block; -1 = the preset's (REPA_LAYER)
-    gate_t: float = 0.3               # noise gate g(t) = 1[t >= gate_t]; official percept_t_threshold; 0 = no gate
-    gate_pdino: bool = True           # False reproduces the released code, whose P-DINO is effectively ungated
-    adaptive_from: int = -1           # >= 0: adaptive perceptual weight from this step (160-epoch recipe: 400000)
-    perceptual_init: str = "pretrained"  # pretrained | random (explicit opt-in for smoke runs without weights)
-    dino_path: str = ""               # dinov2_vitb14_pretrain.pth; "" = torch hub cache
-    vgg_path: str = ""                # vgg16-397923af.pth for LPIPS; "" = torch hub cache
-    # sampling and evaluation (paper Sec. 4; official HeunSamplerJiT in PixelGen_XL.yaml)
-    sampler: str = "heun"             # heun | euler | adams2
-    sample_steps: int = 50            # paper: 50 steps
-    cfg_scale: tuple = (1.0,)         # 1.0 = no guidance (FID 5.11); 2.25 for 160 epochs (FID 1.83); several = a sweep
-    cfg_interval: tuple = (0.1, 0.9)  # guidance only while lo < t <= hi (adams2: lo < t < hi, as official)
-    time_shift: float = 2.0           # XL: 2.0; L/16 ablations: 1.0
-    num_samples: int = 64             # --sample: images per setting (FID-50K: 50000, 50 per class)
-    save_pngs: bool = False           # --sample: also write one PNG per image
-    ckpt: str = ""                    # --sample: our checkpoint or an official Lightning .ckpt; "" = OUT_DIR/ckpt.pt
-    ema_decay: tuple = ()             # --sample: EMA decay(s) of the checkpoint to sample; () = its first
-    unsafe_load: bool = False         # allow unpickling arbitrary objects (trusted official files only)
-    fid_ref: str = ""                 # evaluate against an ADM reference batch, a statistics npz or an image folder
-    fid_weights: str = ""             # pt_inception-2015-12-05-6726825d.pth; "" = torch hub cache
-    fid_preprocess: str = "adm"       # adm (ADM suite, torch-fidelity) | pytorch-fid
-    metrics: tuple = ()               # some of fid sfid is pr dc (fid.py); () = every one the reference allows
-    eval_every: int = 0               # --train: evaluate the EMA model(s) every N steps and at the end; 0 = never
-    eval_samples: int = 50000         # --train: images per online evaluation (official validation: 50000)
+    batch_size: int = 256            # global batch B = processes x grad_accum x micro-batch
+    grad_accum: int = 1              # micro-batches per process and step
+    lr: float = 1e-4                 # AdamW, constant, no warmup
+    beta1: float = 0.9               # torch's default, as official
+    beta2: float = 0.999             # torch's default, as official
+    weight_decay: float = 0.0        # official: 0
+    epochs: int = 80                 # paper: 80 epochs, about 400k steps at batch 256
+    max_steps: int = 0               # > 0 overrides epochs
+    ema: tuple = (0.9999,)           # EMA decay(s), fp32, every step; official 0.9999
+    num_workers: int = 8             # data loader workers per process
+    compile: bool = False            # torch.compile the denoiser and the frozen nets
+    grad_ckpt: bool = False          # activation checkpointing: less memory, one more forward
+    # objective (Eqs. 6-9; official training_repa_JiT_LPIPS_DINO_NoiseGating.py)
+    P_mean: float = -0.8             # logit-normal t = sigmoid(P_mean + P_std n): official
+    P_std: float = 0.8               # official
+    t_eps: float = 0.05              # clamp of 1 - t in x -> v (official)
+    label_dropout: float = 0.1       # official null_condition_p
+    lpips_weight: float = 0.1        # paper lambda_1; 0 skips LPIPS
+    pdino_weight: float = 0.01       # paper lambda_2; 0 skips P-DINO
+    repa_weight: float = 0.5         # official feat_loss_weight; 0 skips REPA
+    repa_layer: int = -1             # REPA's block; -1 = the preset's (REPA_LAYER)
+    gate_t: float = 0.3              # g(t) = 1[t >= gate_t]: official percept_t_threshold
+    adaptive_from: int = -1          # >= 0: w_ad from this step (160-epoch recipe: 400000)
+    perceptual_init: str = "pretrained"  # pretrained | random (tests and smoke runs only)
+    dino_path: str = ""              # dinov2_vitb14_pretrain.pth; "" = torch hub cache
+    vgg_path: str = ""               # vgg16-397923af.pth for LPIPS; "" = torch hub cache
+    # sampling and evaluation (paper Sec. 4; official HeunSamplerJiT)
+    sampler: str = "heun"            # heun | euler
+    sample_steps: int = 50           # paper: 50
+    cfg_scale: tuple = (1.0,)        # 1 = no CFG (FID 5.11); 2.25 at 160 epochs; several: a sweep
+    cfg_interval: tuple = (0.1, 0.9)  # CFG only while lo < t <= hi (official)
+    time_shift: float = 2.0          # XL: 2.0; L/16 ablations: 1.0
+    num_samples: int = 64            # --sample: images per setting (FID-50K: 50000)
+    save_pngs: bool = False          # --sample: also one PNG per image
+    ckpt: str = ""                   # --sample: ours or an official .ckpt; "" = OUT_DIR/ckpt.pt
+    ema_decay: tuple = ()            # --sample: the EMA decay(s) to sample; () = the first
+    unsafe_load: bool = False        # unpickle objects: trusted official checkpoints only
+    fid_ref: str = ""                # an ADM reference batch, a statistics npz or a folder
+    fid_weights: str = ""            # pt_inception-2015-12-05-6726825d.pth; "" = hub cache
+    fid_preprocess: str = "adm"      # adm (ADM suite, torch-fidelity) | pytorch-fid
+    metrics: tuple = ()              # of fid sfid is pr dc; () = all the reference allows
+    eval_every: int = 0              # --train: evaluate the EMAs every N steps; 0 = never
+    eval_samples: int = 50000        # --train: images per evaluation (official: 50000)
     # bookkeeping
-    resume: bool = True               # continue from OUT_DIR/ckpt.pt when it exists (the same model, size and classes)
-    new_data: bool = False            # resume although the data differ from the checkpoint's (fine-tuning)
-    ckpt_every: int = 5000            # steps between writes of OUT_DIR/ckpt.pt
-    keep_every: int = 0               # also keep OUT_DIR/ckpt_{step:07d}.pt every N steps (official: 100000); 0 = off
-    log_every: int = 100              # steps between log lines (the only host-device syncs)
-    sample_every: int = 10000         # steps between sample grids (0 = never)
-    wandb: str = ""                   # also log to this Weights & Biases project (needs the wandb package)
-    bench_steps: int = 5              # --bench: timed steps after warm-up
+    resume: bool = True              # continue from OUT_DIR/ckpt.pt when it exists
+    ckpt_every: int = 5000           # steps between writes of OUT_DIR/ckpt.pt
+    keep_every: int = 0              # also keep ckpt_STEP.pt every N steps (official: 100000)
+    log_every: int = 100             # steps between log lines (the only device syncs)
+    sample_every: int = 10000        # steps between sample grids; 0 = never
 
 
-# One flag selects a paper run; each entry states only what differs from the Config defaults.
+# One flag selects a paper run; each states only what differs from the defaults.
 RECIPES = {
-    "xl-80ep": dict(keep_every=100_000),                                # Table 2: FID 5.11, Heun 50, no CFG
-    "xl-160ep": dict(epochs=160, cfg_scale=(2.25,), adaptive_from=400_000, keep_every=100_000),  # FID 1.83, CFG 2.25
-    "l-200k": dict(model="PixelGen-L/16", max_steps=200_000, sampler="euler", time_shift=1.0),  # Table 5 ablations
-    # Laptop demo: a 4M-parameter model on 64 px toy shapes; faster lr and EMA because it trains for minutes.
+    # Table 2: FID 5.11, Heun 50, no CFG
+    "xl-80ep": dict(keep_every=100_000),
+    # Table 2: FID 1.83 with CFG 2.25, adaptive w_ad from 400k steps
+    "xl-160ep": dict(epochs=160, cfg_scale=(2.25,), adaptive_from=400_000,
+                     keep_every=100_000),
+    # Table 5 ablations: L/16 for 200k steps, Euler 50, no time shift
+    "l-200k": dict(model="PixelGen-L/16", max_steps=200_000, sampler="euler",
+                   time_shift=1.0),
+    # A laptop demo: a 4M-parameter model on 64 px toy shapes; a faster lr and EMA for minutes
     "demo": dict(model="PixelGen-T/16", image_size=64, batch_size=16, lr=1e-3, ema=(0.99,),
-                 max_steps=500, num_workers=0, sample_steps=25, time_shift=1.0, cfg_scale=(2.0,), ckpt_every=250,
-                 log_every=25, sample_every=250, out_dir="runs/demo", num_samples=40),
+                 max_steps=500, num_workers=0, sample_steps=25, time_shift=1.0,
+                 cfg_scale=(2.0,), ckpt_every=250, log_every=25, sample_every=250,
+                 out_dir="runs/demo", num_samples=40),
 }
-DEMO_CUDA = dict(batch_size=64, max_steps=3000, log_every=100, ckpt_every=1000, sample_every=1000)  # GPU: not timed
+# The demo on a GPU: larger batches and more steps in the same minutes
+DEMO_CUDA = dict(batch_size=64, max_steps=3000, log_every=100, ckpt_every=1000,
+                 sample_every=1000)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Frozen perceptual networks: DINOv2-B/14 (dino.py) and LPIPS-VGG (the lpips package, v0.1 heads from its wheel).
+# -------------------------------------------------------------------------------------------------
+# Frozen perceptual networks: DINOv2-B/14 (dino.py) and LPIPS-VGG (the lpips package).
 
-VGG_FILE, VGG_URL = "vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"
+VGG_FILE = "vgg16-397923af.pth"
+VGG_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 
 
-def make_lpips(vgg_file=None):  # LPIPS-VGG: v0.1 heads from the lpips wheel, the VGG16 trunk from vgg_file (or random)
-    import lpips  # imported here so `import pixelgen` stays light
-    with warnings.catch_warnings():  # torchvision's deprecation notes about lpips' `pretrained=` call
+def make_lpips(vgg_file=None):
+    """LPIPS-VGG: v0.1 heads from the lpips wheel, the VGG16 trunk from vgg_file (or random)."""
+    import lpips
+    # torchvision's deprecation notes about lpips' `pretrained=` call
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
-    if vgg_file:  # torchvision's VGG16 file, mapped onto lpips' slices (slice2.5.w <- features.5.w)
+    if vgg_file:
+        # torchvision's file on lpips' slices: slice2.5.weight <- features.5.weight
         try:
             sd = torch.load(vgg_file, map_location="cpu", weights_only=True)
-            net.net.load_state_dict({k: sd[f"features.{k.split('.', 1)[1]}"] for k in net.net.state_dict()})
+            keys = net.net.state_dict()
+            net.net.load_state_dict({k: sd["features." + k.split(".", 1)[1]] for k in keys})
         except Exception as e:
-            raise RuntimeError(f"{vgg_file} is not a torchvision VGG16 state dict ({VGG_FILE}, {VGG_URL}): {e}")
+            raise RuntimeError(f"{vgg_file} is not a torchvision VGG16 state dict ({VGG_FILE}, "
+                               f"{VGG_URL}): {e}")
     return net.eval().requires_grad_(False)
 
 
-def perceptual_nets(cfg, device, log=print):
-    """(dino, lpips), None where the loss weights leave a net unused. Missing weights stop a real run; the demo goes
-    on with random nets and says so."""
-    use_dino, use_lpips = bool(cfg.pdino_weight or cfg.repa_weight), bool(cfg.lpips_weight)
-    rand = lambda: (dinov2.DINOv2().to(device).eval().requires_grad_(False) if use_dino else None,
-                    make_lpips().to(device) if use_lpips else None)
+def random_nets(use_dino, use_lpips):
+    """(DINOv2, LPIPS) with random weights, for tests and smoke runs; None where unused."""
+    dino = dinov2.DINOv2() if use_dino else None
+    lp = make_lpips() if use_lpips else None
+    return dino, lp
+
+
+def weight_files(cfg, procs, nets):
+    """{net: path} of the pretrained files the run needs: a flag's path, else the torch hub cache
+    (downloaded there when possible). The first process of each node fetches, the others wait
+    and find them. Every missing file is named in one message, with its URL and folder."""
+    known = dict(dino=(cfg.dino_path, dinov2.WEIGHTS_FILE, dinov2.WEIGHTS_URL),
+                 vgg=(cfg.vgg_path, VGG_FILE, VGG_URL),
+                 inception=(cfg.fid_weights, fid.FID_WEIGHTS_FILE, fid.FID_WEIGHTS_URL))
+    need = {net: known[net] for net in nets}
+
+    def find():
+        found = {}
+        missing = []
+        for net, (path, name, url) in need.items():
+            try:
+                found[net] = dinov2.hub_file(path, name, url)
+            except FileNotFoundError as e:
+                missing.append(str(e))
+        if missing:
+            raise FileNotFoundError("\n".join(missing))
+        return found
+    first = procs.all_or_none(lambda: None if procs.local_rank else find())
+    return procs.all_or_none(lambda: find() if procs.local_rank else first)
+
+
+def perceptual_nets(cfg, procs, log):
+    """(cfg, dino, lpips): the frozen nets of the loss weights, None where unused. Offline, the
+    demo trains L_FM alone (its cfg says so) rather than with networks that teach nothing."""
+    use_dino = bool(cfg.pdino_weight or cfg.repa_weight)
+    use_lpips = bool(cfg.lpips_weight)
     if cfg.perceptual_init == "random":
-        log("WARNING: --perceptual_init random: LPIPS and DINOv2 have RANDOM weights (smoke runs and tests only)")
-        return rand()
-    try:
-        files = pretrained_files(cfg, inception=bool(cfg.eval_every and cfg.fid_ref))
-        return (dinov2.load_dinov2(files["dino"], device=device) if use_dino else None,
-                make_lpips(files["vgg"]).to(device) if use_lpips else None)
-    except (FileNotFoundError, RuntimeError) as e:
-        if cfg.data_path:
-            raise SystemExit(f"error: {e}\n(--perceptual_init random runs without them, for smoke tests only)")
-        log("!" * 100 + f"\nWARNING: pretrained perceptual networks unavailable ({e}).\nThe demo continues with "
-            "RANDOMLY INITIALISED LPIPS-VGG and DINOv2: the perceptual losses are only a regulariser.\n" + "!" * 100)
-        return rand()
-
-
-def pretrained_files(cfg, inception=False):
-    """{net: path} of the pretrained files the run needs: a flag's path, else the torch hub cache (downloaded there
-    when possible). Every missing file is named in one message, with its URL and where to put it."""
-    need = dict(dino=(cfg.dino_path, dinov2.WEIGHTS_FILE, dinov2.WEIGHTS_URL) if cfg.pdino_weight or cfg.repa_weight
-                else None, vgg=(cfg.vgg_path, VGG_FILE, VGG_URL) if cfg.lpips_weight else None,
-                inception=(cfg.fid_weights, fid.FID_WEIGHTS_FILE, fid.FID_WEIGHTS_URL) if inception else None)
-    found, missing = {}, []
-    for net, (path, name, url) in ((k, v) for k, v in need.items() if v):
+        log("WARNING: --perceptual_init random: LPIPS and DINOv2 have RANDOM weights")
+        dino, lp = random_nets(use_dino, use_lpips)
+    elif not (use_dino or use_lpips):
+        return cfg, None, None
+    else:
         try:
-            found[net] = dinov2.hub_file(path, name, url)
+            # the FID Inception too, when the run evaluates: every missing file in one message
+            evaluates = ["inception"] * bool(cfg.eval_every and cfg.fid_ref)
+            nets = ["dino"] * use_dino + ["vgg"] * use_lpips + evaluates
+            files = weight_files(cfg, procs, nets)
         except FileNotFoundError as e:
-            missing.append(str(e))
-    if missing:
-        raise FileNotFoundError("\n".join(missing))
-    return found
+            if cfg.data_path:
+                raise SystemExit(f"error: {e}")
+            log(f"offline demo: training L_FM alone (no LPIPS, P-DINO, REPA). For the full "
+                f"objective: {' '.join(str(e).split())}")
+            cfg = dataclasses.replace(cfg, lpips_weight=0.0, pdino_weight=0.0, repa_weight=0.0)
+            return cfg, None, None
+        dino = dinov2.load_dinov2(files["dino"]) if use_dino else None
+        lp = make_lpips(files["vgg"]) if use_lpips else None
+    nets = [n.to(procs.device).eval().requires_grad_(False) if n else None for n in (dino, lp)]
+    return cfg, *nets
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Data: ImageNet-layout folders with the ADM center crop, or a procedural class-conditional toy dataset.
+# -------------------------------------------------------------------------------------------------
+# Data: ImageNet-layout folders with the ADM centre crop, or procedural toy shapes for the demo.
 
-def center_crop(img, size):  # ADM: halve with BOX while min side >= 2 size, BICUBIC to size, center crop
+def center_crop(img, size):
+    """ADM: halve with BOX while the short side >= 2 size, BICUBIC to size, centre crop."""
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = size / min(img.size)
     img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
     a = np.asarray(img)
-    top, left = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
+    top = (a.shape[0] - size) // 2
+    left = (a.shape[1] - size) // 2
     return a[top: top + size, left: left + size]
 
 
-def list_folder(root):  # (classes, images per class, ignored: hidden, stray or not images, paths: numpy bytes)
+def list_folder(root):
+    """(class names, images per class, ignored names, paths as numpy bytes) of a data folder."""
     if not os.path.isdir(root):
         raise SystemExit(f"error: --data_path {root} is not a folder")
     top = sorted(os.scandir(root), key=lambda e: e.name)
-    folders = [e.name for e in top if e.is_dir() and not e.name.startswith(".")]
-    found = [fid.scan(os.path.join(root, c)) for c in folders] or [fid.scan(root, recursive=False)]
-    classes, counts = folders or [os.path.basename(os.path.abspath(root))], [len(files) for files, _ in found]
-    ignored = [e.name + "/" * e.is_dir() for e in top if folders and e.name not in folders] + [
-        os.path.join(c, p) for c, (_, left_out) in zip(folders or [""], found) for p in left_out]
-    empty = [os.path.join(root, c) if folders else root for c, n in zip(classes, counts) if n == 0]
-    svg = any(p.lower().endswith(".svg") for files, left_out in found if not files for p in left_out)
-    if empty:  # as torchvision's ImageFolder: a class needs an image
-        raise SystemExit(f"error: no image files ({', '.join(fid.IMAGE_EXTENSIONS)}) in {', '.join(empty)}"
-                         + "; SVG files must be converted first (to PNG, for example)" * svg + "\n"
-                         + class_table(argparse.Namespace(classes=classes, counts=counts, ignored=ignored)))
-    return classes, counts, ignored, np.array([os.fsencode(p) for files, _ in found for p in files], dtype=bytes)
+    classes = [e.name for e in top if e.is_dir() and not e.name.startswith(".")]
+    ignored = [e.name for e in top if classes and e.name not in classes]
+    if classes:
+        found = [fid.scan(os.path.join(root, c)) for c in classes]
+    else:
+        # no class folders: one class, named after the folder
+        found = [fid.scan(root, recursive=False)]
+        classes = [os.path.basename(os.path.abspath(root))]
+    counts = [len(files) for files, _ in found]
+    for c, (_, left_out) in zip(classes, found):
+        ignored += [os.path.join(c, p) for p in left_out]
+    empty = [c for c, n in zip(classes, counts) if n == 0]
+    if empty:
+        raise SystemExit(f"error: no image files ({', '.join(fid.IMAGE_EXTENSIONS)}) for "
+                         f"class {', '.join(empty)} in {root}")
+    paths = [os.fsencode(p) for files, _ in found for p in files]
+    return classes, counts, ignored, np.array(paths, dtype=bytes)
 
 
 class ImageFolderData(torch.utils.data.Dataset):
-    """root/class_x/.../img.jpg: sorted class folders are the labels 0..K-1 (no class folders: one class). Items: uint8
-    (3, H, W) by fid.read_image (alpha onto `background`) and the ADM crop, and the label; unreadable: the image path.
-    Rank 0 lists the folder for all; `paths` and `labels` are numpy arrays, which data workers share, not copy."""
+    """root/CLASS/.../IMAGE: sorted class folders are the labels 0..K-1. An item is the uint8
+    image (3, H, W) after the ADM crop, and its label; or, unreadable, why. Rank 0 lists the
+    folder for all; paths and labels are numpy arrays that data workers share, not copy."""
 
-    def __init__(self, root, size, background=(255, 255, 255), procs=None):
-        procs = procs or Procs(False, 0, 1, torch.device("cpu"))
+    def __init__(self, root, size, background, procs):
         listing = [procs.all_or_none(lambda: None if procs.rank else list_folder(root))]
         if procs.ddp:
             dist.broadcast_object_list(listing, src=0, group=procs.ctrl)
         self.classes, self.counts, self.ignored, self.paths = listing[0]
-        self.labels, self.num_classes = np.repeat(np.arange(len(self.counts)), self.counts), len(self.classes)
-        self.size, self.background = size, background
+        self.labels = np.repeat(np.arange(len(self.counts)), self.counts)
+        self.size = size
+        self.background = background
 
     def __len__(self):
         return len(self.paths)
@@ -681,367 +887,398 @@ class ImageFolderData(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path = os.fsdecode(self.paths[i])
         try:
-            a = center_crop(Image.fromarray(fid.read_image(path, self.background)), self.size)
-        except Exception:  # collate replaces it and reports its path
-            return path
-        return torch.from_numpy(a.copy()).permute(2, 0, 1), int(self.labels[i])  # uint8 (3, H, W)
+            image = fid.read_image(path, self.background)
+            a = center_crop(Image.fromarray(image), self.size)
+        except Exception as e:
+            # collate replaces it; the log says which and why
+            return f"{path} ({e.__cause__ or e})"
+        return torch.from_numpy(a.copy()).permute(2, 0, 1), int(self.labels[i])
 
 
 class ToyShapes(torch.utils.data.Dataset):
-    """The demo dataset: 10 classes of procedurally drawn shapes (class = shape and palette), any size, no files."""
-    classes = ["red disc", "green square", "blue triangle", "yellow ring", "magenta cross", "cyan h-stripes",
-               "orange v-stripes", "white diamond", "purple checker", "teal frame"]
+    """The demo: 10 classes of drawn shapes (class = shape and colour), any size, no files.
+    Image i is of class i mod 10, drawn from its own seed."""
+    classes = ["red disc", "green square", "blue triangle", "yellow ring", "magenta cross",
+               "cyan h-stripes", "orange v-stripes", "white diamond", "purple checker",
+               "teal frame"]
+    colors = [(230, 40, 40), (40, 200, 60), (50, 80, 230), (240, 220, 40), (220, 40, 220),
+              (40, 220, 230), (250, 140, 20), (245, 245, 245), (130, 50, 200), (0, 170, 150)]
 
     def __init__(self, size, n=50_000, seed=0):
-        self.size, self.n, self.seed, self.num_classes = size, n, seed, 10
-        self.counts, self.ignored = [n // 10 + (k < n % 10) for k in range(10)], []  # image i: class i mod 10
+        self.size = size
+        self.n = n
+        self.seed = seed
+        self.counts = [n // 10 + (k < n % 10) for k in range(10)]
+        self.ignored = []
 
     def __len__(self):
         return self.n
 
+    def mask(self, y, g):  # (size, size) bool: the shape of class y
+        yy, xx = (np.mgrid[0:self.size, 0:self.size] + 0.5) / self.size
+        dy = yy - g.uniform(0.4, 0.6)
+        dx = xx - g.uniform(0.4, 0.6)
+        r = g.uniform(0.22, 0.32)
+        d = np.sqrt(dx**2 + dy**2)
+        lo = np.minimum(abs(dx), abs(dy))
+        hi = np.maximum(abs(dx), abs(dy))
+        edge = np.minimum(np.minimum(xx, 1 - xx), np.minimum(yy, 1 - yy))
+        checker = ((xx * 6).astype(int) + (yy * 6).astype(int)) % 2 == 0
+        shapes = [d < r, hi < r * 0.8, (dy < r * 0.7) & (abs(dx) < (dy + r) * 0.6),
+                  abs(d - r * 0.8) < r * 0.25, (lo < r * 0.25) & (hi < r),
+                  np.sin(yy * 8 * np.pi) > 0, np.sin(xx * 8 * np.pi) > 0,
+                  abs(dx) + abs(dy) < r, checker, edge < 0.16]
+        return shapes[y]
+
     def __getitem__(self, i):
-        y, g, s = i % 10, np.random.default_rng([self.seed, i]), self.size
-        colors = [(230, 40, 40), (40, 200, 60), (50, 80, 230), (240, 220, 40), (220, 40, 220), (40, 220, 230),
-                  (250, 140, 20), (245, 245, 245), (130, 50, 200), (0, 170, 150)]
-        yy, xx = (np.mgrid[0:s, 0:s] + 0.5) / s
-        cy, cx, r = g.uniform(0.4, 0.6), g.uniform(0.4, 0.6), g.uniform(0.22, 0.32)
-        dy, dx = yy - cy, xx - cx
-        lo, hi = np.minimum(abs(dx), abs(dy)), np.maximum(abs(dx), abs(dy))
-        m = [dx**2 + dy**2 < r**2, hi < r * 0.8, (dy < r * 0.7) & (abs(dx) < (dy + r) * 0.6),
-             abs(np.sqrt(dx**2 + dy**2) - r * 0.8) < r * 0.25, (lo < r * 0.25) & (hi < r), np.sin(yy * 8 * np.pi) > 0,
-             np.sin(xx * 8 * np.pi) > 0, abs(dx) + abs(dy) < r, ((xx * 6).astype(int) + (yy * 6).astype(int)) % 2 == 0,
-             np.minimum(np.minimum(xx, 1 - xx), np.minimum(yy, 1 - yy)) < 0.16][y]
+        y = i % 10
+        g = np.random.default_rng([self.seed, i])
+        m = self.mask(y, g)
         bg = g.uniform(0, 90, size=3)
-        fg = np.clip(np.array(colors[y]) + g.normal(0, 15, size=3), 0, 255)
-        a = np.where(m[..., None], fg, bg) + g.normal(0, 6, size=(s, s, 3))
-        return torch.from_numpy(np.clip(a, 0, 255).astype(np.uint8)).permute(2, 0, 1), y
+        fg = np.clip(np.array(self.colors[y]) + g.normal(0, 15, size=3), 0, 255)
+        a = np.where(m[..., None], fg, bg) + g.normal(0, 6, size=(self.size, self.size, 3))
+        a = np.clip(a, 0, 255).astype(np.uint8)
+        return torch.from_numpy(a).permute(2, 0, 1), y
 
 
-def class_table(data, rows=20):  # for the log: images per class (the first and last rows / 2), what was left out
-    lines = [f"{k:6d} {n:8d}  {c}" for k, (c, n) in enumerate(zip(data.classes, data.counts))]
-    lines = lines if len(lines) <= rows else lines[:rows // 2] + ["   ..."] + lines[-rows // 2:]
+def class_table(data, rows=20):
+    """For the log: images per class (the first and last rows / 2 of them), what was left out."""
+    lines = [f"data: {sum(data.counts)} images in {len(data.classes)} classes",
+             " label   images  class"]
+    table = [f"{k:6d} {n:8d}  {c}" for k, (c, n) in enumerate(zip(data.classes, data.counts))]
+    if len(table) > rows:
+        table = table[:rows // 2] + ["   ..."] + table[-rows // 2:]
+    lines += table
     if data.ignored:
-        lines.append(f"ignored: {len(data.ignored)} ({', '.join(data.ignored[:5])}{', ...' * (len(data.ignored) > 5)})")
-    head = [f"data: {sum(data.counts)} images in {len(data.classes)} classes", " label   images  class"]
-    return "\n".join(head + lines)
+        lines.append(f"ignored: {len(data.ignored)} ({', '.join(data.ignored[:5])}"
+                     + ", ..." * (len(data.ignored) > 5) + ")")
+    return "\n".join(lines)
 
 
-def collate(batch):  # (images, labels, skipped): the paths of unreadable items, each replaced by a readable one
-    good, skipped = [b for b in batch if not isinstance(b, str)], [b for b in batch if isinstance(b, str)]
+def collate(batch):
+    """(images, labels, unreadable): each unreadable item is replaced by a readable one."""
+    good = [b for b in batch if not isinstance(b, str)]
+    bad = [b for b in batch if isinstance(b, str)]
     if not good:
-        raise RuntimeError(f"a whole batch of unreadable images ({', '.join(skipped)}): check the data folder")
-    good += [good[i % len(good)] for i in range(len(skipped))]
-    return torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), skipped
+        raise RuntimeError(f"a whole batch of unreadable images: {'; '.join(bad)}")
+    good += [good[i % len(good)] for i in range(len(bad))]
+    images = torch.stack([g[0] for g in good])
+    return images, torch.tensor([g[1] for g in good]), bad
 
 
 def global_batches(n, batch, world, rank, accum, seed, step=0):
-    """This process's micro-batches of dataset indices, from `step` on, without end. Step s of epoch e is positions
-    [sB, (s + 1)B) of a permutation seeded by (seed, e) (a tail that fills no global batch is left out); process r
-    takes the r-th of `world` contiguous slices of it, as `accum` contiguous micro-batches."""
-    b, first, perm = batch // (world * accum), rank * (batch // world), None
+    """This process's micro-batches of dataset indices, from `step` on, without end. Step s of
+    epoch e is positions [sB, (s + 1)B) of a permutation seeded by (seed, e), a tail that fills no
+    global batch left out; process r takes the r-th of `world` slices, as `accum` micro-batches."""
+    b = batch // (world * accum)
+    perm = None
     for step in itertools.count(step):
         epoch, s = divmod(step, n // batch)
         if perm is None or s == 0:
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(seed, epoch)))
+            gen = torch.Generator().manual_seed(seed_for(seed, epoch))
+            perm = torch.randperm(n, generator=gen)
         for k in range(accum):
-            start = s * batch + first + k * b
+            start = s * batch + (rank * accum + k) * b
             yield perm[start: start + b].tolist()
 
 
-def quiet_worker(_):  # data workers ignore the stop signals: the main process finishes its step, then ends them
+def loader(data, cfg, procs, step):
+    """This process's micro-batches of uint8 images, from `step` on, without end."""
+    batches = global_batches(len(data), cfg.batch_size, procs.world, procs.rank,
+                             cfg.grad_accum, cfg.seed, step)
+    dl = torch.utils.data.DataLoader(data, batch_sampler=batches, collate_fn=collate,
+                                     num_workers=cfg.num_workers, worker_init_fn=quiet_worker,
+                                     pin_memory=procs.device.type == "cuda")
+    return iter(dl)
+
+
+def quiet_worker(_):
+    # data workers ignore the stop signals: the main process ends them after its step
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Training: AdamW, fp32 EMAs, bf16 autocast on CUDA, DDP under torchrun. A step is defined on the global batch: its
-# data, each sample's t, eps, label dropout and flip, and every loss normaliser depend only on (seed, step, position in
-# the global batch), so any split over processes and micro-batches, and a resumed run, train the same weights.
+# -------------------------------------------------------------------------------------------------
+# Training: AdamW, fp32 EMAs, bf16 autocast on CUDA, DDP under torchrun.
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # end the run after the step (preemption, Ctrl-C)
-HOST_WAIT = datetime.timedelta(hours=2)  # how long a process waits on the host for the others (rank 0's writes)
-DEVICE_WAIT = datetime.timedelta(minutes=30)  # NCCL's limit: a rank's first compilation of XL can take 10 minutes
-
-
-def to_device(u, device):  # a host tensor to the device without blocking the host (from pinned memory on CUDA)
-    return (u.pin_memory() if device.type == "cuda" else u).to(device, non_blocking=True)
+# end the run after the step: preemption (SLURM, torchrun forward SIGTERM), Ctrl-C
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# how long a process waits on the host for the others (rank 0's checkpoint writes)
+HOST_WAIT = datetime.timedelta(hours=2)
+# NCCL's limit: a rank's first compilation of XL can take 10 minutes
+DEVICE_WAIT = datetime.timedelta(minutes=30)
 
 
-def make_draws(t, drop, eps, gate_t, norm=None):  # t, drop (b,) on the host, where the gate needs no device sync
-    gated = gate(t, gate_t)  # norm: (B, G) of the global batch (by default this batch's own)
-    return Draws(to_device(t, eps.device), eps, to_device(drop, eps.device), to_device(gated, eps.device),
-                 *(norm or (len(t), len(gated))))
+@dataclasses.dataclass
+class Procs:
+    """This process among the others. Decisions that change which collectives come next (a stop,
+    an evaluation's outcome) and waits for rank 0's slow work run on the host, in the gloo group
+    `ctrl` with the timeout HOST_WAIT; the step's collectives run on the device."""
+    ddp: bool = False
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    ctrl: object = None
 
-
-class Procs(NamedTuple):
-    """This process among the others. The step's collectives run on the device (NCCL on CUDA); what decides which come
-    next (a stop, an evaluation's outcome) and waits for rank 0's slow work are agreed on the host, in the gloo group
-    `ctrl` with the timeout HOST_WAIT, not NCCL's."""
-    ddp: bool
-    rank: int
-    world: int
-    device: torch.device
-    ctrl: object = None  # the gloo group (None in a single process)
-
-    def agree(self, flag):  # the largest of the processes' integer flags; every process must call it
+    def agree(self, flag):
+        """The largest of the processes' integer flags; every process must call it."""
         flag = torch.tensor(int(flag))
         if self.ctrl is not None:
             dist.all_reduce(flag, dist.ReduceOp.MAX, group=self.ctrl)
         return int(flag)
 
-    def all_or_none(self, fn, *args):  # fn(*args) on every process; if it raised on any, it raises on all
+    def all_or_none(self, fn, *args):
+        """fn(*args) on every process; if it raised on any, it raises on all."""
+        err = None
+        out = None
         try:
-            out, err = fn(*args), None
+            out = fn(*args)
         except (Exception, SystemExit) as e:
-            out, err = None, e
+            err = e
             if self.rank:
                 print(f"[process {self.rank}] {e!r}", file=sys.stderr)
         failed = self.agree(self.rank + 1 if err else 0)
+        if err:
+            raise err
         if failed:
-            raise err or RuntimeError(f"it failed on process {failed - 1} (see its stderr)")
+            raise RuntimeError(f"it failed on process {failed - 1} (see its stderr)")
         return out
 
-    def gather(self, u):  # every process's host tensor u, in rank order, in one buffer (one copy per process)
-        out = torch.empty((self.world * len(u), *u.shape[1:]), dtype=u.dtype)
-        dist.all_gather(list(out.chunk(self.world)), u, group=self.ctrl)
-        return out
+    def gather(self, u):
+        """Every process's host tensor u, in rank order, on rank 0 (None on the others)."""
+        if not self.ddp:
+            return u
+        parts = [torch.empty_like(u) for _ in range(self.world)] if self.rank == 0 else None
+        dist.gather(u, parts, dst=0, group=self.ctrl)
+        return torch.cat(parts) if self.rank == 0 else None
 
 
 def setup_dist(cfg):
-    ddp, cuda = int(os.environ.get("RANK", -1)) != -1, torch.cuda.is_available() and cfg.device != "cpu"
-    torch.backends.cuda.matmul.fp32_precision = "tf32"  # TF32 matmuls on CUDA; only this API (fid.full_fp32's too)
-    if not ddp:
-        return Procs(False, 0, 1, torch.device("cuda" if cuda else "cpu"))
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    """One process under python; under torchrun, one of WORLD_SIZE (NCCL on CUDA, else gloo)."""
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    if "RANK" not in os.environ:
+        return Procs(device=torch.device("cuda" if cuda else "cpu"))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=DEVICE_WAIT, device_id=device if cuda else None)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=DEVICE_WAIT,
+                            device_id=device if cuda else None)
     ctrl = dist.new_group(backend="gloo", timeout=HOST_WAIT)
-    return Procs(True, dist.get_rank(), dist.get_world_size(), device, ctrl)
+    return Procs(True, dist.get_rank(), dist.get_world_size(), local_rank, device, ctrl)
 
 
 def wrap_ddp(net, procs):
-    """DDP, set for many GPUs: gradients live in the communication buckets (no second copy of the weights' size), no
-    buffer is broadcast (all are constants, and w_ad is averaged already), and buckets of 256 MiB keep a compiled
-    XL in a dozen graphs (the compiler cuts the graph at every bucket; 25 MiB ones made about a hundred)."""
+    """DDP for many GPUs: gradients live in the communication buckets (no second copy), no buffer
+    is broadcast (all are constants; w_ad is averaged already), and 256 MiB buckets keep a compiled
+    XL in about a dozen graphs (the compiler cuts the graph at every bucket)."""
     if not procs.ddp:
         return net
-    return nn.parallel.DistributedDataParallel(net, device_ids=None if procs.device.type == "cpu" else [
-        procs.device.index], gradient_as_bucket_view=True, broadcast_buffers=False, bucket_cap_mb=256)
+    ids = None if procs.device.type == "cpu" else [procs.device.index]
+    return nn.parallel.DistributedDataParallel(net, device_ids=ids, bucket_cap_mb=256,
+                                               gradient_as_bucket_view=True,
+                                               broadcast_buffers=False)
 
 
-def amp(device):  # bf16 autocast on CUDA, plain fp32 on the CPU; wraps forward passes only
-    return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+class DenoiserAndLoss(nn.Module):
+    """The denoiser and its objective (with the REPA projector): one module for one DDP."""
 
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
 
-class Log:  # rank 0's record: stdout (above the progress bar), OUT_DIR/log.txt, rows to metrics.jsonl and wandb
-
-    def __init__(self, cfg, master):
-        self.cfg, self.master, self.waiting, self.files, self.wandb = cfg, master, [], None, None
-
-    def __call__(self, msg, row=None):  # held until start(), after every check: a failed start leaves no trace
-        if self.master:
-            tqdm.write(msg)
-            self.write(msg, row) if self.files else self.waiting.append((msg, row))
-
-    def start(self):  # takes the run folder, opens the files (and a wandb run), writes what waited
-        if self.master:
-            wandb = importlib.import_module("wandb") if self.cfg.wandb else None  # optional: pip install wandb
-            os.makedirs(self.cfg.out_dir, exist_ok=True)
-            self.lock = hold_folder(self.cfg.out_dir)
-            self.files = [open(os.path.join(self.cfg.out_dir, f), "a") for f in ("log.txt", "metrics.jsonl")]
-            where = os.path.abspath(self.cfg.out_dir)  # one wandb run per out_dir, continued on resume
-            self.wandb = wandb and wandb.init(project=self.cfg.wandb, name=os.path.basename(where), resume="allow",
-                                              id=hashlib.md5(where.encode()).hexdigest(), config=vars(self.cfg))
-            for msg, row in self.waiting:
-                self.write(msg, row)
-
-    def write(self, msg, row):
-        self.files[0].write(msg + "\n")
-        self.files[1].write(json.dumps(row) + "\n" if row else "")
-        for f in self.files:
-            f.flush()
-        if row and self.wandb:
-            self.wandb.log(row, step=row["step"])
-
-    def close(self):
-        for f in self.files or ():
-            f.close()
-        if self.wandb:
-            self.wandb.finish()
+    def forward(self, x, y, t, eps, drop, adapt=False):
+        return self.loss_fn(self.model, x, y, t, eps, drop, adapt)
 
 
 def hold_folder(out_dir):
-    """An OS lock on OUT_DIR/lock while the run lives: two runs in one folder would resume from the same ckpt.pt and
-    overwrite each other's. The OS releases it when the process ends, so a crashed run never blocks the next."""
-    f = open(os.path.join(out_dir, "lock"), "a+")
+    """OUT_DIR/lock, held while the run lives: two runs in one folder would overwrite each other.
+    The OS drops it when the process ends; storage without flock (Lustre's noflock) runs unlocked."""
+    os.makedirs(out_dir, exist_ok=True)
+    f = open(os.path.join(out_dir, "lock"), "w")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
-        raise SystemExit(f"error: {out_dir} is in use by another run ({f.read().strip()}): wait for it to end, stop "
-                         f"it, or use another --out_dir") from None
-    f.truncate(0)
-    print(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M')}", file=f,
-          flush=True)
+        raise SystemExit(f"error: {out_dir} is in use by another run: use another --out_dir")
+    except OSError:
+        pass
     return f
 
 
-LOSS_ARGS = ("lpips_weight", "pdino_weight", "repa_weight", "gate_t", "t_eps", "num_classes", "gate_pdino",
-             "adaptive_from")  # the Config fields PixelGenLoss takes as they are
+class Log:
+    """Rank 0's record: stdout (above the progress bar), OUT_DIR/log.txt and metrics.jsonl."""
+
+    def __init__(self, out_dir, master):
+        self.files = []
+        if master:
+            self.files = [open(os.path.join(out_dir, f), "a") for f in ("log.txt", "metrics.jsonl")]
+
+    def __call__(self, msg, row=None):
+        if not self.files:
+            return
+        tqdm.write(msg)
+        self.files[0].write(msg + "\n")
+        if row:
+            self.files[1].write(json.dumps(row) + "\n")
+        for f in self.files:
+            f.flush()
 
 
-def build(cfg, device, log=print):  # a run's denoiser, its EMAs, the objective (with the frozen nets) and AdamW
-    torch.manual_seed(cfg.seed)  # identical initial weights on every process
-    model = JiT(**MODELS[cfg.model], input_size=cfg.image_size, num_classes=cfg.num_classes).to(device)
+def command(**change):
+    """The user's command line with some flags changed: advice in a message keeps their flags."""
+    args = sys.argv[1:]
+    for k, v in change.items():
+        flag = f"--{k}"
+        if flag in args:
+            args[args.index(flag) + 1] = str(v)
+        else:
+            args += [flag, str(v)]
+    return " ".join(["python pixelgen.py", *args])
+
+
+def build(cfg, procs, log):
+    """The run's config (with the offline demo's weights), denoiser, EMAs, objective and AdamW."""
+    # identical initial weights on every process
+    torch.manual_seed(cfg.seed)
+    model = JiT(**MODELS[cfg.model], input_size=cfg.image_size, num_classes=cfg.num_classes)
+    model = model.to(procs.device)
     model.grad_ckpt = cfg.grad_ckpt
-    emas = {d: copy.deepcopy(model).requires_grad_(False).eval() for d in cfg.ema}  # fp32, sampled from
-    dino, lp = perceptual_nets(cfg, device, log)
-    loss_fn = PixelGenLoss(model.final_layer.linear.in_features, dino, lp, patch_size=model.patch_size,
-                           repa_layer=REPA_LAYER[cfg.model] if cfg.repa_layer < 0 else cfg.repa_layer,
-                           **{k: getattr(cfg, k) for k in LOSS_ARGS}).to(device)
-    params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                            fused=device.type == "cuda" or None)
-    if cfg.compile:  # what runs every step, and the EMAs that sample; DINOv2 and LPIPS are called as modules
-        if cfg.adaptive_from >= 0:  # w_ad backpropagates twice through one graph (retain_graph), which a compiled
-            importlib.import_module("torch._functorch.config").donated_buffer = False  # backward allows only
-        for m in (model, *emas.values(), dino, lp):  # without donated buffers (a small memory saving)
-            m.compile() if m is not None else None
-    return model, emas, loss_fn, opt
+    emas = {d: copy.deepcopy(model).requires_grad_(False).eval() for d in cfg.ema}
+    cfg, dino, lp = perceptual_nets(cfg, procs, log)
+    repa_layer = REPA_LAYER[cfg.model] if cfg.repa_layer < 0 else cfg.repa_layer
+    loss_fn = PixelGenLoss(model.final_layer.linear.in_features, dino, lp,
+                           patch_size=model.patch_size, lpips_weight=cfg.lpips_weight,
+                           pdino_weight=cfg.pdino_weight, repa_weight=cfg.repa_weight,
+                           repa_layer=repa_layer, gate_t=cfg.gate_t, t_eps=cfg.t_eps,
+                           num_classes=cfg.num_classes, adaptive_from=cfg.adaptive_from)
+    loss_fn = loss_fn.to(procs.device)
+    params = [p for p in [*model.parameters(), *loss_fn.parameters()] if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            weight_decay=cfg.weight_decay,
+                            fused=procs.device.type == "cuda" or None)
+    if cfg.compile:
+        # w_ad backpropagates twice through one graph (retain_graph), which a compiled backward
+        # allows only without donated buffers (a small memory saving)
+        if cfg.adaptive_from >= 0:
+            from torch._functorch import config as functorch_config
+            functorch_config.donated_buffer = False
+        # what runs every step, and the EMAs that sample; DINOv2 and LPIPS run as modules
+        for m in (model, *emas.values(), dino, lp):
+            if m is not None:
+                m.compile()
+    return cfg, model, emas, loss_fn, opt
 
 
 def check_run(cfg, data, procs, ck):
-    """The run's Config after the checks made before anything is built or written: the classes (the data's, or the
-    checkpoint's when more), the checkpoint `ck` it resumes from (same model, size, classes, data), a CPU's limits."""
+    """The run's Config, after the checks made before anything is built: the classes, one global
+    batch of data, and that a checkpoint it resumes from `ck` is this run's."""
+    num_classes = cfg.num_classes or len(data.classes)
+    if num_classes < len(data.classes):
+        raise SystemExit(f"error: the data has {len(data.classes)} classes but --num_classes "
+                         f"is {cfg.num_classes}")
+    data_path = os.path.abspath(cfg.data_path) if cfg.data_path else ""
+    cfg = dataclasses.replace(cfg, num_classes=num_classes, data_path=data_path)
     if len(data) < cfg.batch_size:
-        m = procs.world * cfg.grad_accum  # a global batch is a multiple of m
-        raise SystemExit(f"error: {len(data)} images are fewer than one global batch (--batch_size {cfg.batch_size})"
-                         + f"; --batch_size {len(data) // m * m} fits" * (len(data) >= m))
-    if cfg.num_classes and cfg.num_classes < data.num_classes:
-        raise SystemExit(f"error: the data has {data.num_classes} classes but --num_classes is {cfg.num_classes}")
-    held = ck.get("config", {})
-    cfg = dataclasses.replace(cfg, num_classes=cfg.num_classes or max(data.num_classes, held.get("num_classes", 0)))
-    differ = [f"--{k} {held[k]} (this run: {getattr(cfg, k)})" for k in ("model", "image_size", "num_classes")
-              if k in held and held[k] != getattr(cfg, k)]
-    record = data_record(cfg, data)
-    if ck.get("data", record)[1:] != record[1:] and not cfg.new_data:  # class names and counts (not the path)
-        differ.append(f"its data: {describe(ck['data'])} (this run: {describe(record)}; --new_data continues on "
-                      "other data, for fine-tuning)")
+        # the largest global batch that the data fills and the processes split
+        split = procs.world * cfg.grad_accum
+        fits = len(data) // split * split
+        advice = f"; try {command(batch_size=fits)}" if fits else ""
+        raise SystemExit(f"error: {len(data)} images are fewer than one global batch "
+                         f"(--batch_size {cfg.batch_size}){advice}")
+    if not ck:
+        return cfg
+    # the one comparison: what this run trains against what the checkpoint trained
+    keys = ("model", "image_size", "num_classes", "data_path")
+    held = ck["config"]
+    differ = [f"--{k} {held[k]} (this run: {getattr(cfg, k)})" for k in keys
+              if held[k] != getattr(cfg, k)]
     if differ:
-        raise SystemExit(f"error: {cfg.out_dir}/ckpt.pt was written by another run: {held.get('model')} at "
-                         f"{held.get('image_size')} px with {held.get('num_classes')} classes. It differs in "
-                         + "; ".join(differ) + ".\nUse another --out_dir for a new run.")
-    if procs.device.type == "cpu" and cfg.device == "auto" and MODELS[cfg.model]["hidden_size"] >= 768:  # B and up
-        raise SystemExit(f"error: no GPU here, and {cfg.model} at {cfg.image_size} px is a GPU run (on a CPU, days per "
-                         f"epoch, and the memory may run out without a message). On a CPU, train the demo recipe on "
-                         f"your images (PixelGen-T/16 at 64 px, minutes): python pixelgen.py --train --recipe demo"
-                         + (f" --data_path {cfg.data_path}" if cfg.data_path else "")
-                         + "\n(--device cpu runs this configuration on the CPU all the same.)")
+        raise SystemExit(f"error: {cfg.out_dir}/ckpt.pt was written by another run; it differs in "
+                         f"{'; '.join(differ)}.\nFor a new run: "
+                         f"{command(out_dir=cfg.out_dir.rstrip('/') + '_2')}")
     return cfg
 
 
-def data_record(cfg, data):  # (path, class names, images per class): what a checkpoint keeps to recognise its data
-    return [os.path.abspath(cfg.data_path) if cfg.data_path else "toy shapes", list(data.classes), list(data.counts)]
-
-
-def describe(record):  # "7 classes (app, device, file, folder, ...), 415 images in /data/icons"
-    path, classes, counts = record
-    names = classes if len(classes) <= 5 else classes[:4] + ["..."]
-    return f"{len(classes)} classes ({', '.join(names)}), {sum(counts)} images in {path}"
-
-
-def read_checkpoint(path, unsafe=False):  # torch.load, memory-mapped on the host, weights_only unless `unsafe`
+def read_checkpoint(path, unsafe=False):
+    """torch.load, memory-mapped on the host; weights_only unless `unsafe`."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=not unsafe, mmap=True)
     except Exception as e:
-        if "Unsupported global" in str(e):  # a valid file that pickles Python objects (Lightning's hyper_parameters)
-            raise SystemExit(f"error: {path} holds pickled Python objects besides tensors "
-                             f"({str(e).splitlines()[-1][:200]}).\nIf you trust the file, pass --unsafe_load.")
+        # a valid file that pickles Python objects (Lightning's hyper_parameters)
+        if "Unsupported global" in str(e):
+            raise SystemExit(f"error: {path} holds pickled Python objects besides tensors. If "
+                             f"you trust the file, pass --unsafe_load.")
         ck = None
     if not isinstance(ck, dict):
-        raise SystemExit(f"error: cannot read {path} as a checkpoint: pass a ckpt.pt written by --train, or an "
-                         f"official Lightning .ckpt")
+        raise SystemExit(f"error: cannot read {path} as a checkpoint: pass a ckpt.pt written by "
+                         f"--train, or an official Lightning .ckpt")
     return ck
 
 
 def resume_point(cfg, procs):
-    """The checkpoint the run continues from ({} for a new run), memory-mapped. Rank 0 alone decides whether
-    OUT_DIR/ckpt.pt exists; a process that cannot read that same file stops them all: the folder is not shared."""
+    """The checkpoint the run continues from ({} for a new run). Rank 0 alone decides whether
+    OUT_DIR/ckpt.pt exists; a process that cannot read that same file stops them all."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if not procs.agree(cfg.resume and procs.rank == 0 and os.path.isfile(path)):
         return {}
-    unshared = (f"error: process 0 resumes from {path}, which another process cannot read or sees at another step: "
-                f"--out_dir must be on storage that every node sees")
+    unshared = (f"error: process 0 resumes from {path}, which another process cannot read or "
+                f"sees at another step: --out_dir must be on storage that every node sees")
     if procs.agree(not os.path.isfile(path)):
         raise SystemExit(unshared)
     ck = procs.all_or_none(read_checkpoint, path)
-    if procs.agree(ck["step"]) != -procs.agree(-ck["step"]):  # the largest step is not the smallest
+    # the largest step must be the smallest
+    if procs.agree(ck["step"]) != -procs.agree(-ck["step"]):
         raise SystemExit(unshared)
     return ck
 
 
-def resume(ck, model, emas, loss_fn, opt, path):
-    """(step to continue from, EMA decays new to the run) after loading the checkpoint ck into the run's tensors. The
-    caller drops ck: no copy stays in memory (on a GPU, 2.7 GB more for XL's model and each EMA)."""
+def resume(ck, model, emas, loss_fn, opt):
+    """The step to continue from, after loading ck into the run's tensors (0 for a new run)."""
     if not ck:
-        return 0, ()
-    try:
-        for obj, k in ((model, "model"), (loss_fn, "loss"), (opt, "opt")):
-            obj.load_state_dict(ck[k])
-        for d, e in emas.items():  # an EMA decay new to this run starts from the current weights
-            e.load_state_dict(ck["emas"].get(str(d), model.state_dict()))
-    except Exception as e:
-        raise SystemExit(f"error: cannot resume from {path}: {str(e)[:400]}\nUse another --out_dir or --no-resume.")
-    return ck["step"], [d for d in emas if str(d) not in ck["emas"]]
+        return 0
+    model.load_state_dict(ck["model"])
+    loss_fn.load_state_dict(ck["loss"])
+    opt.load_state_dict(ck["opt"])
+    for d, e in emas.items():
+        # an EMA decay new to this run starts from the current weights
+        e.load_state_dict(ck["emas"].get(str(d), ck["model"]))
+    return ck["step"]
 
 
 def save_checkpoint(obj, path, keep=None):
-    """Atomic write (temp file + rename), then a snapshot `keep` (a hard link where it can); a failed write stops the
-    run naming its cause and leaves the last good checkpoint as it was."""
-    target = path
+    """Atomic and durable: a temp file flushed to disk, renamed over `path`, the folder flushed;
+    then a snapshot `keep` (a hard link). A failed write leaves the last checkpoint as it was."""
+    tmp = path + ".tmp"
     try:
-        torch.save(obj, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        os.fsync(folder)
+        os.close(folder)
         if keep:
-            target = keep
-            os.remove(keep) if os.path.exists(keep) else None
-            try:
-                os.link(path, keep)
-            except OSError:  # a file system without hard links
-                shutil.copyfile(path, keep)
-    except BaseException as e:
-        os.remove(path + ".tmp") if os.path.exists(path + ".tmp") else None
-        if not isinstance(e, Exception):  # KeyboardInterrupt and the like go on as they are
-            raise
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**30
-        last = f"the last good checkpoint {path} is intact" if os.path.exists(path) else "no checkpoint was written yet"
-        raise SystemExit(f"error: writing {target} failed: {str(e).strip().splitlines()[0][:300]}\n{free:.2f} GiB "
-                         f"are free on its disk (a full disk or quota is the usual cause); {last}. Free some space, "
-                         f"then rerun the same command to continue.")
-
-
-def loader(data, cfg, procs, step):  # this process's micro-batches of uint8 images, from `step` on, without end
-    batches = global_batches(len(data), cfg.batch_size, procs.world, procs.rank, cfg.grad_accum, cfg.seed, step)
-    return iter(torch.utils.data.DataLoader(data, batch_sampler=batches, collate_fn=collate,
-                                            num_workers=cfg.num_workers, pin_memory=procs.device.type == "cuda",
-                                            worker_init_fn=quiet_worker))
+            if os.path.exists(keep):
+                os.remove(keep)
+            os.link(path, keep)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f"error: writing {path} failed ({e}); the last checkpoint is as it was. "
+                         f"Free some space, then run the same command to continue.")
 
 
 @contextlib.contextmanager
-def stop_signals(out_dir):
-    """Yields the names of the STOP_SIGNALS received: the run ends after the step. A stop is idempotent while it is
-    pending: SLURM signals every process of a job step and torchrun forwards its own, so a worker gets SIGTERM twice
-    and must still finish its step and save. A second Ctrl-C (SIGINT) is the one way out at once."""
-    received, previous = [], {s: signal.getsignal(s) for s in STOP_SIGNALS}
-
-    def handle(sig, frame):
-        if sig == signal.SIGINT and "SIGINT" in received:
-            print(f"\nforced exit by a second Ctrl-C; {last_checkpoint(out_dir)}", file=sys.stderr, flush=True)
-            os._exit(130)
-        received.append(signal.Signals(sig).name)
+def stop_signals():
+    """Yields the list of STOP_SIGNALS received; the run ends after the step. A repeat changes
+    nothing: SLURM signals every process of a job step and torchrun forwards its own."""
+    received = []
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     for s in STOP_SIGNALS:
-        signal.signal(s, handle)
+        signal.signal(s, lambda sig, frame: received.append(signal.Signals(sig).name))
     try:
         yield received
     finally:
@@ -1049,493 +1286,505 @@ def stop_signals(out_dir):
             signal.signal(s, h)
 
 
-def last_checkpoint(out_dir):  # for a message: what a restart with the same command continues from
-    try:
-        return f"the last checkpoint is {out_dir}/ckpt.pt, at step {read_checkpoint(f'{out_dir}/ckpt.pt')['step']}"
-    except (Exception, SystemExit):
-        return f"no checkpoint in {out_dir} yet"
-
-
-@contextlib.contextmanager
-def memory_advice(cfg, procs):  # a GPU out of memory in a step: stop with what to change, naming the micro-batch
-    try:
-        yield
-    except torch.OutOfMemoryError as e:
-        raise SystemExit(f"error: out of GPU memory in a training step of {cfg.model} at {cfg.image_size} px with "
-                         f"micro-batches of {cfg.batch_size // (procs.world * cfg.grad_accum)} images per GPU "
-                         f"({str(e).splitlines()[0][:200]}).\nSplit the batch further with --grad_accum "
-                         f"{2 * cfg.grad_accum} (the same update), add --grad_ckpt (less memory for about a third more "
-                         f"compute), use more GPUs or a smaller --model.") from None
-
-
-class DenoiserAndLoss(nn.Module):  # the denoiser and the REPA projector, as one module for one DDP wrapper
-    def __init__(self, model, loss_fn):
-        super().__init__()
-        self.model, self.loss_fn = model, loss_fn
-
-    def forward(self, x, y, draws, adapt=False):
-        return self.loss_fn(self.model, x, y, draws, adapt)
-
-
-class Meter:  # sums since the last log line: loss terms on the device (read at the log step), the rest on the host
+class Meter:
+    """Sums since the last log line: loss terms on the device (read at the log step), the rest
+    on the host."""
     TERMS = ("loss", "fm", "lpips", "pdino", "repa")
 
     def __init__(self):
-        self.sums, self.gate, self.skipped, self.steps, self.t0 = 0.0, 0.0, [], 0, time.time()
+        self.sums = 0.0
+        self.n = 0
+        self.gate = 0.0
+        self.skipped = []
+        self.t0 = time.time()
 
-    def add(self, out, skipped):  # one micro-batch's terms (its shares of the global means); unreadable image paths
-        self.sums, self.skipped = self.sums + torch.stack([out[k].detach().float() for k in self.TERMS]), \
-            self.skipped + skipped
+    def add(self, out, skipped, gate):
+        """One micro-batch's terms, its unreadable images, the gated fraction of its step."""
+        self.sums = self.sums + torch.stack([out[k].float() for k in self.TERMS])
+        self.n += 1
+        self.gate += gate
+        self.skipped += skipped
 
-    def report(self, step, max_steps, cfg, procs, w_ad, epoch):  # (line, row) of the means over every process
-        sums, skipped = self.sums, [self.skipped] * procs.world
+    def report(self, step, max_steps, cfg, procs, w_ad, epoch):
+        """(log line, metrics row) of the means over the micro-batches of every process."""
+        sums = self.sums
+        skipped = [self.skipped] * procs.world
         if procs.ddp:
             dist.all_reduce(sums)
             dist.all_gather_object(skipped, self.skipped, group=procs.ctrl)
-        m = dict(zip(self.TERMS, (s / self.steps for s in sums.tolist())), gate=self.gate / self.steps)
+        n = self.n * procs.world
+        m = dict(zip(self.TERMS, (s / n for s in sums.tolist())))
+        m["gate"] = self.gate / self.n
         if not all(map(math.isfinite, m.values())):
-            raise SystemExit(f"error: non-finite loss at step {step} ({m}); the last good checkpoint is "
-                             f"{cfg.out_dir}/ckpt.pt")
-        ips, mem = cfg.batch_size * self.steps / (time.time() - self.t0), procs.device.type == "cuda"
-        row = dict(step=step, epoch=round(epoch, 4), **m, w_ad=w_ad, lr=cfg.lr, img_per_s=round(ips, 2), **(
-            {"peak_mem_gib": round(torch.cuda.max_memory_allocated(procs.device) / 2**30, 2)} if mem else {}))
+            raise SystemExit(f"error: non-finite loss at step {step} ({m}); the last good "
+                             f"checkpoint is {cfg.out_dir}/ckpt.pt")
+        steps = self.n / cfg.grad_accum
+        ips = cfg.batch_size * steps / (time.time() - self.t0)
+        row = dict(step=step, epoch=round(epoch, 4), **m, w_ad=w_ad, lr=cfg.lr,
+                   img_per_s=round(ips, 2))
+        if procs.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(procs.device)
+            row["peak_mem_gib"] = round(peak / 2**30, 2)
         self.__init__()
-        eta, skipped = (max_steps - step) * cfg.batch_size / ips / 60, sum(skipped, [])
-        return (f"step {step}/{max_steps} " + " ".join(f"{k} {m[k]:.4f}" for k in self.TERMS) + f" gate {m['gate']:.2f}"
-                f" w_ad {w_ad:.3f} lr {cfg.lr:g} img/s {ips:.1f} eta {eta:.1f} min" + "".join(
-                    f"\nskipped an unreadable image: {p}" for p in skipped), row)
+        eta = (max_steps - step) * cfg.batch_size / ips / 60
+        terms = " ".join(f"{k} {m[k]:.4f}" for k in (*self.TERMS, "gate"))
+        line = f"step {step}/{max_steps} {terms} w_ad {w_ad:.3f} img/s {ips:.1f} eta {eta:.1f} min"
+        for s in sum(skipped, []):
+            line += f"\nskipped an unreadable image: {s}"
+        return line, row
 
 
-def train_step(net, opt, emas, batches, step, cfg, procs, meter):
-    """One AdamW step on the global batch: this process's K micro-batches, their gradients summed (DDP averages them
-    over the processes on the last one), then the EMAs. Nothing waits for the device: the draws are made on the host."""
-    loss_fn, model = (net.module if procs.ddp else net).loss_fn, (net.module if procs.ddp else net).model
-    B, K, device = cfg.batch_size, cfg.grad_accum, procs.device
-    b, first = B // (procs.world * K), procs.rank * (B // procs.world)  # micro-batch; this process's first position
-    t, drop, gen = draw(B, cfg.seed, step, cfg.P_mean, cfg.P_std, cfg.label_dropout)  # the global batch's draws
-    flip, norm = (torch.rand(B, generator=gen) < 0.5) & cfg.flip, (B, len(gate(t, loss_fn.gate_t)))
-    for k in range(K):
-        img, y, bad = next(batches)
-        pos = slice(first + k * b, first + (k + 1) * b)  # this micro-batch's positions in the global batch
-        x = img.to(device, non_blocking=True).float() / 127.5 - 1  # uint8 -> [-1, 1]
-        x = torch.where(to_device(flip[pos], device).view(-1, 1, 1, 1), x.flip(-1), x) if cfg.flip else x
-        eps = seeded_noise(x.shape[1:], [seed_for(cfg.seed, step, i) for i in range(pos.start, pos.stop)], device)
-        draws = make_draws(t[pos], drop[pos], eps, loss_fn.gate_t, norm)
-        torch.manual_seed(seed_for(cfg.seed, step, procs.rank, k))  # dropout masks
-        with net.no_sync() if procs.ddp and k < K - 1 else contextlib.nullcontext():  # DDP syncs on the last one
-            with amp(device):
-                out = net(x, y.to(device, non_blocking=True), draws, adapt=k == 0 and loss_fn.adapt_due(step))
-            (out["loss"] * procs.world).backward()  # DDP averages over processes; the shares add up
-        meter.add(out, bad)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    update_ema(emas, model)
-    meter.gate, meter.steps = meter.gate + norm[1] / B, meter.steps + 1
+def after_step(cfg, step, max_steps, stop):
+    """What this step ends with; the same on every process."""
+    last = step == max_steps
+    keep = bool(cfg.keep_every) and step % cfg.keep_every == 0
+
+    def every(n):
+        return bool(n) and (step % n == 0 or last) and not stop
+    # a checkpoint before each evaluation
+    save = step % cfg.ckpt_every == 0 or last or bool(stop) or keep or every(cfg.eval_every)
+    return argparse.Namespace(log=step % cfg.log_every == 0 or save, save=save, keep=keep,
+                              eval=every(cfg.eval_every), grid=every(cfg.sample_every))
 
 
-def after_step(cfg, step, max_steps, stopping):  # what this step ends with: the same decision on every process
-    keep = bool(cfg.keep_every) and step % cfg.keep_every == 0  # also a snapshot ckpt_{step}.pt
-    every = lambda n: bool(n) and (step % n == 0 or step == max_steps) and not stopping
-    save = step % cfg.ckpt_every == 0 or step == max_steps or bool(stopping) or keep or every(cfg.eval_every)
-    return argparse.Namespace(log=step % cfg.log_every == 0 or save, save=save, keep=keep,  # (a checkpoint before
-                              eval=every(cfg.eval_every), grid=every(cfg.sample_every))  # an evaluation)
-
-
-def train(cfg, hook=None):
-    """The training program (--train), on every process under torchrun; hook(step, model, emas) after each step."""
+def train(cfg):
+    """The training program (--train), on every process under torchrun."""
     procs = setup_dist(cfg)
-    data = ImageFolderData(cfg.data_path, cfg.image_size, cfg.background, procs) if cfg.data_path else \
-        ToyShapes(cfg.image_size)
+    # the run's folder is held first, before anything slow is loaded
+    lock = procs.all_or_none(lambda: None if procs.rank else hold_folder(cfg.out_dir))  # noqa
+    if cfg.data_path:
+        data = ImageFolderData(cfg.data_path, cfg.image_size, cfg.background, procs)
+    else:
+        data = ToyShapes(cfg.image_size)
     ck = resume_point(cfg, procs)
-    cfg = check_run(cfg, data, procs, ck)  # before anything is built or written
-    log, epoch_steps = Log(cfg, procs.rank == 0), len(data) // cfg.batch_size
-    max_steps = cfg.max_steps or cfg.epochs * epoch_steps
-    model, emas, loss_fn, opt = build(cfg, procs.device, log)
-    step, new_emas = resume(ck, model, emas, loss_fn, opt, os.path.join(cfg.out_dir, "ckpt.pt"))
+    cfg = check_run(cfg, data, procs, ck)
+    log = Log(cfg.out_dir, procs.rank == 0)
+    cfg, model, emas, loss_fn, opt = build(cfg, procs, log)
+    step = resume(ck, model, emas, loss_fn, opt)
     del ck
     fid_ctx = fid_setup(cfg, procs) if cfg.eval_every and cfg.fid_ref else None
-    procs.all_or_none(log.start)  # every check has passed: the folder is this run's, and written from here on
+    epoch_steps = len(data) // cfg.batch_size
+    max_steps = cfg.max_steps or cfg.epochs * epoch_steps
+    b = cfg.batch_size // (procs.world * cfg.grad_accum)
     log(f"config: {dataclasses.asdict(cfg)}")
     log(class_table(data))
-    log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; data: "
-        f"{describe(data_record(cfg, data))}; {procs.world} process{'es' * (procs.world > 1)}, device {procs.device}")
-    if step:
-        log(f"resumed from {cfg.out_dir}/ckpt.pt at step {step}" + "".join(f"; EMA {d} starts now" for d in new_emas))
-    b = cfg.batch_size // (procs.world * cfg.grad_accum)
-    log(f"{max_steps} steps, {epoch_steps} per epoch, global batch {cfg.batch_size} = {procs.world} process"
-        f"{'es' * (procs.world > 1)} x {cfg.grad_accum} micro-batches x {b}")
+    log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "
+        f"{max_steps} steps of {cfg.batch_size} = {procs.world} processes x {cfg.grad_accum} "
+        f"micro-batches x {b} images on {procs.device}" + f"; resumed at step {step}" * (step > 0))
     net = wrap_ddp(DenoiserAndLoss(model, loss_fn), procs)
-    batches, meter = loader(data, cfg, procs, step), Meter()
+    batches = loader(data, cfg, procs, step)
+    meter = Meter()
     bar = tqdm(total=max_steps, initial=step, disable=procs.rank != 0, dynamic_ncols=True)
-    model.train()
-    loss_fn.train()
+    net.train()
     try:
-        with stop_signals(cfg.out_dir) as received:
+        with stop_signals() as received:
             while step < max_steps:
-                with memory_advice(cfg, procs):
-                    train_step(net, opt, emas, batches, step, cfg, procs, meter)
+                train_step(net, opt, emas, batches, step, cfg, procs, meter)
                 step += 1
                 bar.update(1)
-                if hook:
-                    hook(step, model, emas)
-                stopping = procs.agree(bool(received))  # decided once per step, by every process together
-                todo = after_step(cfg, step, max_steps, stopping)
+                # decided once per step, by every process together
+                stop = procs.agree(bool(received))
+                todo = after_step(cfg, step, max_steps, stop)
                 if todo.log:
-                    log(*meter.report(step, max_steps, cfg, procs, loss_fn.percept_weight.item(), step / epoch_steps))
+                    w_ad = loss_fn.w_ad.item()
+                    log(*meter.report(step, max_steps, cfg, procs, w_ad, step / epoch_steps))
                 if todo.save:
-                    save(model, emas, loss_fn, opt, step, cfg, data, procs, log, todo.keep)
+                    save(model, emas, loss_fn, opt, step, cfg, procs, log, todo.keep,
+                         data.classes)
+                    # a signal during the save: this step's checkpoint is written, stop now
+                    stop = stop or procs.agree(bool(received))
                 if todo.eval:
-                    evaluate_online(emas, cfg, procs, step, log, fid_ctx)
+                    evaluate_online(emas, cfg, procs, step, log, fid_ctx, data.classes)
                 if todo.grid:
-                    procs.all_or_none(lambda: write_grid(emas, cfg, procs, step, log) if procs.rank == 0 else None)
-                if stopping:
-                    log(f"stopped by {received[0] if received else 'a signal to another process'} after "
-                        f"step {step}; {cfg.out_dir}/ckpt.pt is written: run the same command to continue")
+                    procs.all_or_none(write_grid, emas, cfg, procs, step, data.classes, log)
+                if stop:
+                    log(f"stopped after step {step}: {cfg.out_dir}/ckpt.pt is written; run the "
+                        f"same command to continue")
                     break
+    except BaseException as e:
+        # One process failing ends it at once, so torchrun ends the others, rather than their
+        # waiting for a collective until its timeout.
+        if procs.ddp:
+            print(e if isinstance(e, SystemExit) else traceback.format_exc(), file=sys.stderr,
+                  flush=True)
+            os._exit(1)
+        raise
     finally:
         bar.close()
-        log.close()
-        if procs.ddp:
-            dist.destroy_process_group()
+    if procs.ddp:
+        dist.destroy_process_group()
     return model, emas
 
 
-def save(model, emas, loss_fn, opt, step, cfg, data, procs, log, keep):  # rank 0 writes while the others wait
-    path, snap = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, f"ckpt_{step:07d}.pt")
-    ck = dict(model=model.state_dict(), ema=emas[cfg.ema[0]].state_dict(), loss=loss_fn.state_dict(), step=step,
-              emas={str(d): e.state_dict() for d, e in emas.items()}, opt=opt.state_dict(),  # (storage shared
-              config=dataclasses.asdict(cfg), data=data_record(cfg, data))                   # with ema in the file)
-    procs.all_or_none(lambda: save_checkpoint(ck, path, snap if keep else None) if procs.rank == 0 else None)
-    log(f"saved {path}" + (f" and {os.path.basename(snap)}" if keep else ""))  # (a failed write stops every process)
+def save(model, emas, loss_fn, opt, step, cfg, procs, log, keep, classes):
+    """Rank 0 writes OUT_DIR/ckpt.pt (and a snapshot) while the others wait; timed in the log."""
+    t0 = time.time()
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    snapshot = os.path.join(cfg.out_dir, f"ckpt_{step:07d}.pt") if keep else None
+    ck = dict(model=model.state_dict(), emas={str(d): e.state_dict() for d, e in emas.items()},
+              loss=loss_fn.state_dict(), opt=opt.state_dict(), step=step,
+              config=dataclasses.asdict(cfg), classes=list(classes))
+
+    def write():
+        if procs.rank == 0:
+            save_checkpoint(ck, path, snapshot)
+    procs.all_or_none(write)
+    log(f"saved {path}" + f" and {snapshot}" * keep + f" in {time.time() - t0:.1f} s")
 
 
-def evaluate_online(emas, cfg, procs, step, log, fid_ctx):  # a failure (on any process) is logged; training goes on
-    t0, n, runs = time.time(), cfg.eval_samples, itertools.product(emas.items(), cfg.cfg_scale)
-    try:  # without a reference the samples are kept, as the official validation hook does
-        rows = write_samples(emas, n, cfg, procs, f"{cfg.out_dir}/eval_{step:07d}") if fid_ctx is None else [
-            measure(my_images(m, w, n, cfg, procs), n, d, w, fid_ctx, cfg, procs) for (d, m), w in runs]
+def evaluate_online(emas, cfg, procs, step, log, fid_ctx, classes):
+    """Every EMA and CFG scale, as --sample would; a failure (on any process) is logged only."""
+    t0 = time.time()
+    n = cfg.eval_samples
+    try:
+        if fid_ctx is None:
+            # without a reference the samples are kept, as the official validation hook does
+            out_dir = f"{cfg.out_dir}/eval_{step:07d}"
+            rows = write_samples(emas, n, cfg, procs, out_dir, None, classes)
+        else:
+            rows = [measure(my_images(m, w, n, cfg, procs), n, d, w, fid_ctx, cfg, procs)
+                    for (d, m), w in itertools.product(emas.items(), cfg.cfg_scale)]
     except Exception as e:
         return log(f"evaluation at step {step} failed, training goes on: {e!r}")
+    seconds = round(time.time() - t0, 1)
     for r in rows:
-        log(f"eval step {step} ema {r['ema']} cfg {r['cfg_scale']:g}: " + ", ".join(
-            f"{name} {r[k]:.4g}" for k, name in fid.RESULTS.items() if k in r) + f" ({time.time() - t0:.0f} s)",
-            dict(step=step, **r, eval_seconds=round(time.time() - t0, 1)))
+        scores = ", ".join(f"{name} {r[k]:.4g}" for k, name in fid.RESULTS.items() if k in r)
+        log(f"eval step {step} ema {r['ema']} cfg {r['cfg_scale']:g}: {scores} ({seconds} s)",
+            dict(step=step, **r, eval_seconds=seconds))
 
 
-def write_grid(emas, cfg, procs, step, log):  # rank 0: a sample grid of the first EMA; a failure is logged, as above
-    (n, _, note), path = grid_shape(min(cfg.num_samples, 64), cfg.num_classes), f"{cfg.out_dir}/grid_{step:07d}.png"
+def write_grid(emas, cfg, procs, step, classes, log):
+    """Rank 0: a sample grid of the first EMA; a failure is logged, and training goes on."""
+    if procs.rank:
+        return
+    path = f"{cfg.out_dir}/grid_{step:07d}.png"
+    layout = grid_layout(min(cfg.num_samples, 64), classes)
     try:
-        save_grid(sample_images(emas[cfg.ema[0]], range(n), cfg, procs.device, cfg.cfg_scale[0]), path, cfg.num_classes)
+        images = sample_images(emas[cfg.ema[0]], range(layout.n), cfg, procs.device,
+                               cfg.cfg_scale[0])
+        save_grid(images, path, layout)
     except Exception as e:
         return log(f"sample grid at step {step} failed, training goes on: {e!r}")
-    log(f"sample grid (EMA {cfg.ema[0]}): {path}{note}")
+    log(f"sample grid (EMA {cfg.ema[0]}): {path}; {layout.note}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Sampling program: our checkpoints or official Lightning ones (EMA weights) -> samples (ADM npz), grids, FID and IS.
+# -------------------------------------------------------------------------------------------------
+# Sampling and evaluation: our checkpoints or official Lightning ones (their EMA weights) ->
+# samples (ADM npz), grids, and fid.py's metrics.
 
 def load_denoiser(path, unsafe=False, decays=()):
-    """-> ({decay: JiT in eval mode}, config dict or None, step); decays picks EMA models (default: the first one).
-    Our checkpoints name their preset; an official Lightning file's is found by the depth and width of its weights."""
+    """({decay: JiT in eval mode}, config dict or None, step, class names or None); decays picks
+    the EMAs (default: the first). An official file's preset is found by its depth and width."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint {path} not found: train a model first (python pixelgen.py --train, with "
-                         f"the same --out_dir), or pass --ckpt FILE (a ckpt.pt, a snapshot or an official .ckpt)")
+        raise SystemExit(f"error: checkpoint {path} not found: train first (python pixelgen.py "
+                         f"--train with the same --out_dir), or pass --ckpt FILE")
     ck = read_checkpoint(path, unsafe)
-    if "emas" in ck:  # ours
-        conf, step, held = ck["config"], ck["step"], {float(d): sd for d, sd in ck["emas"].items()}
-        name, kw = conf["model"], dict(input_size=conf["image_size"], num_classes=conf["num_classes"])
-    elif "state_dict" in ck:  # official Lightning: denoiser. / ema_denoiser. prefixes; SimpleEMA decay 0.9999
-        conf, step = None, ck.get("global_step")
-        held = {0.9999: {k[13:]: v for k, v in ck["state_dict"].items() if k.startswith("ema_denoiser.")}}
+    if "emas" in ck:
+        conf = ck["config"]
+        step = ck["step"]
+        held = {float(d): sd for d, sd in ck["emas"].items()}
+        name = conf["model"]
+        kw = dict(input_size=conf["image_size"], num_classes=conf["num_classes"])
+    elif "state_dict" in ck:
+        # official Lightning: denoiser. / ema_denoiser. prefixes; SimpleEMA decay 0.9999
+        conf = None
+        step = ck.get("global_step", 0)
+        sd = ck["state_dict"]
+        held = {0.9999: {k[13:]: v for k, v in sd.items() if k.startswith("ema_denoiser.")}}
         name, kw = official_preset(held[0.9999], path)
     else:
-        raise SystemExit(f"error: {path} is neither a PixelGen checkpoint (emas) nor a Lightning one (state_dict)")
-    if any(d not in held for d in decays):
-        raise SystemExit(f"error: {path} holds no EMA of decay {', '.join(str(d) for d in decays if d not in held)}; "
-                         f"it holds {', '.join(map(str, held))}")
+        raise SystemExit(f"error: {path} is neither a PixelGen nor a Lightning checkpoint")
+    absent = [str(d) for d in decays if d not in held]
+    if absent:
+        raise SystemExit(f"error: {path} holds no EMA of decay {', '.join(absent)}; it holds "
+                         f"{', '.join(map(str, held))}")
     models = {d: JiT(**MODELS[name], **kw).eval() for d in decays or list(held)[:1]}
     try:
         for d, m in models.items():
             m.load_state_dict(held[d], strict=True)
     except RuntimeError as e:
         raise SystemExit(f"error: the weights in {path} are not those of {name}: {str(e)[:400]}")
-    print(f"{path}: {name} at {kw['input_size']} px, {kw['num_classes']} classes, EMA {', '.join(map(str, models))}")
-    return models, conf, step
+    print(f"{path}: {name} at {kw['input_size']} px, {kw['num_classes']} classes, step {step}, "
+          f"EMA {', '.join(map(str, models))}")
+    return models, conf, step, ck.get("classes")
 
 
-def official_preset(sd, path):  # (preset, its size keywords) of an official JiT state dict, by its depth and width
+def official_preset(sd, path):
+    """(preset, its size keywords) of an official JiT state dict, by its depth and width."""
     try:
-        depth, width = len({k.split(".")[1] for k in sd if k.startswith("blocks.")}), sd["pos_embed"].shape[-1]
+        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+        tokens, width = sd["pos_embed"].shape[1:]
         p = sd["x_embedder.proj1.weight"].shape[-1]
-        kw = dict(input_size=math.isqrt(sd["pos_embed"].shape[1]) * p, patch_size=p,
-                  num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
+        classes = sd["y_embedder.embedding_table.weight"].shape[0] - 1
     except KeyError as e:
         raise SystemExit(f"error: {path} has no JiT weights (missing {e})")
-    name = next((n for n, m in MODELS.items() if (m["depth"], m["hidden_size"]) == (depth, width)), None)
-    if name is None:
-        raise SystemExit(f"error: the weights in {path} (depth {depth}, width {width}) fit no preset of MODELS")
-    return name, kw
+    kw = dict(input_size=math.isqrt(tokens) * p, patch_size=p, num_classes=classes)
+    for name, m in MODELS.items():
+        if (m["depth"], m["hidden_size"]) == (depth, width):
+            return name, kw
+    raise SystemExit(f"error: the weights in {path} (depth {depth}, width {width}) fit no preset")
 
 
 @torch.no_grad()
-def sample_images(model, idx, cfg, device, cfg_scale, batch=0):  # image i: class i % K, noise from (seed, i)
-    full, size = list(idx) + list(idx[-1:]) * (batch - len(idx)), model.grid * model.patch_size  # padded
-    noise = seeded_noise((3, size, size), [seed_for(cfg.seed, i) for i in full], "cpu").to(device)  # any device: same
-    with amp(device):
-        x = sample(model, noise, torch.tensor(full, device=device) % model.num_classes, cfg.sample_steps, cfg.sampler,
-                   cfg_scale, cfg.cfg_interval, cfg.time_shift, cfg.t_eps)[:len(idx)]
-    return ((x.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # fp2uint8
+def sample_images(model, idx, cfg, device, cfg_scale, batch=0):
+    """uint8 (len(idx), H, W, 3) images; image i is of class i % K, its noise from (seed, i).
+    The batch is padded to `batch` images: a compiled model sees one shape."""
+    full = list(idx) + list(idx[-1:]) * (batch - len(idx))
+    size = model.grid * model.patch_size
+    # drawn on the CPU: the same noise on any device
+    eps = noise((3, size, size), [seed_for(cfg.seed, i) for i in full], "cpu").to(device)
+    y = torch.tensor(full, device=device) % model.num_classes
+    with autocast(device):
+        x = sample(model, eps, y, cfg.sample_steps, cfg.sampler, cfg_scale, cfg.cfg_interval,
+                   cfg.time_shift, cfg.t_eps)[:len(idx)]
+    # to uint8 as official: clip((x + 1) 127.5 + 0.5, 0, 255)
+    x = ((x.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def grid_shape(n, classes):  # (images, columns, note) of a grid of at most n: a column per class up to 16, whole rows
-    cols = min(n, classes) if classes <= 16 else math.ceil(math.sqrt(n))
-    return n - n % cols, cols, f"; classes {n}-{classes - 1} are left out ({n} images)" if n < classes else ""
+def grid_layout(n, classes):
+    """Rows of a grid of at most n images, image i of class i % K: up to 16 classes a column
+    per class, else whole rows; `note` says what the rows hold, by class name."""
+    K = len(classes)
+    cols = min(n, K) if K <= 16 else math.ceil(math.sqrt(n))
+    n -= n % cols
+    if K <= 16:
+        note = f"a column per class: {', '.join(classes[:cols])}"
+    else:
+        starts = [classes[i % K] for i in range(0, n, cols)]
+        note = f"rows start at {', '.join(starts)}"
+    if n < K:
+        note += f"; classes left out: {', '.join(classes[n:])}"
+    return argparse.Namespace(n=n, cols=cols, note=note)
 
 
-def save_grid(images, path, classes):  # (B, H, W, 3) uint8 -> a PNG in rows of grid_shape, 2 px black borders
-    from torchvision.utils import save_image  # (a short last row is fine)
-    save_image(torch.from_numpy(images).permute(0, 3, 1, 2) / 255, path, nrow=grid_shape(len(images), classes)[1])
+def save_grid(images, path, layout):
+    """(n, H, W, 3) uint8 -> a PNG with layout.cols columns and 2 px black borders."""
+    from torchvision.utils import save_image
+    x = torch.from_numpy(images[:layout.n]).permute(0, 3, 1, 2) / 255
+    save_image(x, path, nrow=layout.cols)
 
 
-def fid_setup(cfg, procs):  # made once per run and kept: the Inception (on the CPU), the metrics, the reference
-    def setup():
-        net, ref = fid.load_inception(cfg.fid_weights or None, procs.device), fid.open_side(cfg.fid_ref, cfg.background)
-        metrics = fid.resolve_metrics(cfg.metrics or None, ref)
-        if procs.rank == 0:  # the others wait on the host
-            fid.load_side(ref, net, [m for m in metrics if m != "is"], cfg.fid_preprocess, progress="reference")
-        return argparse.Namespace(inception=net.cpu(), reference=ref, metrics=metrics)
+def fid_setup(cfg, procs):
+    """Made once per run and kept: the Inception (on the CPU), the metrics, the reference."""
+    def read_reference():
+        # rank 0 reads the reference; the others wait on the host
+        if procs.rank == 0:
+            own = [m for m in metrics if m != "is"]
+            fid.load_side(ref, net, own, cfg.fid_preprocess, progress="reference")
     try:
-        return procs.all_or_none(setup)
+        weights = weight_files(cfg, procs, ["inception"])["inception"]
+        ref = procs.all_or_none(fid.open_side, cfg.fid_ref, cfg.background)
+        metrics = procs.all_or_none(fid.resolve_metrics, cfg.metrics or None, ref)
+        net = procs.all_or_none(fid.load_inception, weights, procs.device)
+        procs.all_or_none(read_reference)
     except (OSError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: {str(e).replace('(--weights)', '(--fid_weights)')}")
+        raise SystemExit(f"error: {e}")
+    return argparse.Namespace(inception=net.cpu(), reference=ref, metrics=metrics)
 
 
-def my_images(model, w, n, cfg, procs):  # this process's share of n images (image i on process i % world), by batch
-    mine, b = range(procs.rank, n, procs.world), max(1, cfg.batch_size // procs.world)
-    for j in tqdm(range(0, len(mine), b), disable=procs.rank != 0, desc=f"sampling cfg {w:g}", leave=False):
+def my_images(model, w, n, cfg, procs):
+    """This process's images of n (image i on process i % world), in batches of batch_size."""
+    mine = range(procs.rank, n, procs.world)
+    b = cfg.batch_size
+    for j in tqdm(range(0, len(mine), b), disable=procs.rank != 0, desc=f"sampling cfg {w:g}",
+                  leave=False):
         yield sample_images(model, mine[j:j + b], cfg, procs.device, w, b)
 
 
-def measure(batches, n, ema, w, fid_ctx, cfg, procs):  # rank 0's row of metrics of n images; this process's in batches
-    net, m, which = fid_ctx.inception.to(procs.device), -(-n // procs.world), fid_ctx.metrics  # m rows per process
+def measure(batches, n, ema, w, fid_ctx, cfg, procs):
+    """Rank 0's row of metrics of n images, of which this process made `batches`."""
+    net = fid_ctx.inception.to(procs.device)
+    which = fid_ctx.metrics
+    spatial = "sfid" in which
+    # m rows per process
+    m = -(-n // procs.world)
 
-    def outputs():  # this process's rows [pool3 (2048) | sFID's], padded to m
-        out = [fid.inception_outputs(net, images, cfg.fid_preprocess, "sfid" in which) for images in batches]
-        rows = np.concatenate([np.zeros((0, 2048 + fid.SPATIAL_DIM * ("sfid" in which)), np.float32)] + [
-            np.hstack([p, s] if s is not None else [p]) for p, s in out])
-        return F.pad(torch.from_numpy(rows), (0, 0, 0, m - len(rows)))
+    def outputs():
+        # this process's rows [pool3 (2048) | sFID's (2023)], padded to m
+        rows = [np.zeros((0, 2048 + fid.SPATIAL_DIM * spatial), np.float32)]
+        for images in batches:
+            pool3, s = fid.inception_outputs(net, images, cfg.fid_preprocess, spatial)
+            rows.append(np.hstack([pool3, s]) if spatial else pool3)
+        return F.pad(torch.from_numpy(np.concatenate(rows)), (0, 0, 0, m - sum(map(len, rows))))
 
-    def metrics(rows):  # rank 0: row j of process r is image j world + r
+    def metrics(rows):
+        if procs.rank:
+            return {}
+        # row j of process r is image j world + r
         rows = rows.view(procs.world, m, -1).transpose(0, 1).flatten(0, 1)[:n].numpy()
-        samples = fid.add_outputs(fid.Side("the samples"), net, which, rows[:, :2048], rows[:, 2048:])
-        return fid.compute_metrics(samples, fid_ctx.reference, which, procs.device)
-    try:  # every cross-process step inside an agreement: a failure on any process fails them all
+        side = fid.add_outputs(fid.Side("the samples"), net, which, rows[:, :2048],
+                               rows[:, 2048:])
+        return fid.compute_metrics(side, fid_ctx.reference, which, procs.device)
+    # every cross-process step inside an agreement: a failure on any process fails them all
+    try:
         rows = procs.all_or_none(outputs)
-        rows = procs.all_or_none(procs.gather, rows) if procs.ddp else rows
-        return dict(ema=ema, cfg_scale=w, sampler=cfg.sampler, sample_steps=cfg.sample_steps, time_shift=cfg.time_shift,
-                    num_samples=n, **procs.all_or_none(lambda: metrics(rows) if procs.rank == 0 else {}))
+        rows = procs.all_or_none(procs.gather, rows)
+        scores = procs.all_or_none(metrics, rows)
     finally:
-        net.cpu()  # the Inception does not stay in GPU memory between evaluations
+        # the Inception does not stay in GPU memory between evaluations
+        net.cpu()
+    return dict(ema=ema, cfg_scale=w, sampler=cfg.sampler, sample_steps=cfg.sample_steps,
+                time_shift=cfg.time_shift, num_samples=n, **scores)
 
 
-def write_samples(models, n, cfg, procs, out_dir, fid_ctx=None):
-    """--sample, and online evaluation without a reference: each setting's npz, grid (PNGs) in out_dir; metrics."""
-    rows, mine = [], range(procs.rank, n, procs.world)
+def write_samples(models, n, cfg, procs, out_dir, fid_ctx, names=None):
+    """--sample, and online evaluation without a reference: per EMA and CFG scale, n images into
+    out_dir as an ADM npz and a grid (PNGs with --save_pngs); with fid_ctx, their metrics."""
+    rows = []
+    mine = range(procs.rank, n, procs.world)
     for (d, model), w in itertools.product(models.items(), cfg.cfg_scale):
-        tag = "" if len(models) * len(cfg.cfg_scale) == 1 else f"_ema{d}_cfg{w:g}"
+        one = len(models) * len(cfg.cfg_scale) == 1
+        tag = "" if one else f"_ema{d}_cfg{w:g}"
+        K = model.num_classes
+        # class names as file names
+        classes = ["".join(c if c.isalnum() else "_" for c in name)
+                   for name in names or map(str, range(K))]
 
-        def shard():  # this process's images by batch, and a file of them for rank 0 to merge
+        def shard():
+            # this process's images by batch, and a file of them for rank 0 to merge
             batches = list(my_images(model, w, n, cfg, procs))
-            images = np.concatenate(batches or [np.zeros((0, 1, 1, 3), np.uint8)])  # (none when n < world)
-            os.makedirs(os.path.join(out_dir, f"images{tag}") if cfg.save_pngs else out_dir, exist_ok=True)
+            images = np.concatenate(batches or [np.zeros((0, 1, 1, 3), np.uint8)])
+            pngs = os.path.join(out_dir, f"images{tag}")
+            os.makedirs(pngs if cfg.save_pngs else out_dir, exist_ok=True)
             for i, image in zip(mine, images if cfg.save_pngs else []):
-                Image.fromarray(image).save(os.path.join(out_dir, f"images{tag}", f"{i:06d}.png"))
-            np.savez(os.path.join(out_dir, f"samples{tag}_rank{procs.rank}.npz"), idx=mine, arr_0=images)
+                Image.fromarray(image).save(f"{pngs}/{i:06d}_{classes[i % K]}.png")
+            shard_path = os.path.join(out_dir, f"samples{tag}_rank{procs.rank}.npz")
+            np.savez(shard_path, idx=mine, arr_0=images)
             return batches
         batches = procs.all_or_none(shard)
-        procs.all_or_none(merge_samples, n, os.path.join(out_dir, f"samples{tag}.npz"), model.num_classes, procs)
-        rows += [measure(batches, n, d, w, fid_ctx, cfg, procs)] if fid_ctx else []
+        path = os.path.join(out_dir, f"samples{tag}.npz")
+        grid = os.path.join(out_dir, f"grid{tag}.png")
+        procs.all_or_none(merge_samples, n, path, grid, classes, procs)
+        if fid_ctx:
+            rows.append(measure(batches, n, d, w, fid_ctx, cfg, procs))
     return rows
 
 
-def merge_samples(n, path, classes, procs):  # rank 0: the shards -> one ADM npz in image order, and its grid
+def merge_samples(n, path, grid, classes, procs):
+    """Rank 0: the shards -> one ADM npz in image order (the same for any process count), and a
+    grid of its first images."""
     if procs.rank:
         return
-    for r in range(procs.world):  # in image order: the same file for any number of processes
-        with np.load(path.replace(".npz", f"_rank{r}.npz")) as part:
-            out = np.zeros((n, *part["arr_0"].shape[1:]), np.uint8) if r == 0 else out
+    for r in range(procs.world):
+        shard = path.replace(".npz", f"_rank{r}.npz")
+        with np.load(shard) as part:
+            if r == 0:
+                out = np.zeros((n, *part["arr_0"].shape[1:]), np.uint8)
             out[part["idx"]] = part["arr_0"]
-        os.remove(path.replace(".npz", f"_rank{r}.npz"))
-    np.savez(path, arr_0=out, arr_1=np.arange(n) % classes)
-    save_grid(out[:grid_shape(min(n, 100), classes)[0]], path.replace("samples", "grid")[:-3] + "png", classes)
-    print(f"wrote {path} ({n} images) and its grid{grid_shape(n, classes)[2]}")
+        os.remove(shard)
+    np.savez(path, arr_0=out, arr_1=np.arange(n) % len(classes))
+    layout = grid_layout(min(n, 100), classes)
+    save_grid(out, grid, layout)
+    print(f"wrote {path} ({n} images) and {grid} ({layout.note})")
 
 
 @torch.no_grad()
-def sample_main(cfg):
-    """The sampling program (--sample): a checkpoint's EMA model(s) -> samples, grids and, with --fid_ref, eval.json."""
+def sample_main(cfg, given=()):
+    """The sampling program (--sample): a checkpoint's EMA model(s) -> OUT_DIR/samples_STEP/
+    (samples, grids) and, with --fid_ref, rows of metrics appended to OUT_DIR/eval.json. The
+    run's sampling settings apply where no flag (`given`) sets them."""
     procs = setup_dist(cfg)
     path = cfg.ckpt or os.path.join(cfg.out_dir, "ckpt.pt")
-    models, conf, step = load_denoiser(path, cfg.unsafe_load, cfg.ema_decay)
-    held = {k: conf[k] for k in RUN_SAMPLING if k in (conf or {}) and k not in getattr(cfg, "given", ())}
-    cfg = dataclasses.replace(cfg, **held)  # the run's sampling settings where no flag gives others
+    models, conf, step, names = load_denoiser(path, cfg.unsafe_load, cfg.ema_decay)
+    run = {k: conf[k] for k in RUN_SAMPLING if conf and k not in given}
+    cfg = dataclasses.replace(cfg, **run)
     for m in models.values():
-        m.to(procs.device).compile() if cfg.compile else m.to(procs.device)
+        m.to(procs.device)
+        if cfg.compile:
+            m.compile()
     fid_ctx = fid_setup(cfg, procs) if cfg.fid_ref else None
-    rows = write_samples(models, cfg.num_samples, cfg, procs, cfg.out_dir, fid_ctx)
-    if procs.rank == 0 and rows:  # eval.json: a list of rows, appended to; the table marks the best FID
-        out, rows = os.path.join(cfg.out_dir, "eval.json"), [dict(ckpt=path, step=step, **r) for r in rows]
+    out_dir = os.path.join(cfg.out_dir, f"samples_{step:07d}")
+    rows = write_samples(models, cfg.num_samples, cfg, procs, out_dir, fid_ctx, names)
+    if procs.rank == 0 and rows:
+        # eval.json: a list of rows, appended to; the printed table marks the best FID
+        out = os.path.join(cfg.out_dir, "eval.json")
+        rows = [dict(ckpt=path, step=step, **r) for r in rows]
+        old = json.load(open(out)) if os.path.isfile(out) else []
         with open(out + ".tmp", "w") as f:
-            json.dump((json.load(open(out)) if os.path.isfile(out) else []) + rows, f, indent=1)
+            json.dump(old + rows, f, indent=1)
         os.replace(out + ".tmp", out)
         print(fid.table(rows) + f"\nappended {len(rows)} row(s) to {out}")
     if procs.ddp:
         dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Benchmark: train()'s own step and sampling, timed; the step's FLOPs counted by PyTorch; MFU on CUDA.
+# -------------------------------------------------------------------------------------------------
+# Command line: --train | --sample, and a flag per Config field. Precedence: Config < recipe <
+# the checkpoint's sampling settings (--sample) < the flags given.
 
-def bench(cfg):  # -> the numbers it prints
-    import resource  # on the CPU, peak memory is the process's peak resident set
-    from torch.utils.flop_counter import FlopCounterMode
-    procs, cfg = setup_dist(cfg), dataclasses.replace(cfg, num_classes=cfg.num_classes or 1000)  # no data: ImageNet's
-    device, cuda, B, S = procs.device, procs.device.type == "cuda", cfg.batch_size, cfg.image_size
-    model, emas, loss_fn, opt = build(dataclasses.replace(cfg, perceptual_init="random"), device,
-                                      log=lambda m: None)  # random perceptual weights: the same cost
-    img, y = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8), torch.randint(0, cfg.num_classes, (B,))
-    batches, net = itertools.repeat((img.pin_memory() if cuda else img, y, [])), DenoiserAndLoss(model, loss_fn)
-
-    def ms(fn, n=cfg.bench_steps):  # ms per call after two warm-up calls
-        for i in range(n + 2):
-            if i == 2:
-                torch.cuda.synchronize() if cuda else None
-                t0 = time.perf_counter()
-            fn()
-        torch.cuda.synchronize() if cuda else None
-        return (time.perf_counter() - t0) / n * 1e3
-
-    step = lambda: train_step(net, opt, emas, batches, 0, cfg, procs, Meter())  # exactly train()'s step
-    with FlopCounterMode(display=False) as counter:  # matmuls, convolutions and attention, forward and backward
-        step()
-    torch.cuda.reset_peak_memory_stats() if cuda else None
-    step_ms, flops = ms(step), counter.get_total_flops()
-    mem = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    sample_ms = ms(lambda: sample_images(next(iter(emas.values())), range(B), cfg, device, cfg.cfg_scale[0]), n=1)
-    ran = ("compiled" if cfg.compile else "eager") + (", grad_ckpt" if cfg.grad_ckpt else "")
-    print(f"{cfg.model} {S}px batch {B} on {device}, {ran}: train {B / step_ms * 1e3:.1f} img/s ({step_ms:.1f} "
-          f"ms/step, {flops / 1e12:.3g} TFLOP/step), peak memory {mem / 2**30:.2f} GiB; sampling ({cfg.sampler} "
-          f"{cfg.sample_steps}, cfg {cfg.cfg_scale[0]}) {B / sample_ms * 1e3:.2f} img/s")
-    if cuda:
-        a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-        peak = 2 * 8192**3 / ms(lambda: a @ a, n=20) / 1e9  # the card's dense bf16 rate, measured, in TFLOP/s
-        print(f"MFU {flops / step_ms / 1e9 / peak:.1%} of a measured bf16 matmul rate of {peak:.0f} TFLOP/s")
-    return dict(step_ms=step_ms, flops=flops, peak_mem=mem, sample_ms=sample_ms)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# CLI: --train | --sample | --bench, and one flag per Config field, documented by its comment in Config.
-# Precedence: Config < recipe < the checkpoint's sampling settings (--sample, in sample_main) < explicit flags.
-
-MODES = dict(train="train; under torchrun on all processes; resumes from OUT_DIR/ckpt.pt",
-             sample="sample a checkpoint: samples.npz and grid.png per setting; FID and IS with --fid_ref (eval.json)",
-             bench="time the training step and sampling; peak memory, FLOPs per step (MFU on CUDA)")
-
-RUN_SAMPLING = ("sampler", "sample_steps", "cfg_scale", "cfg_interval", "time_shift", "t_eps", "seed", "background",
-                "batch_size")  # what --sample takes from the checkpoint's config where no flag gives it
-SAMPLE_FLAGS = RUN_SAMPLING + ("recipe", "out_dir", "device", "compile", "num_samples", "save_pngs", "ckpt",
-                               "ema_decay", "unsafe_load", "fid_ref", "fid_weights", "fid_preprocess", "metrics")
-
-
-def cli(cls=Config):  # the modes, then one flag per field of the dataclass cls
-    # A flag's help is its field's comment in cls's source: the source and --help say one thing, written once.
-    p = argparse.ArgumentParser(description=__doc__, usage="%(prog)s (--train | --sample | --bench) [options]",
-                                argument_default=argparse.SUPPRESS,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = p.add_argument_group("mode").add_mutually_exclusive_group(required=True)
-    for m, text in MODES.items():
-        mode.add_argument(f"--{m}", action="store_true", help=text)
-    choices = dict(recipe=["auto", *RECIPES], model=list(MODELS), sampler=list(SAMPLERS), metrics=list(fid.METRICS),
-                   device=["auto", "cpu", "cuda"], perceptual_init=["pretrained", "random"],
-                   fid_preprocess=["adm", "pytorch-fid"])
-    tuples = dict(cfg_interval=(float, 2), background=(int, 3), metrics=(str, "+"))  # (type, count); else floats
-    fmt = lambda r, v: f"{r}: {' '.join(map(str, v)) if isinstance(v, tuple) else v}"  # by default, in recipe r
-    src = inspect.getsource(cls)  # (a class at module level)
-    lines, group, end, groups = src.splitlines(), "", 0, {}
-    for n in [n for n in ast.parse(src).body[0].body if isinstance(n, ast.AnnAssign)]:  # the fields, in order
-        f = cls.__dataclass_fields__[n.target.id]
-        group = ([s.strip()[1:].strip() for s in lines[end:n.lineno - 1] if s.strip().startswith("#")] or [group])[-1]
-        tail = lines[n.end_lineno - 1].encode()[n.end_col_offset:].decode()  # after the field (ast counts bytes)
-        text, end = tail.partition("#")[2].strip(), n.end_lineno
-        kind = dict(type=f.type, choices=choices.get(f.name))
-        if f.type is bool:
-            kind = dict(action=argparse.BooleanOptionalAction)
-        elif f.type is tuple:
-            kind = dict(zip(("type", "nargs"), tuples.get(f.name, (float, "+"))), choices=choices.get(f.name))
-        shown = [fmt(r, v[f.name]) for r, v in dict(default={f.name: f.default}, **RECIPES).items() if f.name in v]
-        groups.setdefault(group, p.add_argument_group(group)).add_argument(
-            f"--{f.name}", help=f"{text} ({'; '.join(shown)})".replace("%", "%%"), **kind)
-    return p
+# what --sample takes from the checkpoint's config where no flag gives it
+RUN_SAMPLING = ("sampler", "sample_steps", "cfg_scale", "cfg_interval", "time_shift", "t_eps",
+                "seed", "background")
+CHOICES = dict(recipe=["auto", *RECIPES], model=list(MODELS), sampler=list(SAMPLERS),
+               metrics=list(fid.METRICS), device=["auto", "cpu", "cuda"],
+               perceptual_init=["pretrained", "random"], fid_preprocess=["adm", "pytorch-fid"])
+# tuple fields: (element type, count); the others are floats, one or more
+TUPLES = dict(cfg_interval=(float, 2), background=(int, 3), metrics=(str, "+"))
 
 
 def parse_args(argv=None):
-    """(Config, mode); bad values stop here, before anything is built or written, each with its own message."""
-    p = cli()
+    """(Config, mode, the fields the flags gave); a bad value stops here with one line."""
+    p = argparse.ArgumentParser(description=__doc__, argument_default=argparse.SUPPRESS,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Each flag is a field of Config in pixelgen.py, whose "
+                                       "comment there explains it.")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--train", action="store_true", help="train (resumes from OUT_DIR)")
+    mode.add_argument("--sample", action="store_true", help="sample a checkpoint, evaluate")
+    for f in dataclasses.fields(Config):
+        kind = dict(type=f.type)
+        if f.type is bool:
+            kind = dict(action=argparse.BooleanOptionalAction)
+        elif f.type is tuple:
+            kind = dict(zip(("type", "nargs"), TUPLES.get(f.name, (float, "+"))))
+        p.add_argument(f"--{f.name}", choices=CHOICES.get(f.name), help=f"({f.default})",
+                       **kind)
     args = vars(p.parse_args(argv))
-    mode = next(m for m in MODES if args.pop(m, False))
-    if mode == "sample" and "ema" in args and "ema_decay" not in args:  # the obvious meaning: the EMA to sample
-        args["ema_decay"] = args.pop("ema")
-        print(f"note: --sample reads --ema as --ema_decay {' '.join(map(str, args['ema_decay']))}")
-    if mode == "sample" and [k for k in args if k not in SAMPLE_FLAGS]:
-        print(f"note: --sample ignores {', '.join('--' + k for k in args if k not in SAMPLE_FLAGS)}: the checkpoint "
-              f"fixes the model, its image size and classes, and the rest is for training")
+    mode = "train" if args.pop("train", False) else "sample"
+    args.pop("sample", None)
     recipe = args.pop("recipe", "auto")
     if recipe == "auto":
         recipe = "xl-80ep" if args.get("data_path") or args.get("ckpt") else "demo"
     conf = {**RECIPES[recipe], "recipe": recipe}
     if recipe == "demo" and torch.cuda.is_available() and args.get("device") != "cpu":
-        conf.update(DEMO_CUDA)  # a GPU trains the demo longer and on larger batches in the same minutes
-    cfg = Config(**conf | {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
-    cfg.given = frozenset(args)  # the fields the flags set, which sample_main keeps (not a field: never saved)
+        conf.update(DEMO_CUDA)
+    conf.update({k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+    cfg = Config(**conf)
     for message in flag_errors(cfg, mode):
         p.error(message)
-    return cfg, mode
+    return cfg, mode, set(args)
 
 
-def flag_errors(cfg, mode):  # a message for each bad value, in order; parse_args stops at the first
-    for k in ("batch_size", "grad_accum", "sample_steps", "num_samples", "ckpt_every", "log_every", "image_size",
-              "bench_steps", "epochs", "lr", "time_shift"):
+def flag_errors(cfg, mode):
+    """A message for each value that would waste or silently spoil a run."""
+    for k in ("batch_size", "grad_accum", "sample_steps", "num_samples", "ckpt_every",
+              "log_every", "image_size", "epochs", "eval_samples"):
         if getattr(cfg, k) <= 0:
-            yield f"--{k} must be positive, got {getattr(cfg, k):g}"
-    for k in ("max_steps", "keep_every", "eval_every", "sample_every", "seed", "num_classes"):
+            yield f"--{k} must be positive, got {getattr(cfg, k)}"
+    for k in ("max_steps", "keep_every", "eval_every", "sample_every", "num_classes"):
         if getattr(cfg, k) < 0:
             yield f"--{k} must be 0 or more, got {getattr(cfg, k)}"
-    for k in ("fid_ref", "fid_weights", "dino_path", "vgg_path", "data_path"):
+    for k in ("data_path", "fid_ref", "fid_weights", "dino_path", "vgg_path", "ckpt"):
         if getattr(cfg, k) and not os.path.exists(getattr(cfg, k)):
             yield f"--{k} {getattr(cfg, k)}: no such file or folder"
-    for k, v in dict(ema=cfg.ema, ema_decay=cfg.ema_decay, label_dropout=(cfg.label_dropout,)).items():
-        if not all(0 <= d < 1 for d in v):
-            yield f"--{k} must be in [0, 1), got {' '.join(map(str, v))}"
-    if cfg.cfg_interval[0] > cfg.cfg_interval[1]:
-        yield f"--cfg_interval LO HI needs LO <= HI, got {cfg.cfg_interval[0]:g} {cfg.cfg_interval[1]:g}"
-    if not all(0 <= c <= 255 for c in cfg.background):
-        yield f"--background R G B takes values in 0..255, got {' '.join(map(str, cfg.background))}"
-    world, K = int(os.environ.get("WORLD_SIZE", 1)), cfg.grad_accum
-    if cfg.batch_size % (world * K) and mode != "sample":  # (sampling: batch_size // world each)
-        yield f"--batch_size {cfg.batch_size}: not a multiple of processes x --grad_accum = {world} x {K} = {world * K}"
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        yield "--device cuda: PyTorch sees no GPU on this machine (torch.cuda.is_available() is False)"
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    split = world * cfg.grad_accum
+    if mode == "train" and cfg.batch_size % split:
+        yield (f"--batch_size {cfg.batch_size} is not a multiple of processes x --grad_accum "
+               f"= {world} x {cfg.grad_accum}")
     if cfg.image_size % 16:
-        yield f"--image_size {cfg.image_size} is not a multiple of 16, the patch size of {cfg.model}"
-    if cfg.repa_layer >= MODELS[cfg.model]["depth"]:
-        yield f"--repa_layer {cfg.repa_layer} must be below {MODELS[cfg.model]['depth']}, the depth of {cfg.model}"
-    if (cfg.eval_samples if mode == "train" and cfg.eval_every else cfg.num_samples if cfg.fid_ref else 2) < 2:
-        yield "FID needs at least 2 samples (--eval_samples, --num_samples)"
+        yield f"--image_size {cfg.image_size} is not a multiple of the patch size, 16"
+    if not all(0 <= d < 1 for d in cfg.ema + cfg.ema_decay):
+        yield "--ema and --ema_decay take decays in [0, 1)"
 
 
 def main(argv=None):
-    cfg, mode = parse_args(argv)
-    {"train": train, "sample": sample_main, "bench": bench}[mode](cfg)
+    cfg, mode, given = parse_args(argv)
+    if mode == "train":
+        train(cfg)
+    else:
+        sample_main(cfg, given)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,6 @@
 r"""
 PixelGen (arXiv 2602.02493) in one file: pixel-space diffusion with perceptual supervision.
 
-A patch-16 JiT transformer predicts the clean image from a noisy one (x-prediction). It trains
-with the flow-matching velocity loss plus noise-gated perceptual losses (LPIPS for local texture,
-P-DINO on frozen DINOv2 features for global semantics) and REPA feature alignment, and samples
-with a Heun ODE solver and classifier-free guidance (CFG).
-
     python pixelgen.py --train                    # demo: toy shapes, minutes on a CPU
     torchrun --nproc_per_node=8 pixelgen.py --train --data_path /data/imagenet/train
     torchrun --nproc_per_node=8 pixelgen.py --sample --ckpt PixelGen_XL_80ep.ckpt \
@@ -21,21 +16,21 @@ Notation (t = 0 is pure noise, t = 1 the clean image):
     v       = (x - x_t) / (1 - t)                  Eq. (3)
     v_hat   = (x_hat - x_t) / (1 - t)              Eq. (4)
 
-The method, top to bottom, and where each piece lives:
-    x-prediction denoiser         JiT                           Eq. (1)
-    path and training time t      interpolate, sample_t         Eq. (2)
-    velocities                    x_to_v                        Eqs. (3)-(4)
-    flow-matching loss L_FM       PixelGenLoss.forward, fm      Eq. (5)
-    total loss, gate g(t)         PixelGenLoss.forward, loss    Eq. (6)
-    LPIPS on gated samples        PixelGenLoss.forward, lpips   Eq. (7)
-    P-DINO on gated samples       PixelGenLoss.forward, pdino   Eq. (8)
-    REPA alignment                PixelGenLoss.forward, repa    Eq. (9)
-    adaptive weight w_ad          PixelGenLoss.adapt            (160-epoch recipe)
-    one training step             train_step                    Algorithm 1
-    Heun / Euler, CFG interval    sample
-    time shift of the grid        time_grid
-Below the banner is the engineering. A deliberate difference from the released code
-(github Zehong-Ma/PixelGen) is marked NOTE(official).
+The method, top to bottom:
+    x-prediction JiT denoiser        JiT                          Eq. (1)
+    path, training time t            interpolate, sample_t        Eq. (2)
+    velocities                       x_to_v                       Eqs. (3)-(4)
+    flow-matching loss L_FM          PixelGenLoss.forward, fm     Eq. (5)
+    total loss, noise gate g(t)      PixelGenLoss.forward, loss   Eq. (6)
+    LPIPS of the gated samples       PixelGenLoss.forward, lpips  Eq. (7)
+    P-DINO of the gated samples      PixelGenLoss.forward, pdino  Eq. (8)
+    REPA alignment                   PixelGenLoss.forward, repa   Eq. (9)
+    adaptive weight w_ad             PixelGenLoss.adapt
+    one training step                train_step                   Algorithm 1
+    Heun / Euler sampler, CFG        sample
+    time shift                       time_grid
+The engineering follows the banner. Deliberate differences from the released code (github
+Zehong-Ma/PixelGen) are marked NOTE(official).
 """
 import argparse
 import contextlib
@@ -65,10 +60,10 @@ import dino as dinov2
 import fid
 
 # -------------------------------------------------------------------------------------------------
-# Model: JiT, "Just image Transformer" (arXiv 2511.13720): a plain ViT on 16x16 pixel patches that
-# outputs the clean image. Constructor keywords are the official ones.
+# Model: JiT (arXiv 2511.13720), a plain ViT on 16x16 pixel patches that outputs the clean image;
+# the constructor keywords are the official ones.
 
-# preset -> constructor keywords (input_size and num_classes come from the run)
+# preset -> constructor keywords (the run gives input_size and num_classes)
 MODELS = {
     "JiT-B/16": dict(depth=12, hidden_size=768, num_heads=12,
                      bottleneck_dim=128, in_context_start=4),
@@ -100,17 +95,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # normalised in fp32, returned in the input dtype (as official)
+        # in fp32, returned in the input dtype (as official)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * xf).to(x.dtype)
 
 
 def rope_2d(grid, head_dim, n_prefix, theta=10000.0):
-    """2-D RoPE angles as (cos, sin), each (n_prefix + grid^2, head_dim / 2): one angle per pair
-    (x_2j, x_2j+1) of a head. The first half of the pairs turns by the row index, the second half
-    by the column index, at frequencies theta^(-4k / head_dim). Prefix (in-context) tokens get
-    angle 0, the identity."""
+    """2-D RoPE angles (cos, sin), each (n_prefix + grid^2, head_dim / 2), one per pair
+    (x_2j, x_2j+1) of a head: the first half of the pairs turns by the row, the second half by
+    the column, at frequencies theta^(-4k / head_dim). Prefix tokens get angle 0."""
     d = head_dim // 2
     freqs = 1.0 / theta ** (torch.arange(0, d, 2)[: d // 2].float() / d)  # (d/2,)
     f = torch.outer(torch.arange(grid).float(), freqs)                   # (grid, d/2)
@@ -123,8 +117,8 @@ def rope_2d(grid, head_dim, n_prefix, theta=10000.0):
 
 
 def apply_rope(x, cos, sin):
-    """x (B, heads, N, head_dim): each pair (x0, x1) turns by its angle. Real arithmetic, as the
-    official t cos + rotate_half(t) sin: the compiler generates no code for complex tensors."""
+    """x (B, heads, N, head_dim): each pair (x0, x1) turns by its angle. Real arithmetic (the
+    compiler makes no code for complex tensors), as the official t cos + rotate_half(t) sin."""
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, heads, N, head_dim/2)
     out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1)
     return out.flatten(-2)                                  # (B, heads, N, head_dim)
@@ -157,7 +151,7 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, dim, hidden, drop=0.0):
         super().__init__()
-        # 2/3 of the width keeps the FLOPs of a 4x GELU MLP
+        # 2/3 of the width: the FLOPs of a 4x GELU MLP
         hidden = int(hidden * 2 / 3)
         self.w12 = nn.Linear(dim, 2 * hidden)
         self.w3 = nn.Linear(hidden, dim)
@@ -211,7 +205,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
-        # t (B,) in [0, 1], used raw (not x1000); [cos, sin] order
+        # t (B,) in [0, 1], raw (not x1000); [cos, sin] order
         half = self.freq_dim // 2
         k = torch.arange(half, device=t.device)
         freqs = torch.exp(-math.log(10000) * k / half)
@@ -222,7 +216,7 @@ class TimestepEmbedder(nn.Module):
 class LabelEmbedder(nn.Module):
     def __init__(self, num_classes, dim):
         super().__init__()
-        # the last row is the null class of CFG
+        # the last row is CFG's null class
         self.embedding_table = nn.Embedding(num_classes + 1, dim)
 
     def forward(self, y):
@@ -230,7 +224,7 @@ class LabelEmbedder(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """p x p patches -> tokens: one conv, or JiT's linear bottleneck p*p*3 -> bottleneck -> D."""
+    """Patches to tokens: one conv, or JiT's bottleneck p*p*3 -> bottleneck_dim -> D."""
 
     def __init__(self, patch, in_ch, dim, bottleneck_dim=None):
         super().__init__()
@@ -260,7 +254,7 @@ def sincos_pos_embed(dim, grid):
 
 
 class JiT(nn.Module):
-    # --grad_ckpt: recompute each block in backward, less memory for ~1/3 more compute
+    # --grad_ckpt: rerun each block in backward, less memory for ~1/3 more compute
     grad_ckpt = False
 
     def __init__(self, input_size=256, patch_size=16, in_channels=3, hidden_size=1024,
@@ -292,7 +286,7 @@ class JiT(nn.Module):
             drops = (attn_drop, proj_drop) if mid else (0.0, 0.0)
             self.blocks.append(Block(hidden_size, num_heads, mlp_ratio, *drops))
         self.final_layer = FinalLayer(hidden_size, patch_size**2 * in_channels)
-        # RoPE tables: without and with the in-context prefix (not in the state dict)
+        # RoPE without and with the in-context prefix (not in the state dict)
         head_dim = hidden_size // num_heads
         for name, n_prefix in (("rope", 0), ("rope_ic", in_context_len)):
             cos, sin = rope_2d(self.grid, head_dim, n_prefix)
@@ -313,10 +307,10 @@ class JiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # x_hat = 0 at init
         zero = [b.adaLN_modulation[-1] for b in self.blocks]
         zero += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
         for m in zero:
-            # so x_hat = 0 at init
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
@@ -327,28 +321,28 @@ class JiT(nn.Module):
         c = self.t_embedder(t) + y_emb                    # (B, D)
         x = self.x_embedder(x_t) + self.pos_embed         # (B, N, D)
         L = self.in_context_len
+        start = self.in_context_start
         h = None
-        # Activation checkpointing keeps only each block's input and reruns the block in
-        # backward (checkpoint replays the dropout masks); only when a backward will come.
+        # Activation checkpointing keeps each block's input and reruns the block in backward
+        # (dropout masks replayed); only when a backward will come.
         ckpt = self.grad_ckpt and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if i == return_layer:
-                h = x[:, L:] if i > self.in_context_start else x
-            if L > 0 and i == self.in_context_start:
+                h = x[:, L:] if i > start else x
+            if L > 0 and i == start:
                 # prepend the class tokens
                 ic = y_emb[:, None] + self.in_context_posemb
                 x = torch.cat([ic, x], 1)                 # (B, L + N, D)
             # the class tokens' angle is 0: no rotation
-            if L > 0 and i >= self.in_context_start:
+            rope = (self.rope_cos, self.rope_sin)
+            if L > 0 and i >= start:
                 rope = (self.rope_ic_cos, self.rope_ic_sin)
-            else:
-                rope = (self.rope_cos, self.rope_sin)
             if ckpt:
                 x = torch.utils.checkpoint.checkpoint(block, x, c, rope, use_reentrant=False)
             else:
                 x = block(x, c, rope)
         x = self.final_layer(x[:, L:], c)                 # (B, N, p*p*3)
-        # N = grid x grid patches of p x p pixels
+        # N = g x g patches of p x p pixels
         p = self.patch_size
         g = self.grid
         x = x.view(-1, g, g, p, p, self.in_channels)      # (B, rows, cols, p, p, 3)
@@ -360,12 +354,11 @@ class JiT(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------
-# Flow (Eqs. 1-5): the straight path from noise (t = 0) to the image (t = 1). One x_to_v serves
-# the loss and the samplers.
+# Flow (Eqs. 1-5): the straight path from noise (t = 0) to the image (t = 1).
 
 def sample_t(n, P_mean=-0.8, P_std=0.8, generator=None):
     """Training times, logit-normal: t = sigmoid(P_mean + P_std n), n ~ N(0, 1)."""
-    # NOTE(official): drawn on the host (official: on the GPU), so g(t) needs no device sync
+    # NOTE(official): drawn on the host (official: the GPU), so g(t) needs no device sync
     return torch.sigmoid(torch.randn(n, generator=generator) * P_std + P_mean)
 
 
@@ -376,7 +369,7 @@ def interpolate(x, eps, t):
 
 
 def x_to_v(x_hat, x_t, t, t_eps=0.05):
-    # Eqs. (3)-(4): the velocity that carries x_t to x_hat by t = 1; 1 - t clamped at t_eps
+    # Eqs. (3)-(4): the velocity that carries x_t to x_hat by t = 1; 1 - t at least t_eps
     return (x_hat - x_t) / (1 - t.view(-1, 1, 1, 1)).clamp_min(t_eps)
 
 
@@ -385,21 +378,21 @@ def x_to_v(x_hat, x_t, t, t_eps=0.05):
 #     L = L_FM + w_ad g(t) (0.1 L_LPIPS + 0.01 L_PDINO) + 0.5 L_REPA,   g(t) = 1[t >= 0.3]
 
 def to_device(u, device):
-    """A host tensor to the device without making the host wait (from pinned memory on CUDA)."""
+    """A host tensor to the device; the host does not wait (pinned memory on CUDA)."""
     if device.type == "cuda":
         u = u.pin_memory()
     return u.to(device, non_blocking=True)
 
 
 def cos_distance(a, b):
-    # mean over samples and tokens of 1 - cos, along the feature axis
+    # 1 - cos along the features, averaged over samples and tokens
     return (1 - F.cosine_similarity(a, b, dim=-1)).mean()
 
 
 class PixelGenLoss(nn.Module):
-    """The PixelGen objective of a denoiser. Owns the trainable REPA projector and the adaptive
-    weight w_ad; uses (does not own) the frozen DINOv2 and LPIPS. A term of weight 0 runs no
-    network (then its net may be None)."""
+    """The objective of a denoiser. Owns the REPA projector and w_ad; uses the frozen DINOv2 and
+    LPIPS, outside its module tree (not saved, trained or seen by DDP). A term of weight 0 runs
+    no network."""
     # steps between updates of w_ad (official)
     adapt_every = 50
 
@@ -418,34 +411,29 @@ class PixelGenLoss(nn.Module):
         self.adaptive_from = adaptive_from
         self.proj = None
         if repa_weight:
-            # REPA's MLP predicts DINOv2 features from the JiT tokens h
+            # REPA's MLP: JiT tokens h -> DINOv2 features
             D = hidden_size
             self.proj = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D), nn.SiLU(),
                                       nn.Linear(D, dino.embed_dim))
-        # w_ad, the adaptive weight of the perceptual terms (1 unless adapted)
+        # w_ad: 1 unless adapted
         self.register_buffer("w_ad", torch.ones(()))
-        # The frozen nets stay outside the module tree: not saved, not trained, not seen by DDP.
-        frozen = dict(dino=dino if pdino_weight or repa_weight else None,
-                      lpips=lpips if lpips_weight else None)
-        for name, net in frozen.items():
-            if net is not None:
-                net.eval().requires_grad_(False)
-            self.__dict__[name] = net
+        self.__dict__["dino"] = dino if pdino_weight or repa_weight else None
+        self.__dict__["lpips"] = lpips if lpips_weight else None
 
     def forward(self, model, x, y, t, eps, drop, adapt=False):
-        """The loss of images x (b, 3, H, W) with labels y (b,) and their draws: times t (b,) and
-        label dropout drop (b,) on the host, noise eps like x. Each term is a mean over this
-        batch. Returns the loss and its terms (detached). adapt: update w_ad first."""
+        """The loss of images x (b, 3, H, W), labels y (b,), times t (b,) and label dropout drop
+        (b,) on the host, noise eps; each term a mean over this batch. -> the loss and its terms
+        (detached). adapt: update w_ad first."""
         device = x.device
-        # Eq. (6)'s gate g(t) = 1[t >= gate_t]: no perceptual loss where the noise is so high
-        # that no sharp image can be predicted. Known on the host: the count needs no sync.
+        # Eq. (6)'s gate g(t) = 1[t >= gate_t]: no perceptual loss where the noise is too high
+        # for a sharp prediction. On the host: its count needs no device sync.
         gated = (t >= self.gate_t).nonzero()[:, 0]
         n_gated = len(gated)
         gated = to_device(gated, device)
         t = to_device(t, device)
-        # CFG: a fraction of the labels become the null class
+        # CFG: some labels become the null class
         y = torch.where(to_device(drop, device), self.num_classes, y)
-        x_t = interpolate(x, eps, t)                                     # Eq. (2)
+        x_t = interpolate(x, eps, t)                                  # Eq. (2)
         repa = self.proj is not None
         out = model(x_t, t, y, return_layer=self.repa_layer if repa else None)  # Eq. (1)
         x_hat, h = out if repa else (out, None)
@@ -456,22 +444,20 @@ class PixelGenLoss(nn.Module):
         z = None
         if repa:
             with torch.no_grad():
-                z = self.features(x)                       # (b, N, DINOv2 width)
-            # Eq. (9), not gated: the tokens entering block repa_layer, projected
-            L["repa"] = cos_distance(self.proj(h).float(), z)
-        # NOTE(official): the nets see only the gated samples (official: all, masked): same loss
+                z = self.features(x)                               # (b, N, 768)
+            L["repa"] = cos_distance(self.proj(h).float(), z)      # Eq. (9), not gated
+        # NOTE(official): the nets see only the gated samples (official: all, masked)
         if n_gated:
             x_hat_g = x_hat[gated]
             x_g = x[gated]
             if self.lpips is not None:
                 lp = self.lpips(self.lpips_scale(x_hat_g), self.lpips_scale(x_g))
-                L["lpips"] = lp.float().mean()                                 # Eq. (7)
-            # NOTE(official): the released P-DINO mask broadcasts (B, N) against (B, 1, 1), which
-            # leaves P-DINO ungated; we gate it as the paper says
+                L["lpips"] = lp.float().mean()                             # Eq. (7)
+            # NOTE(official): the released P-DINO mask broadcasts (B, N) x (B, 1, 1): ungated
             if self.pdino_weight:
                 with torch.no_grad():
                     z_g = z[gated] if z is not None else self.features(x_g)
-                L["pdino"] = cos_distance(self.features(x_hat_g), z_g)        # Eq. (8)
+                L["pdino"] = cos_distance(self.features(x_hat_g), z_g)    # Eq. (8)
         if adapt:
             self.adapt(model, L)
         perceptual = self.lpips_weight * L["lpips"] + self.pdino_weight * L["pdino"]
@@ -479,34 +465,33 @@ class PixelGenLoss(nn.Module):
         return dict(loss=loss, **{k: v.detach() for k, v in L.items()})
 
     def features(self, u):
-        """f(u): DINOv2's last-block patch tokens (b, N, its width), one per JiT token, float32."""
-        # A compiled DINOv2 sees a batch size it may not specialise on: one graph for any count.
-        torch._dynamo.maybe_mark_dynamic(u, 0)
-        # NOTE(official): DINO resizes by the model's patch (official: 16), so tokens align
+        """f(u): DINOv2's last-block patch tokens (b, N, 768) float32, one per JiT token."""
+        # any batch size, 1 included, without a new graph of a compiled DINOv2
+        torch._dynamo.decorators.mark_unbacked(u, 0)
+        # NOTE(official): resized by the model's patch (official: 16): tokens align for any
         return self.dino(u, self.patch_size).float()
 
     def lpips_scale(self, u):
-        # LPIPS sees the image at patch-16 scale, as official (unchanged for patch 16)
-        torch._dynamo.maybe_mark_dynamic(u, 0)
+        # LPIPS sees the image at patch-16 scale, as official; any batch size, one graph
+        torch._dynamo.decorators.mark_unbacked(u, 0)
         size = u.shape[-1] * 16 // self.patch_size
         if size == u.shape[-1]:
             return u
         return F.interpolate(u, size=(size, size), mode="bilinear", antialias=True)
 
     def adapt_due(self, step):
-        """The 160-epoch recipe's adaptive weight: every 50 steps from step adaptive_from."""
-        on = 0 <= self.adaptive_from <= step and step % self.adapt_every == 0
-        return on and (self.lpips is not None or bool(self.pdino_weight))
+        # the 160-epoch recipe: every 50 steps from step adaptive_from
+        due = 0 <= self.adaptive_from <= step and step % self.adapt_every == 0
+        return due and (self.lpips is not None or bool(self.pdino_weight))
 
     def adapt(self, model, L):
-        """w_ad <- 0.8 w_ad + 0.2 w, w = |grad_W L_FM| / (|grad_W L_perc| + 1e-4) in [0, 100], W the
-        last linear layer: the perceptual gradient stays in proportion to the FM gradient.
-        NOTE(official): w_ad is checkpointed and the mean of every process's estimate (official: a
-        per-GPU float that restarts at 1 on resume)."""
+        """w_ad <- 0.8 w_ad + 0.2 w, w = |grad_W L_FM| / (|grad_W L_perc| + 1e-4) in [0, 100] at the
+        last linear layer W: the perceptual gradient keeps pace with the FM gradient.
+        NOTE(official): w_ad is checkpointed and averaged over processes (official: per GPU)."""
         W = model.final_layer.linear.weight
         perceptual = self.lpips_weight * L["lpips"] + self.pdino_weight * L["pdino"]
         g_fm = torch.autograd.grad(L["fm"], W, retain_graph=True)[0].norm()
-        # official: also when nothing is gated (then the perceptual gradient is 0)
+        # as official, also with nothing gated
         g_p = 0.0
         if perceptual.requires_grad:
             g_p = torch.autograd.grad(perceptual, W, retain_graph=True)[0].norm()
@@ -518,27 +503,25 @@ class PixelGenLoss(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------
-# One training step (Algorithm 1). Every draw of a sample is a function of (seed, step, its
-# position in the global batch), so a resumed run draws the same, and so does any split of the
-# batch over processes and micro-batches.
+# One training step (Algorithm 1). A sample's draws are a function of (seed, step, its position
+# in the global batch): a resumed run draws the same, and so does any split of the batch.
 
 def seed_for(*keys):
-    # a 32-bit seed mixing non-negative integer keys (CPU generators use 32 bits of a seed)
+    # a 32-bit seed of non-negative integer keys (CPU generators use 32 bits)
     return int(np.random.SeedSequence(keys).generate_state(1)[0])
 
 
-def draw(B, seed, step, cfg):
-    """The host-side draws of a global batch of B: times t (logit-normal), the label dropout to the
-    null class, and horizontal flips (JiT's recipe only)."""
-    gen = torch.Generator().manual_seed(seed_for(seed, step))
-    t = sample_t(B, cfg.P_mean, cfg.P_std, gen)
-    drop = torch.rand(B, generator=gen) < cfg.label_dropout
-    flip = torch.rand(B, generator=gen) < 0.5
+def draw(cfg, step):
+    """On the host, for the global batch: times t, label dropout, flips (JiT's recipe)."""
+    gen = torch.Generator().manual_seed(seed_for(cfg.seed, step))
+    t = sample_t(cfg.batch_size, cfg.P_mean, cfg.P_std, gen)
+    drop = torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout
+    flip = torch.rand(cfg.batch_size, generator=gen) < 0.5
     return t, drop, flip
 
 
 def noise(shape, seeds, device):
-    """eps (len(seeds), *shape) ~ N(0, I); sample i from its own seeds[i]."""
+    """eps (len(seeds), *shape) ~ N(0, I), sample i from seeds[i]."""
     gen = torch.Generator(device)
     eps = [torch.randn(shape, generator=gen.manual_seed(s), device=device) for s in seeds]
     return torch.stack(eps)
@@ -549,21 +532,21 @@ def update_ema(emas, model):
     """Each EMA: ema <- d ema + (1 - d) theta."""
     theta = list(model.parameters())
     for d, ema in emas.items():
-        # NOTE(official): one fused lerp, ema + (1 - d) (theta - ema), not mul and add
+        # NOTE(official): one fused lerp, ema + (1 - d)(theta - ema), not mul and add
         torch._foreach_lerp_(list(ema.parameters()), theta, 1 - d)
 
 
 def train_step(net, opt, emas, batches, step, cfg, procs, meter):
-    """Algorithm 1 on the global batch of B images. This process takes its K micro-batches of b
-    images; each loss is its micro-batch's means, their gradients are averaged (by DDP over the
-    processes, on the last one), then one AdamW step and the EMA update."""
+    """Algorithm 1 on a global batch. Each of this process's K micro-batches of b images has
+    its own means; their gradients are averaged (by DDP over the processes, on the last one);
+    then one AdamW step and the EMA update."""
     K = cfg.grad_accum
     b = cfg.batch_size // (procs.world * K)
     device = procs.device
     module = net.module if procs.ddp else net
     adapt = module.loss_fn.adapt_due(step)
-    t, drop, flip = draw(cfg.batch_size, cfg.seed, step, cfg)
-    # the fraction of the global batch that the gate keeps, for the log
+    t, drop, flip = draw(cfg, step)
+    # for the log: the gated fraction of the global batch
     gate = (t >= cfg.gate_t).float().mean().item()
     for k in range(K):
         img, y, skipped = next(batches)
@@ -573,17 +556,15 @@ def train_step(net, opt, emas, batches, step, cfg, procs, meter):
         x = img.to(device, non_blocking=True).float() / 127.5 - 1  # uint8 -> [-1, 1]
         if cfg.flip:
             x = torch.where(to_device(flip[pos], device).view(-1, 1, 1, 1), x.flip(-1), x)
-        eps = noise(x.shape[1:], [seed_for(cfg.seed, step, i) for i in range(first, first + b)],
-                    device)
+        seeds = [seed_for(cfg.seed, step, i) for i in range(first, first + b)]
+        eps = noise(x.shape[1:], seeds, device)
         # dropout masks: per process and micro-batch
         torch.manual_seed(seed_for(cfg.seed, step, procs.rank, k))
-        # DDP averages the gradients over the processes on the last micro-batch only
-        last = k == K - 1
-        sync = contextlib.nullcontext() if last or not procs.ddp else net.no_sync()
-        with sync:
+        sync = k == K - 1 or not procs.ddp
+        with contextlib.nullcontext() if sync else net.no_sync():
             with autocast(device):
-                out = net(x, y.to(device, non_blocking=True), t[pos], eps, drop[pos],
-                          adapt=adapt and k == 0)
+                y = y.to(device, non_blocking=True)
+                out = net(x, y, t[pos], eps, drop[pos], adapt=adapt and k == 0)
             (out["loss"] / K).backward()
         meter.add(out, skipped, gate)
     opt.step()
@@ -592,18 +573,18 @@ def train_step(net, opt, emas, batches, step, cfg, procs, meter):
 
 
 def autocast(device):
-    # bf16 autocast on CUDA, plain fp32 on the CPU; wraps forward passes only
+    # bf16 on CUDA, fp32 on the CPU; around forward passes only
     return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
 
 
 # -------------------------------------------------------------------------------------------------
-# Samplers (official HeunSamplerJiT(exact_henu=True), EulerSamplerJiT): from t = 0 (noise) to 1.
+# Samplers (official HeunSamplerJiT(exact_henu=True), EulerSamplerJiT): t = 0 (noise) -> 1.
 
 SAMPLERS = ("heun", "euler")
 
 
 def time_grid(steps, shift=1.0):
-    """N uniform steps on [0, 1 - 1/N], then 1; shifted towards the noise by `shift`."""
+    # N uniform steps on [0, 1 - 1/N], then 1; shifted towards the noise by `shift`
     s = torch.cat([torch.linspace(0.0, 1 - 1.0 / steps, steps), torch.ones(1)])
     return s / (s + (1 - s) * shift)
 
@@ -611,10 +592,10 @@ def time_grid(steps, shift=1.0):
 @torch.no_grad()
 def sample(model, noise, y, steps=50, sampler="heun", cfg_scale=1.0, cfg_interval=(0.1, 0.9),
            time_shift=2.0, t_eps=0.05):
-    """Integrates dx/dt = v_hat(x, t) from noise (t = 0) to an image (t = 1): x in about [-1, 1]."""
+    """Integrates dx/dt = v_hat(x, t) from noise (t = 0) to an image x (t = 1)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
-    # the grid on the host, so that the CFG tests need no sync
+    # the grid on the host: the CFG tests need no sync
     ts = time_grid(steps, time_shift)
     lo, hi = cfg_interval
     in_interval = (ts > lo) & (ts <= hi)
@@ -624,7 +605,7 @@ def sample(model, noise, y, steps=50, sampler="heun", cfg_scale=1.0, cfg_interva
     null = torch.full_like(y, model.num_classes)
 
     def velocity(x, t, guide):
-        # contiguous t, as in training: a compiled model sees one layout
+        # a contiguous t, as in training: one layout for a compiled model
         t = t.repeat(len(x))
         # NOTE(official): unguided, one branch (official: both, even at scale 1)
         if not guide:
@@ -639,7 +620,7 @@ def sample(model, noise, y, steps=50, sampler="heun", cfg_scale=1.0, cfg_interva
     x = noise
     for i in range(steps):
         v = velocity(x, ts[i], guided[i])
-        # Heun: average with the slope at the end of the Euler step (the same CFG decision).
+        # Heun: the mean with the slope at the end of the Euler step (the same CFG decision).
         # The last step is Euler: the net never sees t = 1.
         if sampler == "heun" and i < steps - 1:
             v_next = velocity(x + v * dts[i], ts[i + 1], guided[i])
@@ -649,21 +630,19 @@ def sample(model, noise, y, steps=50, sampler="heun", cfg_scale=1.0, cfg_interva
 
 
 # =================================================================================================
-# Engineering: what runs the method above on real machines. Config and recipes, pretrained
-# weights, data, training (DDP, checkpoints, preemption), sampling and evaluation, command line.
+# Engineering: config and recipes, pretrained weights, data, training (DDP, checkpoints,
+# preemption), sampling and evaluation, command line.
 # =================================================================================================
-
-# -------------------------------------------------------------------------------------------------
-# Config: every field is a flag (--name); a recipe overrides a few defaults; flags win.
 
 @dataclasses.dataclass
 class Config:
+    """Every field is a flag (--name); a recipe changes a few defaults; flags win."""
     # what to run
     recipe: str = "auto"             # xl-80ep | xl-160ep | l-200k | demo; auto: demo without data
-    model: str = "PixelGen-XL/16"    # a key of MODELS; official configs_c2i/PixelGen_XL.yaml
+    model: str = "PixelGen-XL/16"    # a key of MODELS; official PixelGen_XL.yaml
     image_size: int = 256            # paper: ImageNet 256x256
-    num_classes: int = 0             # 0 = the data's (ImageNet: 1000; the demo's shapes: 10)
-    data_path: str = ""              # class folders (ImageNet layout) or a flat folder; "" = demo
+    num_classes: int = 0             # 0 = the data's
+    data_path: str = ""              # class folders (ImageNet layout) or one folder; "" = demo
     background: tuple = (255, 255, 255)  # R G B under transparent pixels: white, as browsers
     flip: bool = False               # random horizontal flips: off in PixelGen, on in JiT
     out_dir: str = "runs/pixelgen"   # checkpoints, logs, metrics, grids, samples
@@ -675,17 +654,17 @@ class Config:
     lr: float = 1e-4                 # AdamW, constant, no warmup
     beta1: float = 0.9               # torch's default, as official
     beta2: float = 0.999             # torch's default, as official
-    weight_decay: float = 0.0        # official: 0
-    epochs: int = 80                 # paper: 80 epochs, about 400k steps at batch 256
+    weight_decay: float = 0.0        # official
+    epochs: int = 80                 # paper: 80 epochs, about 400k steps
     max_steps: int = 0               # > 0 overrides epochs
-    ema: tuple = (0.9999,)           # EMA decay(s), fp32, every step; official 0.9999
+    ema: tuple = (0.9999,)           # EMA decay(s), fp32, every step: official 0.9999
     num_workers: int = 8             # data loader workers per process
     compile: bool = False            # torch.compile the denoiser and the frozen nets
-    grad_ckpt: bool = False          # activation checkpointing: less memory, one more forward
-    # objective (Eqs. 6-9; official training_repa_JiT_LPIPS_DINO_NoiseGating.py)
+    grad_ckpt: bool = False          # activation checkpointing: less memory, more compute
+    # objective (official training_repa_JiT_LPIPS_DINO_NoiseGating.py)
     P_mean: float = -0.8             # logit-normal t = sigmoid(P_mean + P_std n): official
     P_std: float = 0.8               # official
-    t_eps: float = 0.05              # clamp of 1 - t in x -> v (official)
+    t_eps: float = 0.05              # the clamp of 1 - t: official
     label_dropout: float = 0.1       # official null_condition_p
     lpips_weight: float = 0.1        # paper lambda_1; 0 skips LPIPS
     pdino_weight: float = 0.01       # paper lambda_2; 0 skips P-DINO
@@ -693,23 +672,23 @@ class Config:
     repa_layer: int = -1             # REPA's block; -1 = the preset's (REPA_LAYER)
     gate_t: float = 0.3              # g(t) = 1[t >= gate_t]: official percept_t_threshold
     adaptive_from: int = -1          # >= 0: w_ad from this step (160-epoch recipe: 400000)
-    perceptual_init: str = "pretrained"  # pretrained | random (tests and smoke runs only)
+    perceptual_init: str = "pretrained"  # pretrained | random (tests and smoke runs)
     dino_path: str = ""              # dinov2_vitb14_pretrain.pth; "" = torch hub cache
-    vgg_path: str = ""               # vgg16-397923af.pth for LPIPS; "" = torch hub cache
+    vgg_path: str = ""               # vgg16-397923af.pth; "" = torch hub cache
     # sampling and evaluation (paper Sec. 4; official HeunSamplerJiT)
     sampler: str = "heun"            # heun | euler
     sample_steps: int = 50           # paper: 50
-    cfg_scale: tuple = (1.0,)        # 1 = no CFG (FID 5.11); 2.25 at 160 epochs; several: a sweep
+    cfg_scale: tuple = (1.0,)        # 1 = no CFG (FID 5.11); 2.25 at 160 epochs; several: sweep
     cfg_interval: tuple = (0.1, 0.9)  # CFG only while lo < t <= hi (official)
     time_shift: float = 2.0          # XL: 2.0; L/16 ablations: 1.0
     num_samples: int = 64            # --sample: images per setting (FID-50K: 50000)
-    save_pngs: bool = False          # --sample: also one PNG per image
+    save_pngs: bool = False          # --sample: also a PNG per image
     ckpt: str = ""                   # --sample: ours or an official .ckpt; "" = OUT_DIR/ckpt.pt
     ema_decay: tuple = ()            # --sample: the EMA decay(s) to sample; () = the first
     unsafe_load: bool = False        # unpickle objects: trusted official checkpoints only
     fid_ref: str = ""                # an ADM reference batch, a statistics npz or a folder
     fid_weights: str = ""            # pt_inception-2015-12-05-6726825d.pth; "" = hub cache
-    fid_preprocess: str = "adm"      # adm (ADM suite, torch-fidelity) | pytorch-fid
+    fid_preprocess: str = "adm"      # adm (ADM suite) | pytorch-fid
     metrics: tuple = ()              # of fid sfid is pr dc; () = all the reference allows
     eval_every: int = 0              # --train: evaluate the EMAs every N steps; 0 = never
     eval_samples: int = 50000        # --train: images per evaluation (official: 50000)
@@ -721,23 +700,23 @@ class Config:
     sample_every: int = 10000        # steps between sample grids; 0 = never
 
 
-# One flag selects a paper run; each states only what differs from the defaults.
+# A paper run by name; each states only what differs from the defaults.
 RECIPES = {
-    # Table 2: FID 5.11, Heun 50, no CFG
+    # Table 2: FID 5.11 without CFG
     "xl-80ep": dict(keep_every=100_000),
-    # Table 2: FID 1.83 with CFG 2.25, adaptive w_ad from 400k steps
+    # Table 2: FID 1.83 with CFG 2.25
     "xl-160ep": dict(epochs=160, cfg_scale=(2.25,), adaptive_from=400_000,
                      keep_every=100_000),
-    # Table 5 ablations: L/16 for 200k steps, Euler 50, no time shift
+    # Table 5 ablations
     "l-200k": dict(model="PixelGen-L/16", max_steps=200_000, sampler="euler",
                    time_shift=1.0),
-    # A laptop demo: a 4M-parameter model on 64 px toy shapes; a faster lr and EMA for minutes
+    # a laptop demo: 4M parameters, 64 px toy shapes; a faster lr and EMA for minutes
     "demo": dict(model="PixelGen-T/16", image_size=64, batch_size=16, lr=1e-3, ema=(0.99,),
                  max_steps=500, num_workers=0, sample_steps=25, time_shift=1.0,
                  cfg_scale=(2.0,), ckpt_every=250, log_every=25, sample_every=250,
                  out_dir="runs/demo", num_samples=40),
 }
-# The demo on a GPU: larger batches and more steps in the same minutes
+# the demo on a GPU: more and larger batches in the same minutes
 DEMO_CUDA = dict(batch_size=64, max_steps=3000, log_every=100, ckpt_every=1000,
                  sample_every=1000)
 
@@ -752,44 +731,39 @@ VGG_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 def make_lpips(vgg_file=None):
     """LPIPS-VGG: v0.1 heads from the lpips wheel, the VGG16 trunk from vgg_file (or random)."""
     import lpips
-    # torchvision's deprecation notes about lpips' `pretrained=` call
+    # quiet torchvision's notes on lpips' `pretrained=`
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
     if vgg_file:
-        # torchvision's file on lpips' slices: slice2.5.weight <- features.5.weight
         try:
             sd = torch.load(vgg_file, map_location="cpu", weights_only=True)
+            # lpips' slice2.5.weight is torchvision's features.5.weight
             keys = net.net.state_dict()
             net.net.load_state_dict({k: sd["features." + k.split(".", 1)[1]] for k in keys})
         except Exception as e:
-            raise RuntimeError(f"{vgg_file} is not a torchvision VGG16 state dict ({VGG_FILE}, "
-                               f"{VGG_URL}): {e}")
-    return net.eval().requires_grad_(False)
+            raise RuntimeError(f"{vgg_file} is not {VGG_FILE} ({VGG_URL}): {e}")
+    return net
 
 
 def random_nets(use_dino, use_lpips):
-    """(DINOv2, LPIPS) with random weights, for tests and smoke runs; None where unused."""
-    dino = dinov2.DINOv2() if use_dino else None
-    lp = make_lpips() if use_lpips else None
-    return dino, lp
+    # (DINOv2, LPIPS) with random weights, None where unused
+    return dinov2.DINOv2() if use_dino else None, make_lpips() if use_lpips else None
 
 
 def weight_files(cfg, procs, nets):
-    """{net: path} of the pretrained files the run needs: a flag's path, else the torch hub cache
-    (downloaded there when possible). The first process of each node fetches, the others wait
-    and find them. Every missing file is named in one message, with its URL and folder."""
+    """{net: path} of the pretrained files: a flag's, else the torch hub cache (downloaded when
+    possible; first by each node's first process). One message names every missing file."""
     known = dict(dino=(cfg.dino_path, dinov2.WEIGHTS_FILE, dinov2.WEIGHTS_URL),
                  vgg=(cfg.vgg_path, VGG_FILE, VGG_URL),
                  inception=(cfg.fid_weights, fid.FID_WEIGHTS_FILE, fid.FID_WEIGHTS_URL))
-    need = {net: known[net] for net in nets}
 
     def find():
         found = {}
         missing = []
-        for net, (path, name, url) in need.items():
+        for net in nets:
             try:
-                found[net] = dinov2.hub_file(path, name, url)
+                found[net] = dinov2.hub_file(*known[net])
             except FileNotFoundError as e:
                 missing.append(str(e))
         if missing:
@@ -800,39 +774,39 @@ def weight_files(cfg, procs, nets):
 
 
 def perceptual_nets(cfg, procs, log):
-    """(cfg, dino, lpips): the frozen nets of the loss weights, None where unused. Offline, the
-    demo trains L_FM alone (its cfg says so) rather than with networks that teach nothing."""
+    """(cfg, dino, lpips) of the loss weights, None where unused. Offline, the demo trains L_FM
+    alone (its cfg says so), not with random networks that teach nothing."""
     use_dino = bool(cfg.pdino_weight or cfg.repa_weight)
     use_lpips = bool(cfg.lpips_weight)
     if cfg.perceptual_init == "random":
         log("WARNING: --perceptual_init random: LPIPS and DINOv2 have RANDOM weights")
-        dino, lp = random_nets(use_dino, use_lpips)
-    elif not (use_dino or use_lpips):
-        return cfg, None, None
-    else:
+        nets = random_nets(use_dino, use_lpips)
+    elif use_dino or use_lpips:
+        # with the FID Inception when evaluating: every missing file in one message
+        names = ["dino"] * use_dino + ["vgg"] * use_lpips
+        names += ["inception"] * bool(cfg.eval_every and cfg.fid_ref)
         try:
-            # the FID Inception too, when the run evaluates: every missing file in one message
-            evaluates = ["inception"] * bool(cfg.eval_every and cfg.fid_ref)
-            nets = ["dino"] * use_dino + ["vgg"] * use_lpips + evaluates
-            files = weight_files(cfg, procs, nets)
+            files = weight_files(cfg, procs, names)
         except FileNotFoundError as e:
             if cfg.data_path:
                 raise SystemExit(f"error: {e}")
-            log(f"offline demo: training L_FM alone (no LPIPS, P-DINO, REPA). For the full "
-                f"objective: {' '.join(str(e).split())}")
+            log(f"offline demo: training L_FM alone, without LPIPS, P-DINO and REPA. "
+                f"For them: {' '.join(str(e).split())}")
             cfg = dataclasses.replace(cfg, lpips_weight=0.0, pdino_weight=0.0, repa_weight=0.0)
             return cfg, None, None
-        dino = dinov2.load_dinov2(files["dino"]) if use_dino else None
-        lp = make_lpips(files["vgg"]) if use_lpips else None
-    nets = [n.to(procs.device).eval().requires_grad_(False) if n else None for n in (dino, lp)]
+        nets = (dinov2.load_dinov2(files["dino"]) if use_dino else None,
+                make_lpips(files["vgg"]) if use_lpips else None)
+    else:
+        nets = (None, None)
+    nets = [n.to(procs.device).eval().requires_grad_(False) if n else None for n in nets]
     return cfg, *nets
 
 
 # -------------------------------------------------------------------------------------------------
-# Data: ImageNet-layout folders with the ADM centre crop, or procedural toy shapes for the demo.
+# Data: ImageNet-layout folders with the ADM centre crop, or drawn toy shapes for the demo.
 
 def center_crop(img, size):
-    """ADM: halve with BOX while the short side >= 2 size, BICUBIC to size, centre crop."""
+    """ADM: halve (BOX) while the short side >= 2 size, BICUBIC to size, centre crop."""
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = size / min(img.size)
@@ -844,36 +818,35 @@ def center_crop(img, size):
 
 
 def list_folder(root):
-    """(class names, images per class, ignored names, paths as numpy bytes) of a data folder."""
+    """(classes, images per class, ignored names, paths as a numpy bytes array)."""
     if not os.path.isdir(root):
         raise SystemExit(f"error: --data_path {root} is not a folder")
     top = sorted(os.scandir(root), key=lambda e: e.name)
     classes = [e.name for e in top if e.is_dir() and not e.name.startswith(".")]
     ignored = [e.name for e in top if classes and e.name not in classes]
-    if classes:
-        found = [fid.scan(os.path.join(root, c)) for c in classes]
-    else:
+    found = [fid.scan(os.path.join(root, c)) for c in classes]
+    if not classes:
         # no class folders: one class, named after the folder
         found = [fid.scan(root, recursive=False)]
         classes = [os.path.basename(os.path.abspath(root))]
-    counts = [len(files) for files, _ in found]
     for c, (_, left_out) in zip(classes, found):
         ignored += [os.path.join(c, p) for p in left_out]
+    counts = [len(files) for files, _ in found]
     empty = [c for c, n in zip(classes, counts) if n == 0]
     if empty:
-        raise SystemExit(f"error: no image files ({', '.join(fid.IMAGE_EXTENSIONS)}) for "
-                         f"class {', '.join(empty)} in {root}")
+        raise SystemExit(f"error: no image files ({' '.join(fid.IMAGE_EXTENSIONS)}) in "
+                         f"{', '.join(empty)} of {root}")
     paths = [os.fsencode(p) for files, _ in found for p in files]
     return classes, counts, ignored, np.array(paths, dtype=bytes)
 
 
 class ImageFolderData(torch.utils.data.Dataset):
-    """root/CLASS/.../IMAGE: sorted class folders are the labels 0..K-1. An item is the uint8
-    image (3, H, W) after the ADM crop, and its label; or, unreadable, why. Rank 0 lists the
-    folder for all; paths and labels are numpy arrays that data workers share, not copy."""
+    """root/CLASS/.../IMAGE, the sorted class folders labelled 0..K-1. An item: the uint8 image
+    (3, H, W) after the ADM crop and its label, or why it is unreadable. Rank 0 lists for all;
+    numpy paths and labels are shared by the data workers, not copied."""
 
     def __init__(self, root, size, background, procs):
-        listing = [procs.all_or_none(lambda: None if procs.rank else list_folder(root))]
+        listing = [procs.rank0(list_folder, root)]
         if procs.ddp:
             dist.broadcast_object_list(listing, src=0, group=procs.ctrl)
         self.classes, self.counts, self.ignored, self.paths = listing[0]
@@ -890,32 +863,31 @@ class ImageFolderData(torch.utils.data.Dataset):
             image = fid.read_image(path, self.background)
             a = center_crop(Image.fromarray(image), self.size)
         except Exception as e:
-            # collate replaces it; the log says which and why
             return f"{path} ({e.__cause__ or e})"
         return torch.from_numpy(a.copy()).permute(2, 0, 1), int(self.labels[i])
 
 
 class ToyShapes(torch.utils.data.Dataset):
-    """The demo: 10 classes of drawn shapes (class = shape and colour), any size, no files.
-    Image i is of class i mod 10, drawn from its own seed."""
+    """The demo: 10 classes of drawn shapes (shape and colour), image i of class i mod 10."""
     classes = ["red disc", "green square", "blue triangle", "yellow ring", "magenta cross",
                "cyan h-stripes", "orange v-stripes", "white diamond", "purple checker",
                "teal frame"]
     colors = [(230, 40, 40), (40, 200, 60), (50, 80, 230), (240, 220, 40), (220, 40, 220),
               (40, 220, 230), (250, 140, 20), (245, 245, 245), (130, 50, 200), (0, 170, 150)]
 
-    def __init__(self, size, n=50_000, seed=0):
+    def __init__(self, size, n=50_000):
         self.size = size
-        self.n = n
-        self.seed = seed
         self.counts = [n // 10 + (k < n % 10) for k in range(10)]
         self.ignored = []
 
     def __len__(self):
-        return self.n
+        return sum(self.counts)
 
-    def mask(self, y, g):  # (size, size) bool: the shape of class y
-        yy, xx = (np.mgrid[0:self.size, 0:self.size] + 0.5) / self.size
+    def __getitem__(self, i):
+        y = i % 10
+        g = np.random.default_rng([0, i])
+        s = self.size
+        yy, xx = (np.mgrid[0:s, 0:s] + 0.5) / s
         dy = yy - g.uniform(0.4, 0.6)
         dx = xx - g.uniform(0.4, 0.6)
         r = g.uniform(0.22, 0.32)
@@ -928,31 +900,21 @@ class ToyShapes(torch.utils.data.Dataset):
                   abs(d - r * 0.8) < r * 0.25, (lo < r * 0.25) & (hi < r),
                   np.sin(yy * 8 * np.pi) > 0, np.sin(xx * 8 * np.pi) > 0,
                   abs(dx) + abs(dy) < r, checker, edge < 0.16]
-        return shapes[y]
-
-    def __getitem__(self, i):
-        y = i % 10
-        g = np.random.default_rng([self.seed, i])
-        m = self.mask(y, g)
         bg = g.uniform(0, 90, size=3)
         fg = np.clip(np.array(self.colors[y]) + g.normal(0, 15, size=3), 0, 255)
-        a = np.where(m[..., None], fg, bg) + g.normal(0, 6, size=(self.size, self.size, 3))
+        a = np.where(shapes[y][..., None], fg, bg) + g.normal(0, 6, size=(s, s, 3))
         a = np.clip(a, 0, 255).astype(np.uint8)
         return torch.from_numpy(a).permute(2, 0, 1), y
 
 
-def class_table(data, rows=20):
-    """For the log: images per class (the first and last rows / 2 of them), what was left out."""
-    lines = [f"data: {sum(data.counts)} images in {len(data.classes)} classes",
-             " label   images  class"]
+def class_table(data):
+    # for the log: images per class (the first and last 10 of more than 20), what was left out
     table = [f"{k:6d} {n:8d}  {c}" for k, (c, n) in enumerate(zip(data.classes, data.counts))]
-    if len(table) > rows:
-        table = table[:rows // 2] + ["   ..."] + table[-rows // 2:]
-    lines += table
-    if data.ignored:
-        lines.append(f"ignored: {len(data.ignored)} ({', '.join(data.ignored[:5])}"
-                     + ", ..." * (len(data.ignored) > 5) + ")")
-    return "\n".join(lines)
+    if len(table) > 20:
+        table = table[:10] + ["   ..."] + table[-10:]
+    head = f"data: {sum(data.counts)} images in {len(data.classes)} classes\n label   images  class"
+    tail = [f"ignored: {len(data.ignored)} ({', '.join(data.ignored[:5])})"] * bool(data.ignored)
+    return "\n".join([head, *table, *tail])
 
 
 def collate(batch):
@@ -962,14 +924,13 @@ def collate(batch):
     if not good:
         raise RuntimeError(f"a whole batch of unreadable images: {'; '.join(bad)}")
     good += [good[i % len(good)] for i in range(len(bad))]
-    images = torch.stack([g[0] for g in good])
-    return images, torch.tensor([g[1] for g in good]), bad
+    return torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), bad
 
 
 def global_batches(n, batch, world, rank, accum, seed, step=0):
-    """This process's micro-batches of dataset indices, from `step` on, without end. Step s of
-    epoch e is positions [sB, (s + 1)B) of a permutation seeded by (seed, e), a tail that fills no
-    global batch left out; process r takes the r-th of `world` slices, as `accum` micro-batches."""
+    """This process's micro-batches of dataset indices from `step` on, without end. Step s of
+    epoch e is positions [sB, (s + 1)B) of a permutation seeded by (seed, e), without the tail;
+    process r takes the r-th of `world` slices, as `accum` micro-batches."""
     b = batch // (world * accum)
     perm = None
     for step in itertools.count(step):
@@ -983,17 +944,16 @@ def global_batches(n, batch, world, rank, accum, seed, step=0):
 
 
 def loader(data, cfg, procs, step):
-    """This process's micro-batches of uint8 images, from `step` on, without end."""
+    # this process's micro-batches of uint8 images, from `step` on
     batches = global_batches(len(data), cfg.batch_size, procs.world, procs.rank,
                              cfg.grad_accum, cfg.seed, step)
-    dl = torch.utils.data.DataLoader(data, batch_sampler=batches, collate_fn=collate,
-                                     num_workers=cfg.num_workers, worker_init_fn=quiet_worker,
-                                     pin_memory=procs.device.type == "cuda")
-    return iter(dl)
+    return iter(torch.utils.data.DataLoader(
+        data, batch_sampler=batches, collate_fn=collate, num_workers=cfg.num_workers,
+        worker_init_fn=quiet_worker, pin_memory=procs.device.type == "cuda"))
 
 
 def quiet_worker(_):
-    # data workers ignore the stop signals: the main process ends them after its step
+    # data workers ignore stop signals: the main process ends them after its step
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
@@ -1001,19 +961,14 @@ def quiet_worker(_):
 # -------------------------------------------------------------------------------------------------
 # Training: AdamW, fp32 EMAs, bf16 autocast on CUDA, DDP under torchrun.
 
-# end the run after the step: preemption (SLURM, torchrun forward SIGTERM), Ctrl-C
+# the run ends after the step: preemption (SLURM's and torchrun's SIGTERM), Ctrl-C
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# how long a process waits on the host for the others (rank 0's checkpoint writes)
-HOST_WAIT = datetime.timedelta(hours=2)
-# NCCL's limit: a rank's first compilation of XL can take 10 minutes
-DEVICE_WAIT = datetime.timedelta(minutes=30)
 
 
 @dataclasses.dataclass
 class Procs:
-    """This process among the others. Decisions that change which collectives come next (a stop,
-    an evaluation's outcome) and waits for rank 0's slow work run on the host, in the gloo group
-    `ctrl` with the timeout HOST_WAIT; the step's collectives run on the device."""
+    """This process among the others. What decides the next collectives (a stop, an evaluation's
+    outcome), and waits for rank 0's writes, run on the host in the gloo group `ctrl`."""
     ddp: bool = False
     rank: int = 0
     world: int = 1
@@ -1022,7 +977,7 @@ class Procs:
     ctrl: object = None
 
     def agree(self, flag):
-        """The largest of the processes' integer flags; every process must call it."""
+        # the largest of the processes' integer flags; every process calls it
         flag = torch.tensor(int(flag))
         if self.ctrl is not None:
             dist.all_reduce(flag, dist.ReduceOp.MAX, group=self.ctrl)
@@ -1030,14 +985,11 @@ class Procs:
 
     def all_or_none(self, fn, *args):
         """fn(*args) on every process; if it raised on any, it raises on all."""
-        err = None
-        out = None
         try:
             out = fn(*args)
+            err = None
         except (Exception, SystemExit) as e:
             err = e
-            if self.rank:
-                print(f"[process {self.rank}] {e!r}", file=sys.stderr)
         failed = self.agree(self.rank + 1 if err else 0)
         if err:
             raise err
@@ -1045,17 +997,19 @@ class Procs:
             raise RuntimeError(f"it failed on process {failed - 1} (see its stderr)")
         return out
 
+    def rank0(self, fn, *args):
+        # fn(*args) on rank 0 while the others wait; if it raised, it raises on all
+        return self.all_or_none(lambda: None if self.rank else fn(*args))
+
     def gather(self, u):
-        """Every process's host tensor u, in rank order, on rank 0 (None on the others)."""
-        if not self.ddp:
-            return u
+        # every process's host tensor u, in rank order, on rank 0 (None elsewhere)
         parts = [torch.empty_like(u) for _ in range(self.world)] if self.rank == 0 else None
         dist.gather(u, parts, dst=0, group=self.ctrl)
         return torch.cat(parts) if self.rank == 0 else None
 
 
 def setup_dist(cfg):
-    """One process under python; under torchrun, one of WORLD_SIZE (NCCL on CUDA, else gloo)."""
+    """One process under python; under torchrun one of many (NCCL on CUDA, else gloo)."""
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     if "RANK" not in os.environ:
         return Procs(device=torch.device("cuda" if cuda else "cpu"))
@@ -1063,16 +1017,17 @@ def setup_dist(cfg):
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=DEVICE_WAIT,
-                            device_id=device if cuda else None)
-    ctrl = dist.new_group(backend="gloo", timeout=HOST_WAIT)
+    # 30 minutes: a rank's first compilation of XL can take 10
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                            timeout=datetime.timedelta(minutes=30))
+    # waits for rank 0's checkpoint writes and evaluations: hours
+    ctrl = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2))
     return Procs(True, dist.get_rank(), dist.get_world_size(), local_rank, device, ctrl)
 
 
 def wrap_ddp(net, procs):
-    """DDP for many GPUs: gradients live in the communication buckets (no second copy), no buffer
-    is broadcast (all are constants; w_ad is averaged already), and 256 MiB buckets keep a compiled
-    XL in about a dozen graphs (the compiler cuts the graph at every bucket)."""
+    """DDP: gradients live in the buckets (no second copy); no buffer broadcast (all are
+    constants, w_ad is averaged); 256 MiB buckets keep a compiled XL in about 12 graphs."""
     if not procs.ddp:
         return net
     ids = None if procs.device.type == "cpu" else [procs.device.index]
@@ -1082,8 +1037,7 @@ def wrap_ddp(net, procs):
 
 
 class DenoiserAndLoss(nn.Module):
-    """The denoiser and its objective (with the REPA projector): one module for one DDP."""
-
+    # the denoiser and the objective (the REPA projector): one module for DDP
     def __init__(self, model, loss_fn):
         super().__init__()
         self.model = model
@@ -1094,8 +1048,8 @@ class DenoiserAndLoss(nn.Module):
 
 
 def hold_folder(out_dir):
-    """OUT_DIR/lock, held while the run lives: two runs in one folder would overwrite each other.
-    The OS drops it when the process ends; storage without flock (Lustre's noflock) runs unlocked."""
+    """OUT_DIR/lock while the run lives, so two runs never share a folder; the OS drops it
+    at exit. Storage without flock (Lustre's noflock) runs unlocked."""
     os.makedirs(out_dir, exist_ok=True)
     f = open(os.path.join(out_dir, "lock"), "w")
     try:
@@ -1108,39 +1062,34 @@ def hold_folder(out_dir):
 
 
 class Log:
-    """Rank 0's record: stdout (above the progress bar), OUT_DIR/log.txt and metrics.jsonl."""
-
+    # rank 0's record: stdout (above the progress bar), OUT_DIR/log.txt and metrics.jsonl
     def __init__(self, out_dir, master):
-        self.files = []
-        if master:
-            self.files = [open(os.path.join(out_dir, f), "a") for f in ("log.txt", "metrics.jsonl")]
+        names = ("log.txt", "metrics.jsonl") if master else ()
+        self.files = [open(os.path.join(out_dir, f), "a") for f in names]
 
     def __call__(self, msg, row=None):
-        if not self.files:
-            return
-        tqdm.write(msg)
-        self.files[0].write(msg + "\n")
-        if row:
-            self.files[1].write(json.dumps(row) + "\n")
-        for f in self.files:
-            f.flush()
+        if self.files:
+            tqdm.write(msg)
+            self.files[0].write(msg + "\n")
+            self.files[1].write(json.dumps(row) + "\n" if row else "")
+            for f in self.files:
+                f.flush()
 
 
 def command(**change):
-    """The user's command line with some flags changed: advice in a message keeps their flags."""
+    """The user's command with some flags changed, for advice: the other flags stay."""
     args = sys.argv[1:]
     for k, v in change.items():
-        flag = f"--{k}"
-        if flag in args:
-            args[args.index(flag) + 1] = str(v)
+        if f"--{k}" in args:
+            args[args.index(f"--{k}") + 1] = str(v)
         else:
-            args += [flag, str(v)]
+            args += [f"--{k}", str(v)]
     return " ".join(["python pixelgen.py", *args])
 
 
 def build(cfg, procs, log):
-    """The run's config (with the offline demo's weights), denoiser, EMAs, objective and AdamW."""
-    # identical initial weights on every process
+    """(cfg, model, its EMAs, the objective, AdamW); cfg as the offline demo trains."""
+    # the same initial weights on every process
     torch.manual_seed(cfg.seed)
     model = JiT(**MODELS[cfg.model], input_size=cfg.image_size, num_classes=cfg.num_classes)
     model = model.to(procs.device)
@@ -1154,17 +1103,18 @@ def build(cfg, procs, log):
                            repa_layer=repa_layer, gate_t=cfg.gate_t, t_eps=cfg.t_eps,
                            num_classes=cfg.num_classes, adaptive_from=cfg.adaptive_from)
     loss_fn = loss_fn.to(procs.device)
-    params = [p for p in [*model.parameters(), *loss_fn.parameters()] if p.requires_grad]
+    params = [*model.parameters(), *loss_fn.parameters()]
+    params = [p for p in params if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay,
                             fused=procs.device.type == "cuda" or None)
     if cfg.compile:
-        # w_ad backpropagates twice through one graph (retain_graph), which a compiled backward
-        # allows only without donated buffers (a small memory saving)
+        # w_ad backpropagates twice through one graph (retain_graph): a compiled backward
+        # allows it only without donated buffers
         if cfg.adaptive_from >= 0:
             from torch._functorch import config as functorch_config
             functorch_config.donated_buffer = False
-        # what runs every step, and the EMAs that sample; DINOv2 and LPIPS run as modules
+        # what runs every step, and the EMAs that sample; DINOv2 and LPIPS as modules
         for m in (model, *emas.values(), dino, lp):
             if m is not None:
                 m.compile()
@@ -1172,8 +1122,8 @@ def build(cfg, procs, log):
 
 
 def check_run(cfg, data, procs, ck):
-    """The run's Config, after the checks made before anything is built: the classes, one global
-    batch of data, and that a checkpoint it resumes from `ck` is this run's."""
+    """The run's Config after the checks made before anything is built: classes, enough data,
+    and that the checkpoint `ck` it resumes is this run's."""
     num_classes = cfg.num_classes or len(data.classes)
     if num_classes < len(data.classes):
         raise SystemExit(f"error: the data has {len(data.classes)} classes but --num_classes "
@@ -1187,39 +1137,35 @@ def check_run(cfg, data, procs, ck):
         advice = f"; try {command(batch_size=fits)}" if fits else ""
         raise SystemExit(f"error: {len(data)} images are fewer than one global batch "
                          f"(--batch_size {cfg.batch_size}){advice}")
-    if not ck:
-        return cfg
-    # the one comparison: what this run trains against what the checkpoint trained
     keys = ("model", "image_size", "num_classes", "data_path")
-    held = ck["config"]
-    differ = [f"--{k} {held[k]} (this run: {getattr(cfg, k)})" for k in keys
-              if held[k] != getattr(cfg, k)]
+    differ = [f"--{k} {ck['config'][k]} (this run: {getattr(cfg, k)})"
+              for k in keys if ck and ck["config"][k] != getattr(cfg, k)]
     if differ:
-        raise SystemExit(f"error: {cfg.out_dir}/ckpt.pt was written by another run; it differs in "
-                         f"{'; '.join(differ)}.\nFor a new run: "
-                         f"{command(out_dir=cfg.out_dir.rstrip('/') + '_2')}")
+        new = command(out_dir=cfg.out_dir.rstrip("/") + "_new")
+        raise SystemExit(f"error: {cfg.out_dir}/ckpt.pt is another run's: "
+                         f"{'; '.join(differ)}.\nFor a new run: {new}")
     return cfg
 
 
 def read_checkpoint(path, unsafe=False):
-    """torch.load, memory-mapped on the host; weights_only unless `unsafe`."""
+    # torch.load, memory-mapped on the host; weights_only unless `unsafe`
     try:
         ck = torch.load(path, map_location="cpu", weights_only=not unsafe, mmap=True)
     except Exception as e:
-        # a valid file that pickles Python objects (Lightning's hyper_parameters)
+        # Lightning's hyper_parameters are pickled Python objects
         if "Unsupported global" in str(e):
-            raise SystemExit(f"error: {path} holds pickled Python objects besides tensors. If "
-                             f"you trust the file, pass --unsafe_load.")
+            raise SystemExit(f"error: {path} holds pickled Python objects besides tensors; "
+                             f"if you trust it, pass --unsafe_load")
         ck = None
     if not isinstance(ck, dict):
-        raise SystemExit(f"error: cannot read {path} as a checkpoint: pass a ckpt.pt written by "
-                         f"--train, or an official Lightning .ckpt")
+        raise SystemExit(f"error: cannot read {path} as a checkpoint: pass a ckpt.pt written "
+                         f"by --train, or an official Lightning .ckpt")
     return ck
 
 
 def resume_point(cfg, procs):
-    """The checkpoint the run continues from ({} for a new run). Rank 0 alone decides whether
-    OUT_DIR/ckpt.pt exists; a process that cannot read that same file stops them all."""
+    """The checkpoint the run continues from ({} for a new run). Rank 0 decides; a process that
+    cannot read that same file stops them all."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if not procs.agree(cfg.resume and procs.rank == 0 and os.path.isfile(path)):
         return {}
@@ -1235,21 +1181,21 @@ def resume_point(cfg, procs):
 
 
 def resume(ck, model, emas, loss_fn, opt):
-    """The step to continue from, after loading ck into the run's tensors (0 for a new run)."""
+    # the step to continue from, after loading ck into the run's tensors
     if not ck:
         return 0
     model.load_state_dict(ck["model"])
     loss_fn.load_state_dict(ck["loss"])
     opt.load_state_dict(ck["opt"])
     for d, e in emas.items():
-        # an EMA decay new to this run starts from the current weights
+        # an EMA decay new to the run starts from the weights
         e.load_state_dict(ck["emas"].get(str(d), ck["model"]))
     return ck["step"]
 
 
 def save_checkpoint(obj, path, keep=None):
-    """Atomic and durable: a temp file flushed to disk, renamed over `path`, the folder flushed;
-    then a snapshot `keep` (a hard link). A failed write leaves the last checkpoint as it was."""
+    """Atomic and durable: a temp file flushed to disk, renamed over `path`, the folder
+    flushed; a snapshot `keep` is a hard link. A failed write leaves the last one as it was."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -1267,18 +1213,18 @@ def save_checkpoint(obj, path, keep=None):
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise SystemExit(f"error: writing {path} failed ({e}); the last checkpoint is as it was. "
+        raise SystemExit(f"error: writing {path} failed ({e}); the last checkpoint is intact. "
                          f"Free some space, then run the same command to continue.")
 
 
 @contextlib.contextmanager
 def stop_signals():
-    """Yields the list of STOP_SIGNALS received; the run ends after the step. A repeat changes
-    nothing: SLURM signals every process of a job step and torchrun forwards its own."""
+    """Yields the list of stop signals received. A repeat changes nothing: SLURM signals every
+    process of a job step and torchrun forwards its own."""
     received = []
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     for s in STOP_SIGNALS:
-        signal.signal(s, lambda sig, frame: received.append(signal.Signals(sig).name))
+        signal.signal(s, lambda sig, frame: received.append(sig))
     try:
         yield received
     finally:
@@ -1287,8 +1233,7 @@ def stop_signals():
 
 
 class Meter:
-    """Sums since the last log line: loss terms on the device (read at the log step), the rest
-    on the host."""
+    # sums since the last log line: the loss terms on the device (read at the log step)
     TERMS = ("loss", "fm", "lpips", "pdino", "repa")
 
     def __init__(self):
@@ -1299,59 +1244,56 @@ class Meter:
         self.t0 = time.time()
 
     def add(self, out, skipped, gate):
-        """One micro-batch's terms, its unreadable images, the gated fraction of its step."""
+        # one micro-batch's terms and unreadable images; its step's gated fraction
         self.sums = self.sums + torch.stack([out[k].float() for k in self.TERMS])
         self.n += 1
         self.gate += gate
         self.skipped += skipped
 
     def report(self, step, max_steps, cfg, procs, w_ad, epoch):
-        """(log line, metrics row) of the means over the micro-batches of every process."""
+        """(log line, metrics row): the means over every process's micro-batches."""
         sums = self.sums
         skipped = [self.skipped] * procs.world
         if procs.ddp:
             dist.all_reduce(sums)
             dist.all_gather_object(skipped, self.skipped, group=procs.ctrl)
-        n = self.n * procs.world
-        m = dict(zip(self.TERMS, (s / n for s in sums.tolist())))
+        m = {k: s / (self.n * procs.world) for k, s in zip(self.TERMS, sums.tolist())}
         m["gate"] = self.gate / self.n
         if not all(map(math.isfinite, m.values())):
             raise SystemExit(f"error: non-finite loss at step {step} ({m}); the last good "
                              f"checkpoint is {cfg.out_dir}/ckpt.pt")
-        steps = self.n / cfg.grad_accum
-        ips = cfg.batch_size * steps / (time.time() - self.t0)
-        row = dict(step=step, epoch=round(epoch, 4), **m, w_ad=w_ad, lr=cfg.lr,
+        ips = cfg.batch_size * self.n / cfg.grad_accum / (time.time() - self.t0)
+        row = dict(step=step, epoch=round(epoch, 3), **m, w_ad=w_ad, lr=cfg.lr,
                    img_per_s=round(ips, 2))
         if procs.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(procs.device)
             row["peak_mem_gib"] = round(peak / 2**30, 2)
         self.__init__()
+        terms = " ".join(f"{k} {v:.4f}" for k, v in m.items())
         eta = (max_steps - step) * cfg.batch_size / ips / 60
-        terms = " ".join(f"{k} {m[k]:.4f}" for k in (*self.TERMS, "gate"))
-        line = f"step {step}/{max_steps} {terms} w_ad {w_ad:.3f} img/s {ips:.1f} eta {eta:.1f} min"
-        for s in sum(skipped, []):
-            line += f"\nskipped an unreadable image: {s}"
+        line = f"step {step}/{max_steps} {terms} w_ad {w_ad:.3f} img/s {ips:.1f} eta {eta:.0f} min"
+        for p in sum(skipped, []):
+            line += f"\nskipped an unreadable image: {p}"
         return line, row
 
 
 def after_step(cfg, step, max_steps, stop):
-    """What this step ends with; the same on every process."""
+    # what this step ends with, the same on every process
     last = step == max_steps
     keep = bool(cfg.keep_every) and step % cfg.keep_every == 0
-
-    def every(n):
-        return bool(n) and (step % n == 0 or last) and not stop
+    every = [bool(n) and (step % n == 0 or last) and not stop
+             for n in (cfg.eval_every, cfg.sample_every)]
     # a checkpoint before each evaluation
-    save = step % cfg.ckpt_every == 0 or last or bool(stop) or keep or every(cfg.eval_every)
+    save = step % cfg.ckpt_every == 0 or last or bool(stop) or keep or every[0]
     return argparse.Namespace(log=step % cfg.log_every == 0 or save, save=save, keep=keep,
-                              eval=every(cfg.eval_every), grid=every(cfg.sample_every))
+                              eval=every[0], grid=every[1])
 
 
 def train(cfg):
     """The training program (--train), on every process under torchrun."""
     procs = setup_dist(cfg)
-    # the run's folder is held first, before anything slow is loaded
-    lock = procs.all_or_none(lambda: None if procs.rank else hold_folder(cfg.out_dir))  # noqa
+    # the folder is held first, before anything slow is loaded
+    lock = procs.rank0(hold_folder, cfg.out_dir)
     if cfg.data_path:
         data = ImageFolderData(cfg.data_path, cfg.image_size, cfg.background, procs)
     else:
@@ -1366,11 +1308,10 @@ def train(cfg):
     epoch_steps = len(data) // cfg.batch_size
     max_steps = cfg.max_steps or cfg.epochs * epoch_steps
     b = cfg.batch_size // (procs.world * cfg.grad_accum)
-    log(f"config: {dataclasses.asdict(cfg)}")
-    log(class_table(data))
-    log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "
-        f"{max_steps} steps of {cfg.batch_size} = {procs.world} processes x {cfg.grad_accum} "
-        f"micro-batches x {b} images on {procs.device}" + f"; resumed at step {step}" * (step > 0))
+    log(f"config: {dataclasses.asdict(cfg)}\n{class_table(data)}")
+    log(f"{cfg.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters: "
+        f"{max_steps} steps of {procs.world} processes x {cfg.grad_accum} micro-batches x {b} "
+        f"images on {procs.device}" + f", from step {step} of {cfg.out_dir}/ckpt.pt" * (step > 0))
     net = wrap_ddp(DenoiserAndLoss(model, loss_fn), procs)
     batches = loader(data, cfg, procs, step)
     meter = Meter()
@@ -1382,68 +1323,63 @@ def train(cfg):
                 train_step(net, opt, emas, batches, step, cfg, procs, meter)
                 step += 1
                 bar.update(1)
-                # decided once per step, by every process together
+                # decided by every process together, once per step
                 stop = procs.agree(bool(received))
                 todo = after_step(cfg, step, max_steps, stop)
                 if todo.log:
                     w_ad = loss_fn.w_ad.item()
                     log(*meter.report(step, max_steps, cfg, procs, w_ad, step / epoch_steps))
                 if todo.save:
-                    save(model, emas, loss_fn, opt, step, cfg, procs, log, todo.keep,
-                         data.classes)
+                    save(model, emas, loss_fn, opt, step, cfg, procs, log, todo.keep, data)
                     # a signal during the save: this step's checkpoint is written, stop now
                     stop = stop or procs.agree(bool(received))
                 if todo.eval:
                     evaluate_online(emas, cfg, procs, step, log, fid_ctx, data.classes)
                 if todo.grid:
-                    procs.all_or_none(write_grid, emas, cfg, procs, step, data.classes, log)
+                    procs.rank0(write_grid, emas, cfg, procs.device, step, data.classes, log)
                 if stop:
-                    log(f"stopped after step {step}: {cfg.out_dir}/ckpt.pt is written; run the "
-                        f"same command to continue")
+                    log(f"stopped after step {step}; run the same command to continue")
                     break
     except BaseException as e:
-        # One process failing ends it at once, so torchrun ends the others, rather than their
-        # waiting for a collective until its timeout.
+        # A failing process ends at once, so torchrun ends the others: none waits for a
+        # collective until its timeout.
         if procs.ddp:
-            print(e if isinstance(e, SystemExit) else traceback.format_exc(), file=sys.stderr,
-                  flush=True)
+            print(e if isinstance(e, SystemExit) else traceback.format_exc(), file=sys.stderr)
             os._exit(1)
         raise
     finally:
         bar.close()
+        del lock
     if procs.ddp:
         dist.destroy_process_group()
     return model, emas
 
 
-def save(model, emas, loss_fn, opt, step, cfg, procs, log, keep, classes):
-    """Rank 0 writes OUT_DIR/ckpt.pt (and a snapshot) while the others wait; timed in the log."""
+def save(model, emas, loss_fn, opt, step, cfg, procs, log, keep, data):
+    # rank 0 writes OUT_DIR/ckpt.pt (and a snapshot) while the others wait
     t0 = time.time()
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     snapshot = os.path.join(cfg.out_dir, f"ckpt_{step:07d}.pt") if keep else None
     ck = dict(model=model.state_dict(), emas={str(d): e.state_dict() for d, e in emas.items()},
               loss=loss_fn.state_dict(), opt=opt.state_dict(), step=step,
-              config=dataclasses.asdict(cfg), classes=list(classes))
-
-    def write():
-        if procs.rank == 0:
-            save_checkpoint(ck, path, snapshot)
-    procs.all_or_none(write)
+              config=dataclasses.asdict(cfg), classes=list(data.classes))
+    procs.rank0(save_checkpoint, ck, path, snapshot)
     log(f"saved {path}" + f" and {snapshot}" * keep + f" in {time.time() - t0:.1f} s")
 
 
 def evaluate_online(emas, cfg, procs, step, log, fid_ctx, classes):
-    """Every EMA and CFG scale, as --sample would; a failure (on any process) is logged only."""
+    """Every EMA and CFG scale, as --sample does; a failure on any process is logged only."""
     t0 = time.time()
     n = cfg.eval_samples
     try:
-        if fid_ctx is None:
-            # without a reference the samples are kept, as the official validation hook does
+        if fid_ctx:
+            runs = itertools.product(emas.items(), cfg.cfg_scale)
+            rows = [measure(my_images(m, w, n, cfg, procs), n, d, w, fid_ctx, cfg, procs)
+                    for (d, m), w in runs]
+        else:
+            # without a reference the samples are kept (official validation hook)
             out_dir = f"{cfg.out_dir}/eval_{step:07d}"
             rows = write_samples(emas, n, cfg, procs, out_dir, None, classes)
-        else:
-            rows = [measure(my_images(m, w, n, cfg, procs), n, d, w, fid_ctx, cfg, procs)
-                    for (d, m), w in itertools.product(emas.items(), cfg.cfg_scale)]
     except Exception as e:
         return log(f"evaluation at step {step} failed, training goes on: {e!r}")
     seconds = round(time.time() - t0, 1)
@@ -1453,15 +1389,13 @@ def evaluate_online(emas, cfg, procs, step, log, fid_ctx, classes):
             dict(step=step, **r, eval_seconds=seconds))
 
 
-def write_grid(emas, cfg, procs, step, classes, log):
-    """Rank 0: a sample grid of the first EMA; a failure is logged, and training goes on."""
-    if procs.rank:
-        return
+def write_grid(emas, cfg, device, step, classes, log):
+    # a sample grid of the first EMA; a failure is logged, training goes on
     path = f"{cfg.out_dir}/grid_{step:07d}.png"
     layout = grid_layout(min(cfg.num_samples, 64), classes)
+    model = emas[cfg.ema[0]]
     try:
-        images = sample_images(emas[cfg.ema[0]], range(layout.n), cfg, procs.device,
-                               cfg.cfg_scale[0])
+        images = sample_images(model, range(layout.n), cfg, device, cfg.cfg_scale[0])
         save_grid(images, path, layout)
     except Exception as e:
         return log(f"sample grid at step {step} failed, training goes on: {e!r}")
@@ -1469,31 +1403,29 @@ def write_grid(emas, cfg, procs, step, classes, log):
 
 
 # -------------------------------------------------------------------------------------------------
-# Sampling and evaluation: our checkpoints or official Lightning ones (their EMA weights) ->
-# samples (ADM npz), grids, and fid.py's metrics.
+# Sampling and evaluation: our checkpoints or official Lightning ones (EMA weights) -> samples
+# (ADM npz), grids, and fid.py's metrics.
 
 def load_denoiser(path, unsafe=False, decays=()):
-    """({decay: JiT in eval mode}, config dict or None, step, class names or None); decays picks
-    the EMAs (default: the first). An official file's preset is found by its depth and width."""
+    """({decay: JiT in eval mode}, config or None, step, class names or None) of a checkpoint;
+    decays picks EMAs (default: the first). An official file's preset: by depth and width."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint {path} not found: train first (python pixelgen.py "
-                         f"--train with the same --out_dir), or pass --ckpt FILE")
+        raise SystemExit(f"error: checkpoint {path} not found: train first (--train, the same "
+                         f"--out_dir), or pass --ckpt FILE")
     ck = read_checkpoint(path, unsafe)
+    conf = ck.get("config")
     if "emas" in ck:
-        conf = ck["config"]
-        step = ck["step"]
         held = {float(d): sd for d, sd in ck["emas"].items()}
         name = conf["model"]
         kw = dict(input_size=conf["image_size"], num_classes=conf["num_classes"])
     elif "state_dict" in ck:
-        # official Lightning: denoiser. / ema_denoiser. prefixes; SimpleEMA decay 0.9999
-        conf = None
-        step = ck.get("global_step", 0)
+        # official Lightning: ema_denoiser. prefix; SimpleEMA decay 0.9999
         sd = ck["state_dict"]
         held = {0.9999: {k[13:]: v for k, v in sd.items() if k.startswith("ema_denoiser.")}}
         name, kw = official_preset(held[0.9999], path)
     else:
         raise SystemExit(f"error: {path} is neither a PixelGen nor a Lightning checkpoint")
+    step = ck.get("step", ck.get("global_step", 0))
     absent = [str(d) for d in decays if d not in held]
     if absent:
         raise SystemExit(f"error: {path} holds no EMA of decay {', '.join(absent)}; it holds "
@@ -1503,14 +1435,14 @@ def load_denoiser(path, unsafe=False, decays=()):
         for d, m in models.items():
             m.load_state_dict(held[d], strict=True)
     except RuntimeError as e:
-        raise SystemExit(f"error: the weights in {path} are not those of {name}: {str(e)[:400]}")
+        raise SystemExit(f"error: the weights in {path} are not {name}'s: {str(e)[:400]}")
     print(f"{path}: {name} at {kw['input_size']} px, {kw['num_classes']} classes, step {step}, "
           f"EMA {', '.join(map(str, models))}")
     return models, conf, step, ck.get("classes")
 
 
 def official_preset(sd, path):
-    """(preset, its size keywords) of an official JiT state dict, by its depth and width."""
+    # (preset, its size keywords) of an official JiT state dict, by its depth and width
     try:
         depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
         tokens, width = sd["pos_embed"].shape[1:]
@@ -1527,8 +1459,8 @@ def official_preset(sd, path):
 
 @torch.no_grad()
 def sample_images(model, idx, cfg, device, cfg_scale, batch=0):
-    """uint8 (len(idx), H, W, 3) images; image i is of class i % K, its noise from (seed, i).
-    The batch is padded to `batch` images: a compiled model sees one shape."""
+    """uint8 images (len(idx), H, W, 3): image i of class i % K, its noise from (seed, i). The
+    batch is padded to `batch` images: a compiled model sees one shape."""
     full = list(idx) + list(idx[-1:]) * (batch - len(idx))
     size = model.grid * model.patch_size
     # drawn on the CPU: the same noise on any device
@@ -1537,58 +1469,53 @@ def sample_images(model, idx, cfg, device, cfg_scale, batch=0):
     with autocast(device):
         x = sample(model, eps, y, cfg.sample_steps, cfg.sampler, cfg_scale, cfg.cfg_interval,
                    cfg.time_shift, cfg.t_eps)[:len(idx)]
-    # to uint8 as official: clip((x + 1) 127.5 + 0.5, 0, 255)
+    # as official: clip((x + 1) 127.5 + 0.5, 0, 255)
     x = ((x.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def grid_layout(n, classes):
-    """Rows of a grid of at most n images, image i of class i % K: up to 16 classes a column
-    per class, else whole rows; `note` says what the rows hold, by class name."""
+    """A grid of at most n images, image i of class i % K: up to 16 classes a column per class,
+    else whole rows; `note` names the classes of the columns or of each row's first image."""
     K = len(classes)
     cols = min(n, K) if K <= 16 else math.ceil(math.sqrt(n))
     n -= n % cols
     if K <= 16:
-        note = f"a column per class: {', '.join(classes[:cols])}"
+        note = f"columns: {', '.join(classes[:cols])}"
     else:
-        starts = [classes[i % K] for i in range(0, n, cols)]
-        note = f"rows start at {', '.join(starts)}"
+        note = f"rows start at {', '.join(classes[i % K] for i in range(0, n, cols))}"
     if n < K:
-        note += f"; classes left out: {', '.join(classes[n:])}"
+        note += f"; left out: {', '.join(classes[n:])}"
     return argparse.Namespace(n=n, cols=cols, note=note)
 
 
 def save_grid(images, path, layout):
-    """(n, H, W, 3) uint8 -> a PNG with layout.cols columns and 2 px black borders."""
+    # (n, H, W, 3) uint8 -> a PNG of layout.cols columns, 2 px black borders
     from torchvision.utils import save_image
     x = torch.from_numpy(images[:layout.n]).permute(0, 3, 1, 2) / 255
     save_image(x, path, nrow=layout.cols)
 
 
 def fid_setup(cfg, procs):
-    """Made once per run and kept: the Inception (on the CPU), the metrics, the reference."""
-    def read_reference():
-        # rank 0 reads the reference; the others wait on the host
-        if procs.rank == 0:
-            own = [m for m in metrics if m != "is"]
-            fid.load_side(ref, net, own, cfg.fid_preprocess, progress="reference")
+    """Once per run: the Inception (kept on the CPU), the metrics and the reference's outputs."""
     try:
         weights = weight_files(cfg, procs, ["inception"])["inception"]
         ref = procs.all_or_none(fid.open_side, cfg.fid_ref, cfg.background)
         metrics = procs.all_or_none(fid.resolve_metrics, cfg.metrics or None, ref)
         net = procs.all_or_none(fid.load_inception, weights, procs.device)
-        procs.all_or_none(read_reference)
+        own = [m for m in metrics if m != "is"]
+        # rank 0 reads the reference; the others wait on the host
+        procs.rank0(fid.load_side, ref, net, own, cfg.fid_preprocess, 50, "reference")
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     return argparse.Namespace(inception=net.cpu(), reference=ref, metrics=metrics)
 
 
 def my_images(model, w, n, cfg, procs):
-    """This process's images of n (image i on process i % world), in batches of batch_size."""
+    # this process's images (image i on process i % world), batch_size at a time
     mine = range(procs.rank, n, procs.world)
     b = cfg.batch_size
-    for j in tqdm(range(0, len(mine), b), disable=procs.rank != 0, desc=f"sampling cfg {w:g}",
-                  leave=False):
+    for j in tqdm(range(0, len(mine), b), disable=procs.rank != 0, leave=False):
         yield sample_images(model, mine[j:j + b], cfg, procs.device, w, b)
 
 
@@ -1597,7 +1524,7 @@ def measure(batches, n, ema, w, fid_ctx, cfg, procs):
     net = fid_ctx.inception.to(procs.device)
     which = fid_ctx.metrics
     spatial = "sfid" in which
-    # m rows per process
+    # rows per process
     m = -(-n // procs.world)
 
     def outputs():
@@ -1606,7 +1533,8 @@ def measure(batches, n, ema, w, fid_ctx, cfg, procs):
         for images in batches:
             pool3, s = fid.inception_outputs(net, images, cfg.fid_preprocess, spatial)
             rows.append(np.hstack([pool3, s]) if spatial else pool3)
-        return F.pad(torch.from_numpy(np.concatenate(rows)), (0, 0, 0, m - sum(map(len, rows))))
+        rows = torch.from_numpy(np.concatenate(rows))
+        return F.pad(rows, (0, 0, 0, m - len(rows)))
 
     def metrics(rows):
         if procs.rank:
@@ -1616,95 +1544,86 @@ def measure(batches, n, ema, w, fid_ctx, cfg, procs):
         side = fid.add_outputs(fid.Side("the samples"), net, which, rows[:, :2048],
                                rows[:, 2048:])
         return fid.compute_metrics(side, fid_ctx.reference, which, procs.device)
-    # every cross-process step inside an agreement: a failure on any process fails them all
+    # each cross-process step in an agreement: a failure on any process fails all
     try:
         rows = procs.all_or_none(outputs)
-        rows = procs.all_or_none(procs.gather, rows)
+        if procs.ddp:
+            rows = procs.all_or_none(procs.gather, rows)
         scores = procs.all_or_none(metrics, rows)
     finally:
-        # the Inception does not stay in GPU memory between evaluations
+        # no Inception in GPU memory between evaluations
         net.cpu()
     return dict(ema=ema, cfg_scale=w, sampler=cfg.sampler, sample_steps=cfg.sample_steps,
                 time_shift=cfg.time_shift, num_samples=n, **scores)
 
 
-def write_samples(models, n, cfg, procs, out_dir, fid_ctx, names=None):
-    """--sample, and online evaluation without a reference: per EMA and CFG scale, n images into
-    out_dir as an ADM npz and a grid (PNGs with --save_pngs); with fid_ctx, their metrics."""
+def write_samples(models, n, cfg, procs, out_dir, fid_ctx, classes):
+    """Per EMA and CFG scale: n images into out_dir as an ADM npz and a grid (and PNGs with
+    --save_pngs); with fid_ctx, the rows of their metrics."""
     rows = []
     mine = range(procs.rank, n, procs.world)
     for (d, model), w in itertools.product(models.items(), cfg.cfg_scale):
         one = len(models) * len(cfg.cfg_scale) == 1
         tag = "" if one else f"_ema{d}_cfg{w:g}"
-        K = model.num_classes
-        # class names as file names
-        classes = ["".join(c if c.isalnum() else "_" for c in name)
-                   for name in names or map(str, range(K))]
 
         def shard():
-            # this process's images by batch, and a file of them for rank 0 to merge
+            # this process's images, and a file of them for rank 0 to merge
             batches = list(my_images(model, w, n, cfg, procs))
             images = np.concatenate(batches or [np.zeros((0, 1, 1, 3), np.uint8)])
             pngs = os.path.join(out_dir, f"images{tag}")
             os.makedirs(pngs if cfg.save_pngs else out_dir, exist_ok=True)
             for i, image in zip(mine, images if cfg.save_pngs else []):
-                Image.fromarray(image).save(f"{pngs}/{i:06d}_{classes[i % K]}.png")
-            shard_path = os.path.join(out_dir, f"samples{tag}_rank{procs.rank}.npz")
-            np.savez(shard_path, idx=mine, arr_0=images)
+                name = "".join(c if c.isalnum() else "_" for c in classes[i % len(classes)])
+                Image.fromarray(image).save(f"{pngs}/{i:06d}_{name}.png")
+            np.savez(f"{out_dir}/samples{tag}_rank{procs.rank}.npz", idx=mine, arr_0=images)
             return batches
         batches = procs.all_or_none(shard)
-        path = os.path.join(out_dir, f"samples{tag}.npz")
-        grid = os.path.join(out_dir, f"grid{tag}.png")
-        procs.all_or_none(merge_samples, n, path, grid, classes, procs)
+        procs.rank0(merge_samples, n, out_dir, tag, classes, procs.world)
         if fid_ctx:
             rows.append(measure(batches, n, d, w, fid_ctx, cfg, procs))
     return rows
 
 
-def merge_samples(n, path, grid, classes, procs):
-    """Rank 0: the shards -> one ADM npz in image order (the same for any process count), and a
-    grid of its first images."""
-    if procs.rank:
-        return
-    for r in range(procs.world):
-        shard = path.replace(".npz", f"_rank{r}.npz")
-        with np.load(shard) as part:
+def merge_samples(n, out_dir, tag, classes, world):
+    # the shards -> one ADM npz in image order (the same for any process count), and a grid
+    for r in range(world):
+        with np.load(f"{out_dir}/samples{tag}_rank{r}.npz") as part:
             if r == 0:
                 out = np.zeros((n, *part["arr_0"].shape[1:]), np.uint8)
             out[part["idx"]] = part["arr_0"]
-        os.remove(shard)
-    np.savez(path, arr_0=out, arr_1=np.arange(n) % len(classes))
+        os.remove(f"{out_dir}/samples{tag}_rank{r}.npz")
+    np.savez(f"{out_dir}/samples{tag}.npz", arr_0=out, arr_1=np.arange(n) % len(classes))
     layout = grid_layout(min(n, 100), classes)
-    save_grid(out, grid, layout)
-    print(f"wrote {path} ({n} images) and {grid} ({layout.note})")
+    save_grid(out, f"{out_dir}/grid{tag}.png", layout)
+    print(f"wrote {out_dir}/samples{tag}.npz ({n} images) and grid{tag}.png ({layout.note})")
 
 
 @torch.no_grad()
 def sample_main(cfg, given=()):
-    """The sampling program (--sample): a checkpoint's EMA model(s) -> OUT_DIR/samples_STEP/
-    (samples, grids) and, with --fid_ref, rows of metrics appended to OUT_DIR/eval.json. The
-    run's sampling settings apply where no flag (`given`) sets them."""
+    """The sampling program (--sample): a checkpoint's EMAs -> OUT_DIR/samples_STEP/, and with
+    --fid_ref, rows of metrics added to OUT_DIR/eval.json. The run's sampling settings hold
+    where no flag (`given`) sets them."""
     procs = setup_dist(cfg)
     path = cfg.ckpt or os.path.join(cfg.out_dir, "ckpt.pt")
-    models, conf, step, names = load_denoiser(path, cfg.unsafe_load, cfg.ema_decay)
-    run = {k: conf[k] for k in RUN_SAMPLING if conf and k not in given}
-    cfg = dataclasses.replace(cfg, **run)
+    models, conf, step, classes = load_denoiser(path, cfg.unsafe_load, cfg.ema_decay)
+    cfg = dataclasses.replace(cfg, **{k: conf[k] for k in RUN_SAMPLING if conf and k not in given})
     for m in models.values():
         m.to(procs.device)
         if cfg.compile:
             m.compile()
     fid_ctx = fid_setup(cfg, procs) if cfg.fid_ref else None
     out_dir = os.path.join(cfg.out_dir, f"samples_{step:07d}")
-    rows = write_samples(models, cfg.num_samples, cfg, procs, out_dir, fid_ctx, names)
+    classes = classes or [str(k) for k in range(next(iter(models.values())).num_classes)]
+    rows = write_samples(models, cfg.num_samples, cfg, procs, out_dir, fid_ctx, classes)
     if procs.rank == 0 and rows:
-        # eval.json: a list of rows, appended to; the printed table marks the best FID
+        # a list of rows, added to; the table marks the best FID
         out = os.path.join(cfg.out_dir, "eval.json")
         rows = [dict(ckpt=path, step=step, **r) for r in rows]
         old = json.load(open(out)) if os.path.isfile(out) else []
         with open(out + ".tmp", "w") as f:
             json.dump(old + rows, f, indent=1)
         os.replace(out + ".tmp", out)
-        print(fid.table(rows) + f"\nappended {len(rows)} row(s) to {out}")
+        print(fid.table(rows) + f"\nadded {len(rows)} row(s) to {out}")
     if procs.ddp:
         dist.destroy_process_group()
 
@@ -1716,30 +1635,29 @@ def sample_main(cfg, given=()):
 # what --sample takes from the checkpoint's config where no flag gives it
 RUN_SAMPLING = ("sampler", "sample_steps", "cfg_scale", "cfg_interval", "time_shift", "t_eps",
                 "seed", "background")
-CHOICES = dict(recipe=["auto", *RECIPES], model=list(MODELS), sampler=list(SAMPLERS),
-               metrics=list(fid.METRICS), device=["auto", "cpu", "cuda"],
-               perceptual_init=["pretrained", "random"], fid_preprocess=["adm", "pytorch-fid"])
+CHOICES = dict(recipe=["auto", *RECIPES], model=MODELS, sampler=SAMPLERS, metrics=fid.METRICS,
+               device=["auto", "cpu", "cuda"], perceptual_init=["pretrained", "random"],
+               fid_preprocess=["adm", "pytorch-fid"])
 # tuple fields: (element type, count); the others are floats, one or more
 TUPLES = dict(cfg_interval=(float, 2), background=(int, 3), metrics=(str, "+"))
 
 
 def parse_args(argv=None):
-    """(Config, mode, the fields the flags gave); a bad value stops here with one line."""
+    """(Config, mode, the fields the flags set); a bad value stops here in one line."""
     p = argparse.ArgumentParser(description=__doc__, argument_default=argparse.SUPPRESS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Each flag is a field of Config in pixelgen.py, whose "
+                                epilog="Each flag is a field of Config in pixelgen.py; its "
                                        "comment there explains it.")
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--train", action="store_true", help="train (resumes from OUT_DIR)")
+    mode.add_argument("--train", action="store_true", help="train, or continue OUT_DIR's run")
     mode.add_argument("--sample", action="store_true", help="sample a checkpoint, evaluate")
     for f in dataclasses.fields(Config):
         kind = dict(type=f.type)
         if f.type is bool:
             kind = dict(action=argparse.BooleanOptionalAction)
-        elif f.type is tuple:
+        if f.type is tuple:
             kind = dict(zip(("type", "nargs"), TUPLES.get(f.name, (float, "+"))))
-        p.add_argument(f"--{f.name}", choices=CHOICES.get(f.name), help=f"({f.default})",
-                       **kind)
+        p.add_argument(f"--{f.name}", choices=CHOICES.get(f.name), help=str(f.default), **kind)
     args = vars(p.parse_args(argv))
     mode = "train" if args.pop("train", False) else "sample"
     args.pop("sample", None)
@@ -1757,22 +1675,21 @@ def parse_args(argv=None):
 
 
 def flag_errors(cfg, mode):
-    """A message for each value that would waste or silently spoil a run."""
+    # a message for each value that would waste a run or spoil it silently
     for k in ("batch_size", "grad_accum", "sample_steps", "num_samples", "ckpt_every",
               "log_every", "image_size", "epochs", "eval_samples"):
         if getattr(cfg, k) <= 0:
-            yield f"--{k} must be positive, got {getattr(cfg, k)}"
+            yield f"--{k} must be positive"
     for k in ("max_steps", "keep_every", "eval_every", "sample_every", "num_classes"):
         if getattr(cfg, k) < 0:
-            yield f"--{k} must be 0 or more, got {getattr(cfg, k)}"
+            yield f"--{k} must be 0 or more"
     for k in ("data_path", "fid_ref", "fid_weights", "dino_path", "vgg_path", "ckpt"):
         if getattr(cfg, k) and not os.path.exists(getattr(cfg, k)):
             yield f"--{k} {getattr(cfg, k)}: no such file or folder"
     world = int(os.environ.get("WORLD_SIZE", 1))
-    split = world * cfg.grad_accum
-    if mode == "train" and cfg.batch_size % split:
-        yield (f"--batch_size {cfg.batch_size} is not a multiple of processes x --grad_accum "
-               f"= {world} x {cfg.grad_accum}")
+    if mode == "train" and cfg.batch_size % (world * cfg.grad_accum):
+        yield (f"--batch_size {cfg.batch_size} is not a multiple of {world} processes x "
+               f"--grad_accum {cfg.grad_accum}")
     if cfg.image_size % 16:
         yield f"--image_size {cfg.image_size} is not a multiple of the patch size, 16"
     if not all(0 <= d < 1 for d in cfg.ema + cfg.ema_decay):

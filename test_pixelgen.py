@@ -33,26 +33,22 @@ import fid
 import pixelgen as pg
 
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))  # -n 2: 2 x 1
-REAL_PERCEPTUAL_NETS = pg.perceptual_nets
 
 
-def small_perceptual_nets(cfg, device, log=print):
-    """pg.perceptual_nets for training runs in the tests: random DINOv2 (32 wide, 1 block) and LPIPS on SqueezeNet,
-    built in milliseconds with fixed weights (the global RNG is left alone); real-size nets for --perceptual_init
-    pretrained, whose tests need them."""
-    if cfg.perceptual_init != "random":
-        return REAL_PERCEPTUAL_NETS(cfg, device, log)
+def small_random_nets(use_dino, use_lpips):
+    """pg.random_nets of the training runs here: DINOv2 32 wide with 1 block, LPIPS on SqueezeNet,
+    fixed weights in milliseconds (the global RNG is left alone)."""
     import lpips
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        d = dino.DINOv2(embed_dim=32, depth=1, num_heads=2) if cfg.pdino_weight or cfg.repa_weight else None
-        lp = lpips.LPIPS(net="squeeze", pretrained=True, pnet_rand=True, verbose=False) if cfg.lpips_weight else None
-    return tuple(n.to(device).eval().requires_grad_(False) if n is not None else None for n in (d, lp))
+        d = dino.DINOv2(embed_dim=32, depth=1, num_heads=2) if use_dino else None
+        lp = lpips.LPIPS(net="squeeze", pretrained=True, pnet_rand=True, verbose=False) if use_lpips else None
+    return d, lp
 
 
 @pytest.fixture(autouse=True)
 def _small_nets(monkeypatch):
-    monkeypatch.setattr(pg, "perceptual_nets", small_perceptual_nets)
+    monkeypatch.setattr(pg, "random_nets", small_random_nets)
 
 
 def tiny_jit(**kw):  # every code path of the real model at toy width
@@ -106,9 +102,9 @@ def batch(B=4, S=32, seed=0):
             torch.randn(B, 3, S, S, generator=g))
 
 
-def loss_of(loss_fn, model, x, y, t, eps, drop=None, norm=None, adapt=False):  # the loss on given draws
+def loss_of(loss_fn, model, x, y, t, eps, drop=None, adapt=False):  # the loss on given draws
     drop = torch.zeros(len(t), dtype=torch.bool) if drop is None else drop
-    return loss_fn(model, x, y, pg.make_draws(t, drop, eps, loss_fn.gate_t, norm), adapt)
+    return loss_fn(model, x, y, t, eps, drop, adapt)
 
 
 def small_cfg(out_dir, **kw):  # a tiny demo run: 32 px, batch 4, 4 steps, log and metrics every step

@@ -11,10 +11,9 @@ Notation (t = 0 is pure noise, t = 1 the clean image):
     eps     Gaussian noise, like x
     t       time in [0, 1]
     y       class label; y = num_classes is the null class of CFG
-    x_t     = t x + (1 - t) eps                    Eq. (2)
-    x_hat   = net(x_t, t, y), the clean image     Eq. (1)
-    v       = (x - x_t) / (1 - t)                  Eq. (3)
-    v_hat   = (x_hat - x_t) / (1 - t)              Eq. (4)
+    x_t     = t x + (1 - t) eps
+    x_hat   = net(x_t, t, y), the clean image
+    v       = (x - x_t) / (1 - t), v_hat = (x_hat - x_t) / (1 - t)
 
 The method, top to bottom:
     x-prediction JiT denoiser        JiT                          Eq. (1)
@@ -29,8 +28,7 @@ The method, top to bottom:
     one training step                train_step                   Algorithm 1
     Heun / Euler sampler, CFG        sample
     time shift                       time_grid
-The engineering follows the banner. Deliberate differences from the released code (github
-Zehong-Ma/PixelGen) are marked NOTE(official).
+Then the engineering. NOTE(official) marks a deliberate difference from the released code.
 """
 import argparse
 import contextlib
@@ -59,7 +57,6 @@ from tqdm import tqdm
 import dino as dinov2
 import fid
 
-# -------------------------------------------------------------------------------------------------
 # Model: JiT (arXiv 2511.13720), a plain ViT on 16x16 pixel patches that outputs the clean image;
 # the constructor keywords are the official ones.
 
@@ -353,7 +350,6 @@ class JiT(nn.Module):
         return x_hat, h
 
 
-# -------------------------------------------------------------------------------------------------
 # Flow (Eqs. 1-5): the straight path from noise (t = 0) to the image (t = 1).
 
 def sample_t(n, P_mean=-0.8, P_std=0.8, generator=None):
@@ -373,7 +369,6 @@ def x_to_v(x_hat, x_t, t, t_eps=0.05):
     return (x_hat - x_t) / (1 - t.view(-1, 1, 1, 1)).clamp_min(t_eps)
 
 
-# -------------------------------------------------------------------------------------------------
 # Objective (Eqs. 5-9):
 #     L = L_FM + w_ad g(t) (0.1 L_LPIPS + 0.01 L_PDINO) + 0.5 L_REPA,   g(t) = 1[t >= 0.3]
 
@@ -502,7 +497,6 @@ class PixelGenLoss(nn.Module):
         self.w_ad.mul_(0.8).add_(0.2 * w)
 
 
-# -------------------------------------------------------------------------------------------------
 # One training step (Algorithm 1). A sample's draws are a function of (seed, step, its position
 # in the global batch): a resumed run draws the same, and so does any split of the batch.
 
@@ -577,7 +571,6 @@ def autocast(device):
     return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
 
 
-# -------------------------------------------------------------------------------------------------
 # Samplers (official HeunSamplerJiT(exact_henu=True), EulerSamplerJiT): t = 0 (noise) -> 1.
 
 SAMPLERS = ("heun", "euler")
@@ -638,90 +631,81 @@ def sample(model, noise, y, steps=50, sampler="heun", cfg_scale=1.0, cfg_interva
 class Config:
     """Every field is a flag (--name); a recipe changes a few defaults; flags win."""
     # what to run
-    recipe: str = "auto"             # xl-80ep | xl-160ep | l-200k | demo; auto: demo without data
-    model: str = "PixelGen-XL/16"    # a key of MODELS; official PixelGen_XL.yaml
+    recipe: str = "auto"             # a key of RECIPES; auto: demo without data, else xl-80ep
+    model: str = "PixelGen-XL/16"    # a key of MODELS; official
     image_size: int = 256            # paper: ImageNet 256x256
     num_classes: int = 0             # 0 = the data's
-    data_path: str = ""              # class folders (ImageNet layout) or one folder; "" = demo
-    background: tuple = (255, 255, 255)  # R G B under transparent pixels: white, as browsers
-    flip: bool = False               # random horizontal flips: off in PixelGen, on in JiT
-    out_dir: str = "runs/pixelgen"   # checkpoints, logs, metrics, grids, samples
-    device: str = "auto"             # auto (cuda if available) | cpu | cuda
+    data_path: str = ""              # ImageNet-style class folders; "" = demo
+    background: tuple = (255, 255, 255)  # under transparent pixels: white, as browsers
+    flip: bool = False               # random flips: off in PixelGen, on in JiT
+    out_dir: str = "runs/pixelgen"   # the run: checkpoints, logs, grids, samples
+    device: str = "auto"             # auto (cuda if there) | cpu | cuda
     seed: int = 1234                 # official seed_everything(1234)
     # optimisation (official PixelGen_XL.yaml)
-    batch_size: int = 256            # global batch B = processes x grad_accum x micro-batch
+    batch_size: int = 256            # global B = processes x grad_accum x micro-batch
     grad_accum: int = 1              # micro-batches per process and step
     lr: float = 1e-4                 # AdamW, constant, no warmup
-    beta1: float = 0.9               # torch's default, as official
-    beta2: float = 0.999             # torch's default, as official
+    beta1: float = 0.9               # official (torch's default)
+    beta2: float = 0.999             # official (torch's default)
     weight_decay: float = 0.0        # official
     epochs: int = 80                 # paper: 80 epochs, about 400k steps
     max_steps: int = 0               # > 0 overrides epochs
-    ema: tuple = (0.9999,)           # EMA decay(s), fp32, every step: official 0.9999
+    ema: tuple = (0.9999,)           # EMA decay(s), every step: official
     num_workers: int = 8             # data loader workers per process
-    compile: bool = False            # torch.compile the denoiser and the frozen nets
-    grad_ckpt: bool = False          # activation checkpointing: less memory, more compute
+    compile: bool = False            # torch.compile what runs every step
+    grad_ckpt: bool = False          # activation checkpointing
     # objective (official training_repa_JiT_LPIPS_DINO_NoiseGating.py)
-    P_mean: float = -0.8             # logit-normal t = sigmoid(P_mean + P_std n): official
+    P_mean: float = -0.8             # t = sigmoid(P_mean + P_std n): official
     P_std: float = 0.8               # official
-    t_eps: float = 0.05              # the clamp of 1 - t: official
+    t_eps: float = 0.05              # 1 - t >= t_eps: official
     label_dropout: float = 0.1       # official null_condition_p
     lpips_weight: float = 0.1        # paper lambda_1; 0 skips LPIPS
     pdino_weight: float = 0.01       # paper lambda_2; 0 skips P-DINO
     repa_weight: float = 0.5         # official feat_loss_weight; 0 skips REPA
-    repa_layer: int = -1             # REPA's block; -1 = the preset's (REPA_LAYER)
-    gate_t: float = 0.3              # g(t) = 1[t >= gate_t]: official percept_t_threshold
-    adaptive_from: int = -1          # >= 0: w_ad from this step (160-epoch recipe: 400000)
-    perceptual_init: str = "pretrained"  # pretrained | random (tests and smoke runs)
+    repa_layer: int = -1             # -1 = the preset's (REPA_LAYER)
+    gate_t: float = 0.3              # g(t) = 1[t >= gate_t]: official
+    adaptive_from: int = -1          # >= 0: w_ad from this step (official 160 ep: 400k)
+    perceptual_init: str = "pretrained"  # | random (tests, smoke runs)
     dino_path: str = ""              # dinov2_vitb14_pretrain.pth; "" = torch hub cache
     vgg_path: str = ""               # vgg16-397923af.pth; "" = torch hub cache
     # sampling and evaluation (paper Sec. 4; official HeunSamplerJiT)
-    sampler: str = "heun"            # heun | euler
+    sampler: str = "heun"            # heun | euler: official
     sample_steps: int = 50           # paper: 50
-    cfg_scale: tuple = (1.0,)        # 1 = no CFG (FID 5.11); 2.25 at 160 epochs; several: sweep
-    cfg_interval: tuple = (0.1, 0.9)  # CFG only while lo < t <= hi (official)
+    cfg_scale: tuple = (1.0,)        # 1 = none (FID 5.11); 160 ep: 2.25; several: a sweep
+    cfg_interval: tuple = (0.1, 0.9)  # CFG while lo < t <= hi: official
     time_shift: float = 2.0          # XL: 2.0; L/16 ablations: 1.0
-    num_samples: int = 64            # --sample: images per setting (FID-50K: 50000)
+    num_samples: int = 64            # --sample: images per setting
     save_pngs: bool = False          # --sample: also a PNG per image
-    ckpt: str = ""                   # --sample: ours or an official .ckpt; "" = OUT_DIR/ckpt.pt
-    ema_decay: tuple = ()            # --sample: the EMA decay(s) to sample; () = the first
-    unsafe_load: bool = False        # unpickle objects: trusted official checkpoints only
-    fid_ref: str = ""                # an ADM reference batch, a statistics npz or a folder
+    ckpt: str = ""                   # --sample: a .pt or .ckpt; "" = OUT_DIR/ckpt.pt
+    ema_decay: tuple = ()            # --sample: the EMAs to sample; () = the first
+    unsafe_load: bool = False        # unpickle: trusted official .ckpt only
+    fid_ref: str = ""                # an ADM reference npz or a folder
     fid_weights: str = ""            # pt_inception-2015-12-05-6726825d.pth; "" = hub cache
     fid_preprocess: str = "adm"      # adm (ADM suite) | pytorch-fid
-    metrics: tuple = ()              # of fid sfid is pr dc; () = all the reference allows
-    eval_every: int = 0              # --train: evaluate the EMAs every N steps; 0 = never
-    eval_samples: int = 50000        # --train: images per evaluation (official: 50000)
+    metrics: tuple = ()              # () = all that the reference allows
+    eval_every: int = 0              # --train: evaluate every N steps
+    eval_samples: int = 50000        # --train: images per evaluation: official
     # bookkeeping
-    resume: bool = True              # continue from OUT_DIR/ckpt.pt when it exists
-    ckpt_every: int = 5000           # steps between writes of OUT_DIR/ckpt.pt
-    keep_every: int = 0              # also keep ckpt_STEP.pt every N steps (official: 100000)
-    log_every: int = 100             # steps between log lines (the only device syncs)
-    sample_every: int = 10000        # steps between sample grids; 0 = never
+    resume: bool = True              # continue OUT_DIR/ckpt.pt
+    ckpt_every: int = 5000           # steps between checkpoints
+    keep_every: int = 0              # also keep ckpt_STEP.pt (official: 100000)
+    log_every: int = 100             # steps between log lines (device syncs)
+    sample_every: int = 10000        # steps between sample grids
 
 
-# A paper run by name; each states only what differs from the defaults.
+# A paper run by name, with what it changes: Table 2 (FID 5.11, 1.83), Table 5 (ablations).
 RECIPES = {
-    # Table 2: FID 5.11 without CFG
     "xl-80ep": dict(keep_every=100_000),
-    # Table 2: FID 1.83 with CFG 2.25
-    "xl-160ep": dict(epochs=160, cfg_scale=(2.25,), adaptive_from=400_000,
-                     keep_every=100_000),
-    # Table 5 ablations
-    "l-200k": dict(model="PixelGen-L/16", max_steps=200_000, sampler="euler",
-                   time_shift=1.0),
+    "xl-160ep": dict(epochs=160, cfg_scale=(2.25,), adaptive_from=400_000, keep_every=100_000),
+    "l-200k": dict(model="PixelGen-L/16", max_steps=200_000, sampler="euler", time_shift=1.0),
     # a laptop demo: 4M parameters, 64 px toy shapes; a faster lr and EMA for minutes
     "demo": dict(model="PixelGen-T/16", image_size=64, batch_size=16, lr=1e-3, ema=(0.99,),
                  max_steps=500, num_workers=0, sample_steps=25, time_shift=1.0,
                  cfg_scale=(2.0,), ckpt_every=250, log_every=25, sample_every=250,
                  out_dir="runs/demo", num_samples=40),
 }
-# the demo on a GPU: more and larger batches in the same minutes
-DEMO_CUDA = dict(batch_size=64, max_steps=3000, log_every=100, ckpt_every=1000,
-                 sample_every=1000)
 
 
-# -------------------------------------------------------------------------------------------------
 # Frozen perceptual networks: DINOv2-B/14 (dino.py) and LPIPS-VGG (the lpips package).
 
 VGG_FILE = "vgg16-397923af.pth"
@@ -729,9 +713,8 @@ VGG_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 
 
 def make_lpips(vgg_file=None):
-    """LPIPS-VGG: v0.1 heads from the lpips wheel, the VGG16 trunk from vgg_file (or random)."""
+    # LPIPS-VGG: v0.1 heads from the lpips wheel, the VGG16 trunk from vgg_file (or random)
     import lpips
-    # quiet torchvision's notes on lpips' `pretrained=`
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
@@ -752,8 +735,8 @@ def random_nets(use_dino, use_lpips):
 
 
 def weight_files(cfg, procs, nets):
-    """{net: path} of the pretrained files: a flag's, else the torch hub cache (downloaded when
-    possible; first by each node's first process). One message names every missing file."""
+    """{net: path}: a flag's, else the torch hub cache (each node's first process downloads
+    first); one message names every missing file."""
     known = dict(dino=(cfg.dino_path, dinov2.WEIGHTS_FILE, dinov2.WEIGHTS_URL),
                  vgg=(cfg.vgg_path, VGG_FILE, VGG_URL),
                  inception=(cfg.fid_weights, fid.FID_WEIGHTS_FILE, fid.FID_WEIGHTS_URL))
@@ -774,15 +757,13 @@ def weight_files(cfg, procs, nets):
 
 
 def perceptual_nets(cfg, procs, log):
-    """(cfg, dino, lpips) of the loss weights, None where unused. Offline, the demo trains L_FM
-    alone (its cfg says so), not with random networks that teach nothing."""
+    """(cfg, dino, lpips), None where unused. Offline, the demo trains L_FM alone."""
     use_dino = bool(cfg.pdino_weight or cfg.repa_weight)
     use_lpips = bool(cfg.lpips_weight)
     if cfg.perceptual_init == "random":
         log("WARNING: --perceptual_init random: LPIPS and DINOv2 have RANDOM weights")
         nets = random_nets(use_dino, use_lpips)
     elif use_dino or use_lpips:
-        # with the FID Inception when evaluating: every missing file in one message
         names = ["dino"] * use_dino + ["vgg"] * use_lpips
         names += ["inception"] * bool(cfg.eval_every and cfg.fid_ref)
         try:
@@ -790,8 +771,7 @@ def perceptual_nets(cfg, procs, log):
         except FileNotFoundError as e:
             if cfg.data_path:
                 raise SystemExit(f"error: {e}")
-            log(f"offline demo: training L_FM alone, without LPIPS, P-DINO and REPA. "
-                f"For them: {' '.join(str(e).split())}")
+            log(f"offline demo: L_FM alone, no LPIPS, P-DINO, REPA; {' '.join(str(e).split())}")
             cfg = dataclasses.replace(cfg, lpips_weight=0.0, pdino_weight=0.0, repa_weight=0.0)
             return cfg, None, None
         nets = (dinov2.load_dinov2(files["dino"]) if use_dino else None,
@@ -802,7 +782,6 @@ def perceptual_nets(cfg, procs, log):
     return cfg, *nets
 
 
-# -------------------------------------------------------------------------------------------------
 # Data: ImageNet-layout folders with the ADM centre crop, or drawn toy shapes for the demo.
 
 def center_crop(img, size):
@@ -818,7 +797,7 @@ def center_crop(img, size):
 
 
 def list_folder(root):
-    """(classes, images per class, ignored names, paths as a numpy bytes array)."""
+    # (classes, images per class, ignored names, paths as a numpy bytes array)
     if not os.path.isdir(root):
         raise SystemExit(f"error: --data_path {root} is not a folder")
     top = sorted(os.scandir(root), key=lambda e: e.name)
@@ -834,16 +813,14 @@ def list_folder(root):
     counts = [len(files) for files, _ in found]
     empty = [c for c, n in zip(classes, counts) if n == 0]
     if empty:
-        raise SystemExit(f"error: no image files ({' '.join(fid.IMAGE_EXTENSIONS)}) in "
-                         f"{', '.join(empty)} of {root}")
+        raise SystemExit(f"error: no image files in {', '.join(empty)} of {root}")
     paths = [os.fsencode(p) for files, _ in found for p in files]
     return classes, counts, ignored, np.array(paths, dtype=bytes)
 
 
 class ImageFolderData(torch.utils.data.Dataset):
-    """root/CLASS/.../IMAGE, the sorted class folders labelled 0..K-1. An item: the uint8 image
-    (3, H, W) after the ADM crop and its label, or why it is unreadable. Rank 0 lists for all;
-    numpy paths and labels are shared by the data workers, not copied."""
+    """root/CLASS/.../IMAGE, class folders labelled 0..K-1 in order. An item: the uint8 image
+    (3, H, W) and its label, or why it is unreadable. Rank 0 lists the files for all."""
 
     def __init__(self, root, size, background, procs):
         listing = [procs.rank0(list_folder, root)]
@@ -868,7 +845,7 @@ class ImageFolderData(torch.utils.data.Dataset):
 
 
 class ToyShapes(torch.utils.data.Dataset):
-    """The demo: 10 classes of drawn shapes (shape and colour), image i of class i mod 10."""
+    # the demo: 10 classes of drawn shapes (shape and colour), image i of class i mod 10
     classes = ["red disc", "green square", "blue triangle", "yellow ring", "magenta cross",
                "cyan h-stripes", "orange v-stripes", "white diamond", "purple checker",
                "teal frame"]
@@ -908,7 +885,7 @@ class ToyShapes(torch.utils.data.Dataset):
 
 
 def class_table(data):
-    # for the log: images per class (the first and last 10 of more than 20), what was left out
+    # for the log: images per class (the first and last 10 of more), what was left out
     table = [f"{k:6d} {n:8d}  {c}" for k, (c, n) in enumerate(zip(data.classes, data.counts))]
     if len(table) > 20:
         table = table[:10] + ["   ..."] + table[-10:]
@@ -918,7 +895,7 @@ def class_table(data):
 
 
 def collate(batch):
-    """(images, labels, unreadable): each unreadable item is replaced by a readable one."""
+    # (images, labels, unreadable): each unreadable item replaced by a readable one
     good = [b for b in batch if not isinstance(b, str)]
     bad = [b for b in batch if isinstance(b, str)]
     if not good:
@@ -928,9 +905,8 @@ def collate(batch):
 
 
 def global_batches(n, batch, world, rank, accum, seed, step=0):
-    """This process's micro-batches of dataset indices from `step` on, without end. Step s of
-    epoch e is positions [sB, (s + 1)B) of a permutation seeded by (seed, e), without the tail;
-    process r takes the r-th of `world` slices, as `accum` micro-batches."""
+    """This process's micro-batches of indices from `step` on. Step s of epoch e: positions
+    [sB, (s + 1)B) of a permutation seeded by (seed, e); process r takes the r-th slice."""
     b = batch // (world * accum)
     perm = None
     for step in itertools.count(step):
@@ -958,7 +934,6 @@ def quiet_worker(_):
         signal.signal(s, signal.SIG_IGN)
 
 
-# -------------------------------------------------------------------------------------------------
 # Training: AdamW, fp32 EMAs, bf16 autocast on CUDA, DDP under torchrun.
 
 # the run ends after the step: preemption (SLURM's and torchrun's SIGTERM), Ctrl-C
@@ -967,8 +942,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 @dataclasses.dataclass
 class Procs:
-    """This process among the others. What decides the next collectives (a stop, an evaluation's
-    outcome), and waits for rank 0's writes, run on the host in the gloo group `ctrl`."""
+    """This process among the others. Decisions on the next collectives (a stop, an evaluation)
+    and waits for rank 0 run on the host, in the gloo group `ctrl`."""
     ddp: bool = False
     rank: int = 0
     world: int = 1
@@ -984,7 +959,7 @@ class Procs:
         return int(flag)
 
     def all_or_none(self, fn, *args):
-        """fn(*args) on every process; if it raised on any, it raises on all."""
+        # fn(*args) on every process; if it raised on any, it raises on all
         try:
             out = fn(*args)
             err = None
@@ -1009,7 +984,7 @@ class Procs:
 
 
 def setup_dist(cfg):
-    """One process under python; under torchrun one of many (NCCL on CUDA, else gloo)."""
+    # one process under python; under torchrun one of many (NCCL on CUDA, else gloo)
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     if "RANK" not in os.environ:
         return Procs(device=torch.device("cuda" if cuda else "cpu"))
@@ -1026,8 +1001,8 @@ def setup_dist(cfg):
 
 
 def wrap_ddp(net, procs):
-    """DDP: gradients live in the buckets (no second copy); no buffer broadcast (all are
-    constants, w_ad is averaged); 256 MiB buckets keep a compiled XL in about 12 graphs."""
+    # gradients in the buckets (no copy); no buffer broadcast (w_ad is averaged, the rest are
+    # constants); 256 MiB buckets keep a compiled XL in about 12 graphs
     if not procs.ddp:
         return net
     ids = None if procs.device.type == "cpu" else [procs.device.index]
@@ -1048,8 +1023,8 @@ class DenoiserAndLoss(nn.Module):
 
 
 def hold_folder(out_dir):
-    """OUT_DIR/lock while the run lives, so two runs never share a folder; the OS drops it
-    at exit. Storage without flock (Lustre's noflock) runs unlocked."""
+    # OUT_DIR/lock while the run lives (the OS drops it at exit); no flock (Lustre's noflock):
+    # unlocked
     os.makedirs(out_dir, exist_ok=True)
     f = open(os.path.join(out_dir, "lock"), "w")
     try:
@@ -1077,7 +1052,7 @@ class Log:
 
 
 def command(**change):
-    """The user's command with some flags changed, for advice: the other flags stay."""
+    # the user's command with some flags changed, for advice
     args = sys.argv[1:]
     for k, v in change.items():
         if f"--{k}" in args:
@@ -1088,7 +1063,7 @@ def command(**change):
 
 
 def build(cfg, procs, log):
-    """(cfg, model, its EMAs, the objective, AdamW); cfg as the offline demo trains."""
+    # (cfg, model, its EMAs, the objective, AdamW); cfg as the offline demo trains
     # the same initial weights on every process
     torch.manual_seed(cfg.seed)
     model = JiT(**MODELS[cfg.model], input_size=cfg.image_size, num_classes=cfg.num_classes)
@@ -1109,12 +1084,11 @@ def build(cfg, procs, log):
                             weight_decay=cfg.weight_decay,
                             fused=procs.device.type == "cuda" or None)
     if cfg.compile:
-        # w_ad backpropagates twice through one graph (retain_graph): a compiled backward
-        # allows it only without donated buffers
+        # w_ad backpropagates twice through a graph: no donated buffers
         if cfg.adaptive_from >= 0:
             from torch._functorch import config as functorch_config
             functorch_config.donated_buffer = False
-        # what runs every step, and the EMAs that sample; DINOv2 and LPIPS as modules
+        # what runs every step, and the EMAs that sample
         for m in (model, *emas.values(), dino, lp):
             if m is not None:
                 m.compile()
@@ -1122,12 +1096,10 @@ def build(cfg, procs, log):
 
 
 def check_run(cfg, data, procs, ck):
-    """The run's Config after the checks made before anything is built: classes, enough data,
-    and that the checkpoint `ck` it resumes is this run's."""
+    # the run's Config, checked before anything is built: classes, data, the checkpoint's run
     num_classes = cfg.num_classes or len(data.classes)
     if num_classes < len(data.classes):
-        raise SystemExit(f"error: the data has {len(data.classes)} classes but --num_classes "
-                         f"is {cfg.num_classes}")
+        raise SystemExit(f"error: --num_classes {num_classes} < the data's {len(data.classes)}")
     data_path = os.path.abspath(cfg.data_path) if cfg.data_path else ""
     cfg = dataclasses.replace(cfg, num_classes=num_classes, data_path=data_path)
     if len(data) < cfg.batch_size:
@@ -1164,8 +1136,7 @@ def read_checkpoint(path, unsafe=False):
 
 
 def resume_point(cfg, procs):
-    """The checkpoint the run continues from ({} for a new run). Rank 0 decides; a process that
-    cannot read that same file stops them all."""
+    # the checkpoint the run continues ({} if none): rank 0 decides, all must read the same
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if not procs.agree(cfg.resume and procs.rank == 0 and os.path.isfile(path)):
         return {}
@@ -1194,8 +1165,8 @@ def resume(ck, model, emas, loss_fn, opt):
 
 
 def save_checkpoint(obj, path, keep=None):
-    """Atomic and durable: a temp file flushed to disk, renamed over `path`, the folder
-    flushed; a snapshot `keep` is a hard link. A failed write leaves the last one as it was."""
+    """Atomic and durable: a temp file flushed to disk, renamed, the folder flushed; a snapshot
+    `keep` is a hard link. A failed write leaves the last checkpoint as it was."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -1219,8 +1190,7 @@ def save_checkpoint(obj, path, keep=None):
 
 @contextlib.contextmanager
 def stop_signals():
-    """Yields the list of stop signals received. A repeat changes nothing: SLURM signals every
-    process of a job step and torchrun forwards its own."""
+    # the stop signals received; a repeat (SLURM's, then torchrun's) changes nothing
     received = []
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     for s in STOP_SIGNALS:
@@ -1251,7 +1221,7 @@ class Meter:
         self.skipped += skipped
 
     def report(self, step, max_steps, cfg, procs, w_ad, epoch):
-        """(log line, metrics row): the means over every process's micro-batches."""
+        # (log line, metrics row): means over every process's micro-batches
         sums = self.sums
         skipped = [self.skipped] * procs.world
         if procs.ddp:
@@ -1333,9 +1303,9 @@ def train(cfg):
                     save(model, emas, loss_fn, opt, step, cfg, procs, log, todo.keep, data)
                     # a signal during the save: this step's checkpoint is written, stop now
                     stop = stop or procs.agree(bool(received))
-                if todo.eval:
+                if todo.eval and not stop:
                     evaluate_online(emas, cfg, procs, step, log, fid_ctx, data.classes)
-                if todo.grid:
+                if todo.grid and not stop:
                     procs.rank0(write_grid, emas, cfg, procs.device, step, data.classes, log)
                 if stop:
                     log(f"stopped after step {step}; run the same command to continue")
@@ -1402,7 +1372,6 @@ def write_grid(emas, cfg, device, step, classes, log):
     log(f"sample grid (EMA {cfg.ema[0]}): {path}; {layout.note}")
 
 
-# -------------------------------------------------------------------------------------------------
 # Sampling and evaluation: our checkpoints or official Lightning ones (EMA weights) -> samples
 # (ADM npz), grids, and fid.py's metrics.
 
@@ -1628,7 +1597,6 @@ def sample_main(cfg, given=()):
         dist.destroy_process_group()
 
 
-# -------------------------------------------------------------------------------------------------
 # Command line: --train | --sample, and a flag per Config field. Precedence: Config < recipe <
 # the checkpoint's sampling settings (--sample) < the flags given.
 
@@ -1665,8 +1633,6 @@ def parse_args(argv=None):
     if recipe == "auto":
         recipe = "xl-80ep" if args.get("data_path") or args.get("ckpt") else "demo"
     conf = {**RECIPES[recipe], "recipe": recipe}
-    if recipe == "demo" and torch.cuda.is_available() and args.get("device") != "cpu":
-        conf.update(DEMO_CUDA)
     conf.update({k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
     cfg = Config(**conf)
     for message in flag_errors(cfg, mode):
@@ -1683,9 +1649,6 @@ def flag_errors(cfg, mode):
     for k in ("max_steps", "keep_every", "eval_every", "sample_every", "num_classes"):
         if getattr(cfg, k) < 0:
             yield f"--{k} must be 0 or more"
-    for k in ("data_path", "fid_ref", "fid_weights", "dino_path", "vgg_path", "ckpt"):
-        if getattr(cfg, k) and not os.path.exists(getattr(cfg, k)):
-            yield f"--{k} {getattr(cfg, k)}: no such file or folder"
     world = int(os.environ.get("WORLD_SIZE", 1))
     if mode == "train" and cfg.batch_size % (world * cfg.grad_accum):
         yield (f"--batch_size {cfg.batch_size} is not a multiple of {world} processes x "

@@ -99,9 +99,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_2d(grid, head_dim, n_prefix, theta=10000.0):
-    """2-D RoPE angles (cos, sin), each (n_prefix + grid^2, head_dim / 2), one per pair
-    (x_2j, x_2j+1) of a head: the first half of the pairs turns by the row, the second half by
-    the column, at frequencies theta^(-4k / head_dim). Prefix tokens get angle 0."""
+    """2-D RoPE angles (cos, sin), (n_prefix + grid^2, head_dim / 2): per pair of a head, the
+    first half turn by the row, the second by the column; prefix tokens by 0."""
     d = head_dim // 2
     freqs = 1.0 / theta ** (torch.arange(0, d, 2)[: d // 2].float() / d)  # (d/2,)
     f = torch.outer(torch.arange(grid).float(), freqs)                   # (grid, d/2)
@@ -114,8 +113,7 @@ def rope_2d(grid, head_dim, n_prefix, theta=10000.0):
 
 
 def apply_rope(x, cos, sin):
-    """x (B, heads, N, head_dim): each pair (x0, x1) turns by its angle. Real arithmetic (the
-    compiler makes no code for complex tensors), as the official t cos + rotate_half(t) sin."""
+    # x (B, heads, N, head_dim): each pair turns by its angle, in real arithmetic (compilable)
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, heads, N, head_dim/2)
     out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1)
     return out.flatten(-2)                                  # (B, heads, N, head_dim)
@@ -164,8 +162,7 @@ def modulate(x, shift, scale):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with adaLN-Zero conditioning on c."""
-
+    # pre-norm transformer block, adaLN-Zero conditioning on c
     def __init__(self, dim, num_heads, mlp_ratio, attn_drop, proj_drop):
         super().__init__()
         self.norm1 = RMSNorm(dim)
@@ -221,8 +218,7 @@ class LabelEmbedder(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Patches to tokens: one conv, or JiT's bottleneck p*p*3 -> bottleneck_dim -> D."""
-
+    # patches to tokens: one conv, or JiT's bottleneck p*p*3 -> bottleneck_dim -> D
     def __init__(self, patch, in_ch, dim, bottleneck_dim=None):
         super().__init__()
         if bottleneck_dim:
@@ -239,7 +235,7 @@ class PatchEmbed(nn.Module):
 
 
 def sincos_pos_embed(dim, grid):
-    """The fixed 2-D sin-cos table (grid^2, dim): [column half, row half], each [sin, cos]."""
+    # the fixed 2-D sin-cos table (grid^2, dim): [column half, row half], each [sin, cos]
     omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
     axis = np.arange(grid, dtype=np.float32)
     cols, rows = np.meshgrid(axis, axis)
@@ -353,7 +349,7 @@ class JiT(nn.Module):
 # Flow (Eqs. 1-5): the straight path from noise (t = 0) to the image (t = 1).
 
 def sample_t(n, P_mean=-0.8, P_std=0.8, generator=None):
-    """Training times, logit-normal: t = sigmoid(P_mean + P_std n), n ~ N(0, 1)."""
+    # training times, logit-normal: t = sigmoid(P_mean + P_std n), n ~ N(0, 1)
     # NOTE(official): drawn on the host (official: the GPU), so g(t) needs no device sync
     return torch.sigmoid(torch.randn(n, generator=generator) * P_std + P_mean)
 
@@ -373,7 +369,7 @@ def x_to_v(x_hat, x_t, t, t_eps=0.05):
 #     L = L_FM + w_ad g(t) (0.1 L_LPIPS + 0.01 L_PDINO) + 0.5 L_REPA,   g(t) = 1[t >= 0.3]
 
 def to_device(u, device):
-    """A host tensor to the device; the host does not wait (pinned memory on CUDA)."""
+    # a host tensor to the device; the host does not wait (pinned memory on CUDA)
     if device.type == "cuda":
         u = u.pin_memory()
     return u.to(device, non_blocking=True)
@@ -460,8 +456,8 @@ class PixelGenLoss(nn.Module):
         return dict(loss=loss, **{k: v.detach() for k, v in L.items()})
 
     def features(self, u):
-        """f(u): DINOv2's last-block patch tokens (b, N, 768) float32, one per JiT token."""
-        # any batch size, 1 included, without a new graph of a compiled DINOv2
+        # f(u): DINOv2's last-block patch tokens (b, N, 768), one per JiT token; a compiled
+        # DINOv2 makes one graph for any batch size, 1 included
         torch._dynamo.decorators.mark_unbacked(u, 0)
         # NOTE(official): resized by the model's patch (official: 16): tokens align for any
         return self.dino(u, self.patch_size).float()
@@ -506,7 +502,7 @@ def seed_for(*keys):
 
 
 def draw(cfg, step):
-    """On the host, for the global batch: times t, label dropout, flips (JiT's recipe)."""
+    # on the host, for the global batch: times t, label dropout, flips (JiT's recipe)
     gen = torch.Generator().manual_seed(seed_for(cfg.seed, step))
     t = sample_t(cfg.batch_size, cfg.P_mean, cfg.P_std, gen)
     drop = torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout
@@ -515,7 +511,7 @@ def draw(cfg, step):
 
 
 def noise(shape, seeds, device):
-    """eps (len(seeds), *shape) ~ N(0, I), sample i from seeds[i]."""
+    # eps (len(seeds), *shape) ~ N(0, I), sample i from seeds[i]
     gen = torch.Generator(device)
     eps = [torch.randn(shape, generator=gen.manual_seed(s), device=device) for s in seeds]
     return torch.stack(eps)
@@ -523,7 +519,7 @@ def noise(shape, seeds, device):
 
 @torch.no_grad()
 def update_ema(emas, model):
-    """Each EMA: ema <- d ema + (1 - d) theta."""
+    # each EMA: ema <- d ema + (1 - d) theta
     theta = list(model.parameters())
     for d, ema in emas.items():
         # NOTE(official): one fused lerp, ema + (1 - d)(theta - ema), not mul and add
@@ -585,7 +581,7 @@ def time_grid(steps, shift=1.0):
 @torch.no_grad()
 def sample(model, noise, y, steps=50, sampler="heun", cfg_scale=1.0, cfg_interval=(0.1, 0.9),
            time_shift=2.0, t_eps=0.05):
-    """Integrates dx/dt = v_hat(x, t) from noise (t = 0) to an image x (t = 1)."""
+    # integrates dx/dt = v_hat(x, t) from noise (t = 0) to an image x (t = 1)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     # the grid on the host: the CFG tests need no sync

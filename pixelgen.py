@@ -1368,15 +1368,12 @@ def write_grid(emas, cfg, device, step, classes, log):
     log(f"sample grid (EMA {cfg.ema[0]}): {path}; {layout.note}")
 
 
-# Sampling and evaluation: our checkpoints or official Lightning ones (EMA weights) -> samples
-# (ADM npz), grids, and fid.py's metrics.
+# Sampling and evaluation: our checkpoints or official ones -> samples, grids, fid.py's metrics.
 
 def load_denoiser(path, unsafe=False, decays=()):
-    """({decay: JiT in eval mode}, config or None, step, class names or None) of a checkpoint;
-    decays picks EMAs (default: the first). An official file's preset: by depth and width."""
+    # ({decay: JiT}, config, step, class names) of a checkpoint; decays picks EMAs (or the first)
     if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint {path} not found: train first (--train, the same "
-                         f"--out_dir), or pass --ckpt FILE")
+        raise SystemExit(f"error: no checkpoint {path}: train first, or pass --ckpt FILE")
     ck = read_checkpoint(path, unsafe)
     conf = ck.get("config")
     if "emas" in ck:
@@ -1424,8 +1421,8 @@ def official_preset(sd, path):
 
 @torch.no_grad()
 def sample_images(model, idx, cfg, device, cfg_scale, batch=0):
-    """uint8 images (len(idx), H, W, 3): image i of class i % K, its noise from (seed, i). The
-    batch is padded to `batch` images: a compiled model sees one shape."""
+    # uint8 (len(idx), H, W, 3): image i of class i % K, noise from (seed, i); padded to `batch`
+    # images, a compiled model sees one shape
     full = list(idx) + list(idx[-1:]) * (batch - len(idx))
     size = model.grid * model.patch_size
     # drawn on the CPU: the same noise on any device
@@ -1440,8 +1437,8 @@ def sample_images(model, idx, cfg, device, cfg_scale, batch=0):
 
 
 def grid_layout(n, classes):
-    """A grid of at most n images, image i of class i % K: up to 16 classes a column per class,
-    else whole rows; `note` names the classes of the columns or of each row's first image."""
+    # up to n images, image i of class i % K: up to 16 classes a column per class, else whole
+    # rows; `note` names the columns' classes or each row's first
     K = len(classes)
     cols = min(n, K) if K <= 16 else math.ceil(math.sqrt(n))
     n -= n % cols
@@ -1462,7 +1459,7 @@ def save_grid(images, path, layout):
 
 
 def fid_setup(cfg, procs):
-    """Once per run: the Inception (kept on the CPU), the metrics and the reference's outputs."""
+    # once per run: the Inception (kept on the CPU), the metrics, the reference's outputs
     try:
         weights = weight_files(cfg, procs, ["inception"])["inception"]
         ref = procs.all_or_none(fid.open_side, cfg.fid_ref, cfg.background)

@@ -1431,221 +1431,152 @@ def test_two_processes_sample_and_evaluate_as_one(tmp_path, two_processes, monke
             assert np.array_equal(a["arr_0"], b["arr_0"])
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Sampling and evaluation
 
-def test_load_our_and_official_checkpoints(tmp_path):
-    m = randomize(pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10))
-    ema = randomize(pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10), seed=1)
-    # ours name their preset; --ema_decay picks among the EMA decays, a missing one is listed
-    conf = dict(model="PixelGen-T/16", image_size=32, num_classes=10)
-    emas = {"0.9999": ema.state_dict(), "0.9996": m.state_dict()}
-    torch.save(dict(model=m.state_dict(), ema=ema.state_dict(), emas=emas, step=5, config=conf), tmp_path / "two.pt")
-    got, _, step = pg.load_denoiser(str(tmp_path / "two.pt"))
-    assert list(got) == [0.9999] and step == 5 and same(got[0.9999].state_dict(), ema.state_dict())
-    got, _, _ = pg.load_denoiser(str(tmp_path / "two.pt"), decays=(0.9996, 0.9999))
-    assert list(got) == [0.9996, 0.9999] and same(got[0.9996].state_dict(), m.state_dict())
-    with pytest.raises(SystemExit, match="holds no EMA of decay 0.999; it holds 0.9999, 0.9996"):
-        pg.load_denoiser(str(tmp_path / "two.pt"), decays=(0.999,))
-    lightning = {"state_dict": {**{"denoiser." + k: v for k, v in m.state_dict().items()},
-                                **{"ema_denoiser." + k: v for k, v in ema.state_dict().items()},
-                                "diffusion_trainer.proj.0.0.weight": torch.zeros(2, 2)}, "global_step": 7}
-    torch.save(lightning, tmp_path / "official.ckpt")
-    got, conf, step = pg.load_denoiser(str(tmp_path / "official.ckpt"))
-    assert list(got) == [0.9999] and conf is None and step == 7  # the official EMA decay
-    assert same(got[0.9999].state_dict(), ema.state_dict()) and got[0.9999].grid * got[0.9999].patch_size == 32
-    for k, v, msg in [("final_layer.linear.weight", torch.zeros(5, 192), "are not those of PixelGen-T/16: (.|\n)*size "
-                       "mismatch for final_layer.linear.weight"),
-                      ("pos_embed", torch.zeros(1, 4, 100), "fit no preset")]:
-        torch.save({"state_dict": {**lightning["state_dict"], "ema_denoiser." + k: v}}, tmp_path / "bad.ckpt")
+METRIC_KEYS = set(fid.RESULTS)
+
+
+def _fid_files(d):  # random FID Inception weights, an ADM reference batch of 6 images
+    torch.save(fid.InceptionV3().state_dict(), f"{d}/inception.pth")
+    ref = np.random.default_rng(3).integers(0, 256, (6, 32, 32, 3), np.uint8)
+    np.savez(f"{d}/ref.npz", arr_0=ref)
+    return f"{d}/inception.pth", f"{d}/ref.npz"
+
+
+def _run_ckpt(path, emas):  # a tiny run's checkpoint at step 1, random weights in each EMA
+    sd = randomize(pg.JiT(**pg.MODELS["PixelGen-T/16"], input_size=32, num_classes=10)).state_dict()
+    conf = pg.dataclasses.asdict(small_cfg(path, num_classes=10))
+    torch.save(dict(emas={d: sd for d in emas}, step=1, config=conf), path)
+    return sd
+
+
+def test_load_checkpoints(tmp_path):
+    m = _run_ckpt(tmp_path / "b.pt", ("0.9", "0.5"))  # ours
+    sd = {**{"denoiser." + k: v for k, v in m.items()},  # official Lightning: EMA 0.9999
+          **{"ema_denoiser." + k: -v for k, v in m.items()}}
+    torch.save({"state_dict": sd, "global_step": 7}, tmp_path / "a.ckpt")
+    got, conf, step, _ = pg.load_denoiser(str(tmp_path / "a.ckpt"))
+    assert list(got) == [0.9999] and conf is None and step == 7
+    assert same(got[0.9999].state_dict(), {k: -v for k, v in m.items()})
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "c.png")
+    for name, change, msg in [
+            ("b.pt", 0, "holds no EMA of decay 0.9999; it holds 0.9, 0.5"),
+            ("d", {"x": torch.ones(1)}, "(?s)are not PixelGen-T/16's: .*Unexpected key.*\"x\""),
+            ("e", {"pos_embed": torch.ones(1, 4, 100)}, r"\(depth 6, width 100\) fit no preset"),
+            ("f", {"hp": pg.argparse.Namespace()}, "pickled Python objects .*--unsafe_load"),
+            ("c.png", 0, "cannot read .*c.png as a checkpoint"),
+            ("g", 0, "g not found: train first")]:
+        if change:
+            change = {"ema_denoiser." + k: v for k, v in change.items()}
+            torch.save({"state_dict": {**sd, **change}}, tmp_path / name)
         with pytest.raises(SystemExit, match=msg):
-            pg.load_denoiser(str(tmp_path / "bad.ckpt"))
-    import argparse  # Lightning files often pickle an argparse.Namespace of hyper-parameters
-    torch.save({"state_dict": {}, "hyper_parameters": argparse.Namespace(lr=1)}, tmp_path / "pickled.ckpt")
-    with pytest.raises(SystemExit, match="--unsafe_load"):
-        pg.load_denoiser(str(tmp_path / "pickled.ckpt"))
-    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "grid.png")
-    for name in ("grid.png", "two.pt.missing"):  # not a checkpoint; not there
-        with pytest.raises(SystemExit, match=r"cannot read .*grid.png as a checkpoint: pass a ckpt.pt written by "
-                                             r"--train|two.pt.missing not found: train a model first"):
-            pg.load_denoiser(str(tmp_path / name))
+            pg.load_denoiser(str(tmp_path / name), decays=(0.9999,))
 
 
-def test_sample_program_writes_npz_and_grid_with_the_run_settings_where_no_flag_gives_others(tmp_path, monkeypatch):
-    m = _write_ckpt(tmp_path / "ckpt.pt", batch_size=8, sample_steps=3, sampler="euler", cfg_scale=(1.5,))
-    cfg, mode = pg.parse_args(["--sample", "--out_dir", str(tmp_path), "--num_samples", "12", "--batch_size", "5",
-                               "--save_pngs"])
-    pg.sample_main(cfg)  # with the checkpoint's settings
-    with np.load(tmp_path / "samples.npz") as f:
-        imgs, labels = f["arr_0"], f["arr_1"]
-    assert imgs.shape == (12, 32, 32, 3) and imgs.dtype == np.uint8 and labels.tolist() == [i % 10 for i in range(12)]
-    assert len(os.listdir(tmp_path / "images")) == 12
-    assert Image.open(tmp_path / "grid.png").size == (10 * 34 + 2, 34 + 2)  # a column per class: 10 of the 12
-    # image i depends only on (seed, i), not on its batch (padded or not), up to the float rounding of batched matmuls
-    noise = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(pg.seed_for(cfg.seed, 7)))
-    one = pg.sample(m.eval(), noise[None], torch.tensor([7]), 3, "euler", 1.5, cfg.cfg_interval, cfg.time_shift)
-    one = ((one + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)[0].numpy()
-    assert np.abs(one.astype(int) - imgs[7]).max() <= 1
-    calls = []
-    monkeypatch.setattr(pg, "sample", lambda model, noise, y, steps, sampler, *a, **k:
-                        calls.append((len(noise), steps, sampler)) or noise)
-    for flags, first_call in [([], (8, 3, "euler")), (["--batch_size", "3", "--sampler", "heun"], (3, 3, "heun"))]:
-        cfg = pg.parse_args(["--sample", "--out_dir", str(tmp_path), "--num_samples", "9"] + flags)[0]
-        assert cfg.sample_steps == pg.RECIPES["demo"]["sample_steps"]  # parse_args reads no checkpoint
-        calls.clear()
-        pg.sample_main(cfg)
-        assert calls[0] == first_call  # the checkpoint's settings and batch, not the recipe's; explicit flags win
+def test_grid_rows_for_any_number_of_classes(tmp_path):
+    abc = [chr(65 + k) for k in range(26)]  # A..Z: rows of ~sqrt(n) images, whole
+    for n, cols, note in [(40, 7, "rows start at A, H, O, V, C"),
+                          (64, 8, "rows start at A, I, Q, Y, G, O, W, E"),
+                          (20, 5, "rows start at A, F, K, P; left out: U, V, W, X, Y, Z")]:
+        layout = pg.grid_layout(n, abc)
+        pg.save_grid(np.full((n, 4, 4, 3), 255, np.uint8), tmp_path / "g.png", layout)
+        g = np.asarray(Image.open(tmp_path / "g.png"))  # 4 px images, 2 px borders
+        assert (layout.cols, layout.note) == (cols, note)
+        assert g.shape == (n // cols * 6 + 2, cols * 6 + 2, 3) and (g[2::6, 2::6] == 255).all()
 
 
-def test_a_sweep_compiles_one_graph_per_batch_shape(tmp_path, monkeypatch):  # the last batch padded, t contiguous
-    graphs, compile_ = [], torch.compile
-    backend = lambda gm, inputs: graphs.append(gm) or gm.forward  # one backend for all: dynamo's graphs, run eagerly
-    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: compile_(fn, backend=backend))
-    _write_ckpt(tmp_path / "ckpt.pt", emas=("0.9", "0.5"))
-    torch._dynamo.reset()  # before and after: no other test meets dynamo's recompilation limit because of this one
-    pg.sample_main(pg.parse_args(["--sample", "--out_dir", str(tmp_path), "--num_samples", "5", "--batch_size", "4",
-                                  "--sample_steps", "2", "--ema_decay", "0.9", "0.5", "--cfg_scale", "1", "2",
-                                  "--compile"])[0])
-    torch._dynamo.reset()
-    assert len(graphs) == 2  # two EMAs x two CFG scales: unguided batches of 4, guided ones of 8, shared by the EMAs
+def test_evaluation_batch_is_per_process(monkeypatch):
+    monkeypatch.setattr(pg, "sample_images", lambda m, idx, cfg, device, w, b: (list(idx), b))
+    got = pg.my_images(None, 1, 11, small_cfg("", batch_size=4), pg.Procs(rank=1, world=2))
+    assert list(got) == [([1, 3, 5, 7], 4), ([9], 4)]
 
 
-def test_grids_and_online_evaluations_change_no_training_and_their_failures_are_logged(tmp_path, monkeypatch):
-    run, kw = tmp_path / "eval", dict(eval_every=2, eval_samples=6, sample_steps=2, ema=(0.9, 0.5), ckpt_every=100,
-                                      sample_every=1, num_samples=25)
-    pg.train(small_cfg(tmp_path / "plain", max_steps=3))
+def test_sample_program_output_and_settings(tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "run" / "samples_0000001"
+    pg.train(small_cfg(run, max_steps=1, sample_every=1, sample_steps=3, sampler="euler",
+                       cfg_scale=(1.5,), lr=0.05, ema=(0.0,)))  # not the demo recipe's
+    before = {p: p.read_bytes() for p in run.iterdir()}
+    pg.main(["--sample", "--out_dir", str(run), "--num_samples", "12", "--batch_size", "5",
+             "--sampler", "heun", "--save_pngs"])
+    assert ", step 1, " in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in before} == before  # the run's files
+    assert set(run.iterdir()) - set(before) == {out}
+    assert sorted(os.listdir(out / "images"))[3] == "000003_yellow_ring.png"
+    with np.load(out / "samples.npz") as f:
+        x, y = f["arr_0"], f["arr_1"]
+    assert x.shape == (12, 32, 32, 3) and x.dtype == np.uint8 and y.tolist() == [*range(10), 0, 1]
+    # image 11, in the padded batch: its own noise, the flag's sampler, the run's other settings
+    eps = pg.noise((3, 32, 32), [pg.seed_for(1234, 11)], "cpu")
+    z = pg.sample(pg.load_denoiser(str(run / "ckpt.pt"))[0][0.0], eps, torch.tensor([1]), 3,
+                  "heun", 1.5, (0.1, 0.9), 1.0)[0]
+    assert np.abs(((z + 1) * 127.5 + 0.5).clamp(0, 255).int().permute(1, 2, 0) - x[11]).max() <= 1
+
+
+def test_sweep_compiles_one_graph_per_batch_shape(tmp_path, compiled):  # last batch padded
+    _run_ckpt(tmp_path / "ckpt.pt", ("0.9", "0.5"))
+    pg.main(["--sample", "--out_dir", str(tmp_path), "--num_samples", "5", "--batch_size", "4",
+             "--sample_steps", "2", "--ema_decay", "0.9", "0.5", "--cfg_scale", "1", "2",
+             "--compile"])
+    assert len(compiled) == 2  # batches of 4 unguided, of 8 guided, for both EMAs
+
+
+def test_grids_and_evaluations_change_no_training_failures_logged(tmp_path, monkeypatch):
+    run, kw = tmp_path / "eval", dict(ema=(0.9, 0.5), eval_every=2, eval_samples=6,
+                                      sample_steps=2, sample_every=1, num_samples=25)
+    pg.train(small_cfg(tmp_path / "plain", max_steps=3, ema=(0.9, 0.5)))
     pg.train(small_cfg(run, max_steps=2, **kw))
     monkeypatch.setattr(pg, "save_grid", lambda *a: 1 / 0)
     monkeypatch.setattr(pg, "write_samples", lambda *a: 1 / 0)
     pg.train(small_cfg(run, max_steps=3, **kw))
     a, b = ckpt(tmp_path / "plain" / "ckpt.pt"), ckpt(run / "ckpt.pt")
-    assert same(a["model"], b["model"]) and same(a["opt"], b["opt"])
-    for d in (0.9, 0.5):  # without --fid_ref the samples are kept
-        with np.load(run / "eval_0000002" / f"samples_ema{d}_cfg2.npz") as f:
-            assert f["arr_0"].shape == (6, 32, 32, 3) and f["arr_1"].tolist() == [i % 10 for i in range(6)]
-    # 10 classes: whole rows of one column per class, 20 of the 25 images; 32 px images, 2 px borders
-    assert Image.open(run / "grid_0000001.png").size == (10 * 34 + 2, 2 * 34 + 2)
+    assert all(same(a[k], b[k]) for k in ("model", "emas", "opt"))
+    with np.load(run / "eval_0000002" / "samples_ema0.5_cfg2.npz") as f:  # no --fid_ref: kept
+        assert f["arr_0"].shape == (6, 32, 32, 3) and f["arr_1"].tolist() == [0, 1, 2, 3, 4, 5]
     log = (run / "log.txt").read_text()
-    assert f"sample grid (EMA 0.9): {run}/grid_0000001.png\n" in log
-    for what in ("sample grid", "evaluation"):  # at the last step: logged alike, and the run ends normally
+    assert f"(EMA 0.9): {run}/grid_0000001.png; columns: red disc, green" in log
+    for what in ("sample grid", "evaluation"):
         assert f"{what} at step 3 failed, training goes on: ZeroDivisionError" in log
 
 
-def _fid_files(tmp_path):  # random-weight Inception weights and a small ADM-style reference batch
-    ref = tmp_path / "ref.npz"
-    np.savez(ref, arr_0=_images(6, 32, 32, seed=3))
-    return _save_weights(tmp_path / "inception.pth"), str(ref)
-
-
-METRIC_KEYS = {"fid", "sfid", "inception_score", "precision", "recall", "density", "coverage"}
-
-
-def test_online_rows_equal_sample_rows_equal_fid_py_for_every_metric(tmp_path, monkeypatch):
-    calls = _fake_network(monkeypatch)  # the plumbing is under test: the same outputs in, the same numbers out
-    weights, ref = _fid_files(tmp_path)
-    pg.train(small_cfg(tmp_path / "run", max_steps=2, eval_every=2, eval_samples=5, keep_every=2, sample_steps=2,
-                       ema=(0.9, 0.5), fid_ref=ref, fid_weights=weights))
-    online = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"fid"' in line]
-    assert [(r["step"], r["ema"], r["num_samples"]) for r in online] == [(2, 0.9, 5), (2, 0.5, 5)]
-    assert all(r["eval_seconds"] > 0 and r["inception_score"] >= 1 and METRIC_KEYS <= set(r) for r in online)
-    assert not list((tmp_path / "run").glob("eval_*"))  # with a reference, no samples are kept
-    assert "eval step 2 ema 0.9 cfg 2: FID " in (tmp_path / "run" / "log.txt").read_text()
-    out = tmp_path / "sampled"
-    args = ["--sample", "--ckpt", str(tmp_path / "run" / "ckpt_0000002.pt"), "--out_dir", str(out), "--num_samples",
-            "5", "--batch_size", "4", "--ema_decay", "0.9", "0.5", "--fid_ref", ref, "--fid_weights", weights]
-    calls.clear()
-    pg.sample_main(pg.parse_args(args)[0])
-    assert sum(calls) == 6 + 2 * 5  # the reference once for the whole sweep, then each setting's samples
+def test_evaluation_rows_online_sample_fid_py_agree(tmp_path, monkeypatch, capsys):
+    calls = _fake_network(monkeypatch)  # the plumbing is under test
+    (weights, ref), run, out = _fid_files(tmp_path), tmp_path / "run", tmp_path / "sampled"
+    pg.train(small_cfg(run, max_steps=2, eval_every=2, eval_samples=5, keep_every=2,
+                       sample_steps=2, ema=(0.9, 0.5), fid_ref=ref, fid_weights=weights))
+    online = [json.loads(line) for line in open(run / "metrics.jsonl") if '"fid"' in line]
+    assert [(r["ema"], r["num_samples"]) for r in online] == [(0.9, 5), (0.5, 5)]
+    main = lambda *a: pg.main(["--sample", "--ckpt", f"{run}/ckpt_0000002.pt", "--out_dir",
+                               str(out), "--num_samples", "5", "--batch_size", "4",
+                               "--fid_weights", weights, "--fid_ref", *a])
+    main(ref, "--ema_decay", "0.9", "0.5", "--cfg_scale", "2", "3")
+    assert sum(calls) == 2 * 6 + 6 * 5  # the reference once per program
     rows = json.load(open(out / "eval.json"))
-    assert [(r["step"], r["ema"], r["cfg_scale"], r["sample_steps"]) for r in rows] == [(2, 0.9, 2.0, 2),
-                                                                                      (2, 0.5, 2.0, 2)]
-    assert set(rows[0]) == {"ckpt", "step", "ema", "cfg_scale", "sampler", "sample_steps", "time_shift",
-                            "num_samples"} | METRIC_KEYS
-    for r, o in zip(rows, online):  # the same images in the same batches: the same numbers
-        res = fid.main([str(out / f"samples_ema{r['ema']}_cfg2.npz"), ref, "--weights", weights, "--all"])
+    assert [(r["step"], r["ema"], r["cfg_scale"]) for r in rows] == [
+        (2, 0.9, 2), (2, 0.9, 3), (2, 0.5, 2), (2, 0.5, 3)]
+    for r, o in zip(rows[::2], online):  # the same images in the same batches: the same numbers
+        res = fid.main([f"{out}/samples_0000002/samples_ema{r['ema']}_cfg2.npz", ref,
+                        "--weights", weights, "--all"])
         for k in METRIC_KEYS:
-            assert r[k] == pytest.approx(o[k], rel=1e-9) and res[k] == pytest.approx(r[k], rel=1e-6), k
-    assert online[0]["fid"] != online[1]["fid"]
-
-
-def test_sweep_rows_same_noise_and_best_marked(tmp_path, capsys, monkeypatch):
-    _fake_network(monkeypatch)
-    weights, ref = _fid_files(tmp_path)
-    _write_ckpt(tmp_path / "ckpt.pt", emas=("0.9", "0.5"))
-    args = ["--sample", "--out_dir", str(tmp_path), "--num_samples", "4", "--sample_steps", "2", "--fid_ref", ref,
-            "--fid_weights", weights]
-    pg.sample_main(pg.parse_args(args + ["--ema_decay", "0.9", "0.5", "--cfg_scale", "1", "3"])[0])
-    rows = json.load(open(tmp_path / "eval.json"))
-    assert [(r["ema"], r["cfg_scale"]) for r in rows] == [(0.9, 1.0), (0.9, 3.0), (0.5, 1.0), (0.5, 3.0)]
-    table = capsys.readouterr().out
-    assert "samples_ema0.9_cfg1.npz (4 images) and its grid; classes 4-9 are left out (4 images)" in table
-    assert Image.open(tmp_path / "grid_ema0.9_cfg1.png").size == (4 * 34 + 2, 34 + 2)  # one short row
-    best = min(rows, key=lambda r: r["fid"])
-    marked = [line for line in table.splitlines() if "<- best FID" in line]
-    header = "     ema    cfg        fid       sfid inception_score  precision     recall    density   coverage"
-    assert header in table and len(marked) == 1 and f" {best['fid']:>10.4g} " in marked[0]  # every column
-    pg.sample_main(pg.parse_args(args + ["--ema_decay", "0.5", "--cfg_scale", "3"])[0])  # one setting alone
-    with np.load(tmp_path / "samples.npz") as a, np.load(tmp_path / "samples_ema0.5_cfg3.npz") as b:
-        assert np.array_equal(a["arr_0"], b["arr_0"])  # every setting starts from the same noise
-    assert len(json.load(open(tmp_path / "eval.json"))) == 5  # appended
-
-
-def test_evaluation_metrics_follow_the_reference_and_the_flag_and_bad_input_says_what_it_is(tmp_path, monkeypatch):
-    _fake_network(monkeypatch)
-    weights, ref = _fid_files(tmp_path)
-    with np.load(ref) as f:  # a statistics-only reference: mu and sigma of its images, nothing else
-        mu, sigma = fid.statistics(fid.inception_outputs(None, f["arr_0"])[0])
-    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
-    (tmp_path / "run").mkdir()
-    _write_ckpt(tmp_path / "run" / "ckpt.pt")
-    base = ["--sample", "--out_dir", str(tmp_path / "run"), "--num_samples", "4", "--sample_steps", "1",
-            "--fid_weights", weights]
-    for extra, want in [(["--fid_ref", str(tmp_path / "stats.npz")], {"fid", "inception_score"}),  # all it allows
-                        (["--fid_ref", ref, "--metrics", "fid", "dc"], {"fid", "density", "coverage"}),
-                        (["--fid_ref", ref, "--metrics", "is"], {"inception_score"})]:  # (a table without FID)
-        pg.sample_main(pg.parse_args(base + extra)[0])
-        assert set(json.load(open(tmp_path / "run" / "eval.json"))[-1]) & METRIC_KEYS == want
-    (tmp_path / "empty").mkdir()
+            assert r[k] == pytest.approx(o[k], rel=1e-9) and res[k] == pytest.approx(r[k], rel=1e-6)
+    marked = [line for line in capsys.readouterr().out.splitlines() if "<- best FID" in line]
+    assert len(marked) == 1 and f" {min(r['fid'] for r in rows):>10.4g} " in marked[0]
+    main(ref, "--ema_decay", "0.5", "--cfg_scale", "3")  # one setting alone: the same noise
+    with np.load(f"{out}/samples_0000002/samples.npz") as a, \
+            np.load(f"{out}/samples_0000002/samples_ema0.5_cfg3.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+    stats = f"{out}/stats.npz"  # statistics alone
+    fid.main([ref, "--save-stats", stats, "--weights", weights])
+    for a, want in [([stats], {"fid", "sfid", "inception_score"}),  # all it allows
+                    ([ref, "--metrics", "fid", "dc"], {"fid", "density", "coverage"})]:
+        main(*a)
+        rows = json.load(open(out / "eval.json"))
+        assert set(rows[-1]) & METRIC_KEYS == want
+    assert len(rows) == 7  # added to
     (tmp_path / "junk.npz").write_bytes(b"not an npz")
-    for bad_ref, msg in [(tmp_path / "empty", "no image files"), (tmp_path / "junk.npz", "junk.npz is neither"),
-                         (tmp_path / "stats.npz", r"stats.npz holds no images, nor what pr needs \(mu\)")]:
+    for bad, msg in [(f"{tmp_path}/junk.npz", "is neither"), (stats, "no images, nor what pr")]:
         with pytest.raises(SystemExit, match=msg):
-            pg.sample_main(pg.parse_args(base + ["--fid_ref", str(bad_ref), "--metrics", "fid", "pr"])[0])
-    base = base[:-2]  # no --fid_weights
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
-    with pytest.raises(SystemExit, match="pt_inception-2015-12-05-6726825d.pth.*hub/checkpoints.*"
-                                         "github.com/mseitzer.*--fid_weights"):
-        pg.sample_main(pg.parse_args(base + ["--fid_ref", ref])[0])
-    with pytest.raises(SystemExit, match="holds no EMA of decay 0.5; it holds 0.99"):
-        pg.sample_main(pg.parse_args(base + ["--ema_decay", "0.99", "0.5"])[0])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Benchmark
-
-def test_bench_counts_one_train_step_and_times_what_it_compiles(monkeypatch, capsys):
-    calls = {}  # --compile: the denoiser, DINOv2 and LPIPS train, the EMA samples; here compiling counts their calls
-
-    def counting(fn, **kw):  # Module.compile passes the module's _call_impl
-        name = type(fn.__self__).__name__ + str(len([k for k in calls if k.startswith(type(fn.__self__).__name__)]))
-        calls[name] = 0
-        return lambda *a, **k: calls.__setitem__(name, calls[name] + 1) or fn(*a, **k)
-
-    monkeypatch.setattr(torch, "compile", counting)
-    cfg, mode = pg.parse_args(["--bench", "--image_size", "32", "--batch_size", "2", "--bench_steps", "1",
-                               "--sample_steps", "1", "--compile"])
-    got = pg.bench(cfg)
-    assert mode == "bench" and "compiled: train" in capsys.readouterr().out
-    assert set(calls) == {"JiT0", "JiT1", "DINOv20", "LPIPS0"} and all(calls.values()), calls  # every one ran
-    cfg = pg.dataclasses.replace(cfg, num_classes=1000, perceptual_init="random", compile=False)
-    model, emas, loss_fn, opt = pg.build(cfg, torch.device("cpu"))
-    x, y = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 999])
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        pg.train_step(pg.DenoiserAndLoss(model, loss_fn), opt, emas, iter([(x, y, [])]), 0, cfg,
-                      pg.Procs(False, 0, 1, torch.device("cpu")), pg.Meter())
-    assert got["flops"] == counter.get_total_flops() > 0 and got["step_ms"] > 0 and got["sample_ms"] > 0
+            main(bad, "--metrics", "fid", "pr")
 
 
 # --------------------------------------------------------------------------------------------------

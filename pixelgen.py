@@ -1642,6 +1642,9 @@ def flag_errors(cfg, mode):
     for k in ("max_steps", "keep_every", "eval_every", "sample_every", "num_classes"):
         if getattr(cfg, k) < 0:
             yield f"--{k} must be 0 or more"
+    for k in ("data_path", "ckpt", "fid_ref", "fid_weights", "dino_path", "vgg_path"):
+        if getattr(cfg, k) and not os.path.exists(getattr(cfg, k)):
+            yield f"--{k} {getattr(cfg, k)}: no such file or folder"
     world = int(os.environ.get("WORLD_SIZE", 1))
     if mode == "train" and cfg.batch_size % (world * cfg.grad_accum):
         yield (f"--batch_size {cfg.batch_size} is not a multiple of {world} processes x "

@@ -809,7 +809,6 @@ class Procs(NamedTuple):
 
 def setup_dist(cfg):
     ddp, cuda = int(os.environ.get("RANK", -1)) != -1, torch.cuda.is_available() and cfg.device != "cpu"
-    torch.backends.cuda.matmul.fp32_precision = "tf32"  # TF32 matmuls on CUDA; only this API (fid.full_fp32's too)
     if not ddp:
         return Procs(False, 0, 1, torch.device("cuda" if cuda else "cpu"))
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")

@@ -1569,40 +1569,19 @@ def test_dino_compiles_fullgraph_and_backpropagates(compiled):
 # ---------------------------------------------------------------------------------------------------------------
 # fid.py: FID Inception, preprocessing, metrics from Inception outputs, inputs, CLI
 
-_MODEL = []
 
-
-def _images(n, h, w, seed=0):
-    """Smooth random uint8 images (n, h, w, 3) with some noise on top."""
+def _images(n, h, w, seed=0):  # smooth random uint8 (n, h, w, 3), some noise on top
     g = torch.Generator().manual_seed(seed)
-    x = F.interpolate(torch.rand(n, 3, max(2, h // 8), max(2, w // 8), generator=g), size=(h, w), mode="bilinear")
+    x = F.interpolate(torch.rand(n, 3, max(2, h // 8), max(2, w // 8), generator=g), size=(h, w),
+                      mode="bilinear")
     x = (x + 0.2 * torch.rand(n, 3, h, w, generator=g)).clamp(0, 1) * 255
     return x.to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def _random_inception():
-    """The FID Inception with random weights whose BN statistics are calibrated on a batch, so features are O(1)."""
-    if not _MODEL:
-        torch.manual_seed(0)
-        model = fid.InceptionV3().eval().requires_grad_(False)
-        torch.nn.init.normal_(model.fc.weight, std=0.05)
-
-        def set_stats(bn, inputs):  # BN input statistics become its running statistics (one forward, in order)
-            bn.running_mean.copy_(inputs[0].mean((0, 2, 3)))
-            bn.running_var.copy_(inputs[0].var((0, 2, 3)))
-
-        hooks = []
-        for m in model.modules():
-            if isinstance(m, fid.BatchNorm):
-                m.weight.data.uniform_(0.5, 1.5)
-                m.bias.data.uniform_(-0.3, 0.5)
-                hooks.append(m.register_forward_pre_hook(set_stats))
-        with torch.no_grad():
-            model(fid.preprocess_images(torch.from_numpy(_images(2, 299, 299, seed=1)).permute(0, 3, 1, 2)))
-        for h in hooks:
-            h.remove()
-        _MODEL.append(model)
-    return _MODEL[0]
+@functools.lru_cache(maxsize=None)
+def _random_inception():  # default initialisation: tiny features
+    torch.manual_seed(0)
+    return fid.InceptionV3().eval().requires_grad_(False)
 
 
 def _save_weights(path):
@@ -1611,302 +1590,213 @@ def _save_weights(path):
 
 
 @pytest.fixture(scope="session")
-def fid_weights(tmp_path_factory):  # the random-weight Inception's file, written once
+def fid_weights(tmp_path_factory):
     return _save_weights(tmp_path_factory.mktemp("fid") / "inception.pth")
 
 
-def test_fid_state_dict_keys_and_shapes():
-    sd = fid.InceptionV3().state_dict()
+def test_fid_py_and_its_tests_fit_their_budgets():
+    me = open(__file__).read()
+    for text, chars, lines in ((open(fid.__file__).read(), 21500, 540),
+                               (me[me.index("# fid.py: FID Inception,"):], 11000, 10 ** 9)):
+        assert len("".join(text.split())) <= chars and len(text.splitlines()) <= lines
+        assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_fid_inception_layout_and_sfid_features():
+    sd = fid.InceptionV3().state_dict()  # as reference/fid_inception_v3_state_dict.tsv
     assert len(sd) == 472 and sum(v.numel() for v in sd.values()) == 23885392
-    assert not any("num_batches_tracked" in k or "AuxLogits" in k for k in sd)
-    expected = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Mixed_6b.branch7x7_2.conv.weight": (128, 128, 1, 7),
-                "Mixed_7c.branch3x3dbl_1.conv.weight": (448, 2048, 1, 1), "fc.weight": (1008, 2048)}
-    for k, shape in expected.items():
-        assert tuple(sd[k].shape) == shape, k
-    assert list(sd)[0] == "Conv2d_1a_3x3.conv.weight" and list(sd)[-1] == "fc.bias"
+    assert list(sd)[:2] == ["Conv2d_1a_3x3.conv.weight", "Conv2d_1a_3x3.bn.weight"]
+    model, seen = _random_inception(), []
+    hook = model.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, out: seen.append(out))
+    pool3, spatial = fid.inception_outputs(model, _images(2, 37, 53), spatial=True)
+    hook.remove()
+    # sFID's: Mixed_6d's own 1x1 branch (both ran), 7 channels, value (h, w, c) at (h 17 + w) 7 + c
+    assert torch.equal(seen[0], seen[1]) and pool3.shape == (2, 2048)
+    np.testing.assert_array_equal(spatial, seen[1][:, :7].permute(0, 2, 3, 1).reshape(2, 2023))
 
 
-def test_fid_weights_load_strictly_or_say_what_is_missing(tmp_path):
-    sd = {k: torch.randn_like(v) for k, v in fid.InceptionV3().state_dict().items()}  # plain dict: no _metadata
-    torch.save(sd, tmp_path / "w.pth")
-    model = fid.load_inception(str(tmp_path / "w.pth"), device="cpu")
-    assert not model.training and not any(p.requires_grad for p in model.parameters())
-    assert torch.equal(model.Mixed_7c.branch_pool.bn.running_var, sd["Mixed_7c.branch_pool.bn.running_var"])
-    del sd["fc.bias"]
-    torch.save(sd, tmp_path / "w2.pth")
-    with pytest.raises(RuntimeError, match="fc.bias"):
-        fid.load_inception(str(tmp_path / "w2.pth"), device="cpu")
-    (tmp_path / "corrupt.pth").write_bytes(b"garbage")
-    np.savez(tmp_path / "images.npz", arr_0=_images(2, 8, 8))
-    for name, error in (("missing.pth", FileNotFoundError), ("corrupt.pth", RuntimeError)):
-        with pytest.raises(error, match=name):
-            fid.load_inception(str(tmp_path / name))
-        with pytest.raises(SystemExit, match=name):  # the CLI: one line
-            fid.main([str(tmp_path / "images.npz")] * 2 + ["--weights", str(tmp_path / name)])
-
-
-def test_fid_outputs_pool3_and_sfid_features():
-    model, x = _random_inception(), _images(2, 37, 53, seed=2)  # odd, non-square
-    seen = []
-    hook = model.Mixed_6d.branch1x1.register_forward_hook(lambda m, inputs, out: seen.append(out.clone()))
-    try:
-        pool3, spatial = fid.inception_outputs(model, x, spatial=True)
-    finally:
-        hook.remove()
-    assert pool3.shape == (2, 2048) and pool3.dtype == np.float32 and 0.01 < np.abs(pool3).max() < 100
-    assert spatial.shape == (2, fid.SPATIAL_DIM) == (2, 2023) and spatial.min() == 0 < spatial.max()  # after a ReLU
-    # sFID's mixed_6/conv: our recomputation equals Mixed_6d's own branch (both ran); its first 7 channels, flattened
-    # per image in NHWC order: value (h, w, c) at (h * 17 + w) * 7 + c.
-    assert len(seen) == 2 and seen[0].shape == (2, 192, 17, 17) and torch.equal(seen[0], seen[1])
-    np.testing.assert_array_equal(spatial, seen[1][:, :7].permute(0, 2, 3, 1).reshape(2, -1).numpy())
-    one, none = fid.inception_outputs(model, x[1:])  # another batch, no sFID features: the same pool3
-    assert none is None
-    np.testing.assert_allclose(one, pool3[1:], rtol=1e-5, atol=1e-6)
-
-
-def _tf1_resize_numpy(img, out_h, out_w):
-    """Hand-written TF1 resize_bilinear(align_corners=False, half_pixel_centers=False) of one (H, W) image."""
-    h, w = img.shape
-    res = np.zeros((out_h, out_w))
-    for i in range(out_h):
-        y = np.float32(i) * np.float32(h / out_h)
-        y0 = int(np.floor(y))
-        y1, fy = min(y0 + 1, h - 1), float(y) - y0
-        for j in range(out_w):
-            x = np.float32(j) * np.float32(w / out_w)
-            x0 = int(np.floor(x))
-            x1, fx = min(x0 + 1, w - 1), float(x) - x0
-            top = img[y0, x0] + (img[y0, x1] - img[y0, x0]) * fx
-            bottom = img[y1, x0] + (img[y1, x1] - img[y1, x0]) * fx
-            res[i, j] = top + (bottom - top) * fy
-    return res
-
-
-def test_fid_adm_resize_matches_tf1_bilinear_and_pytorch_fid_preprocessing():
-    # 2x2 -> 4x4 by hand: sample positions 0, .5, 1, 1.5 on both axes; the last row / column is repeated.
-    x = torch.tensor([[0.0, 10.0], [20.0, 30.0]])[None, None]
+def test_fid_preprocessing():
+    x = torch.tensor([[0.0, 10.0], [20.0, 30.0]])[None, None]  # by hand: at 0, .5, 1, 1.5 (= 1)
     expected = [[0, 5, 10, 10], [10, 15, 20, 20], [20, 25, 30, 30], [20, 25, 30, 30]]
     assert fid.resize_tf1_bilinear(x, 4)[0, 0].tolist() == expected
-    assert not torch.equal(F.interpolate(x, size=(4, 4), mode="bilinear", align_corners=False), torch.tensor(expected))
-    # Random small images, up and down, against the loop above.
-    img = np.random.default_rng(0).uniform(0, 255, size=(7, 11))
-    for size in (3, 13, 29):
-        ours = fid.resize_tf1_bilinear(torch.tensor(img, dtype=torch.float32)[None, None], size)[0, 0].numpy()
-        np.testing.assert_allclose(ours, _tf1_resize_numpy(img, size, size), rtol=0, atol=1e-3)
-    # Constant images stay constant; at 299 the resize is the identity; then (x - 128) / 128.
-    const = torch.full((1, 3, 37, 53), 77, dtype=torch.uint8)
-    assert torch.equal(fid.preprocess_images(const, "adm"), torch.full((1, 3, 299, 299), (77 - 128) / 128))
-    x299 = torch.from_numpy(_images(1, 299, 299)).permute(0, 3, 1, 2)
-    assert torch.equal(fid.preprocess_images(x299, "adm"), (x299.float() - 128) / 128)
-    # pytorch-fid's: torch's bilinear resize of [0, 1] images, then to [-1, 1].
-    x = torch.from_numpy(_images(2, 45, 61)).permute(0, 3, 1, 2)
-    expected = 2 * F.interpolate(x.float() / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1
-    assert torch.equal(fid.preprocess_images(x, "pytorch-fid"), expected)
-    assert not torch.allclose(fid.preprocess_images(x, "adm"), expected, atol=1e-2)  # the two modes differ
-    with pytest.raises(ValueError, match="preprocess"):
-        fid.preprocess_images(x, "tf2")
+    # 7 to 29: output j samples input j 7 / 29, in float32 (TF1's), the last one repeated
+    row = torch.rand(1, 1, 1, 7) * 255
+    pos = np.arange(29, dtype=np.float32) * np.float32(7 / 29)
+    ref = np.interp(pos, np.arange(7), row.flatten().numpy())
+    np.testing.assert_allclose(fid.resize_tf1_bilinear(row, 29)[0, 0, 0], ref, atol=1e-4)
+    x = torch.from_numpy(_images(2, 299, 299)).permute(0, 3, 1, 2)  # 299: no resize
+    assert torch.equal(fid.preprocess_images(x, "adm"), (x.float() - 128) / 128)
+    assert torch.equal(fid.preprocess_images(x, "pytorch-fid"), x.float() / 255 * 2 - 1)
 
 
-def _random_cov(d, n, seed):
-    rng = np.random.default_rng(seed)
-    return fid.statistics(rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) * 0.3 + 1.0)
-
-
-def test_fid_frechet_distance_closed_forms_and_sqrtm():
-    mu1, s1 = _random_cov(64, 500, 0)
-    mu2 = mu1 + np.random.default_rng(1).standard_normal(64)
-    assert fid.frechet_distance(mu1, s1, mu2, s1) == pytest.approx(np.sum((mu1 - mu2) ** 2), rel=1e-8)
-    d, c = 100, 2.5
-    assert fid.frechet_distance(np.zeros(d), np.eye(d), np.zeros(d), c * np.eye(d)) == pytest.approx(
-        d * (1 - math.sqrt(c)) ** 2, rel=1e-12)
-    mu, s = _random_cov(512, 2000, 2)
-    assert abs(fid.frechet_distance(mu, s, mu, s)) < 1e-6
-    with pytest.raises(ValueError, match="do not match"):
-        fid.frechet_distance(mu1, s1, mu, s)
-    for (n1, n2), seed in [((500, 400), 3), ((40, 300), 4)]:  # full rank, and a singular sigma1 (40 samples, 64-d)
-        mu1, s1 = _random_cov(64, n1, seed)
-        mu2, s2 = _random_cov(64, n2, seed + 10)
-        covmean = scipy.linalg.sqrtm(s1 @ s2).real
-        direct = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+def test_fid_statistics_frechet_distance_and_inception_score():
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((103, 7)) * 2 + 1
+    mu, sigma = fid.statistics(feats, chunk=10)
+    np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-10)
+    got = fid.frechet_distance(np.zeros(100), np.eye(100), np.ones(100), 2.25 * np.eye(100))
+    assert got == pytest.approx(125, rel=1e-12)  # |1|^2 d + (1 - 1.5)^2 d
+    for n in (400, 40):  # full rank; singular sigma1
+        mu1, s1 = fid.statistics(rng.standard_normal((n, 64)) @ rng.standard_normal((64, 64)))
+        mu2, s2 = fid.statistics(rng.standard_normal((300, 64)) @ rng.standard_normal((64, 64)))
+        direct = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
         assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(direct, rel=1e-7)
+    assert fid.inception_score(np.tile(50 * np.eye(10), (4, 1))) == pytest.approx(10, rel=1e-9)
+    logits = rng.standard_normal((12000, 10)) * 3  # splits of 5000, 5000, 2000
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    kl = [(q * np.log(q / q.mean(0))).sum(1).mean() for q in (p[:5000], p[5000:10000], p[10000:])]
+    assert fid.inception_score(logits) == pytest.approx(np.exp(kl).mean(), rel=1e-10)
 
 
-def test_fid_statistics_in_chunks_equal_np_cov():
-    rng = np.random.default_rng(0)
-    feats = (rng.standard_normal((103, 7)) * rng.uniform(0.1, 2, 7) + rng.uniform(-1, 3, 7)).astype(np.float32)
-    for chunk in (10000, 10, 7):
-        mu, sigma = fid.statistics(feats, chunk)
-        assert mu.dtype == sigma.dtype == np.float64
-        np.testing.assert_allclose(mu, feats.astype(np.float64).mean(0), rtol=1e-12)
-        np.testing.assert_allclose(sigma, np.cov(feats.astype(np.float64), rowvar=False), rtol=1e-10, atol=1e-14)
-    with pytest.raises(ValueError, match="at least 2 images, got 1"):
-        fid.statistics(feats[:1])
+def _knn_numpy(ref, sam, k_pr=3, k_dc=5):  # the definitions, in float64 by direct differences
+    d2 = lambda a, b: ((a[:, None].astype(float) - b[None]) ** 2).sum(-1)
+    rr, d = np.sort(d2(ref, ref), 1), d2(ref, sam)
+    inside = d < rr[:, k_dc, None]
+    return dict(precision=(d <= rr[:, k_pr, None]).any(0).mean(),
+                recall=(d <= np.sort(d2(sam, sam), 1)[:, k_pr]).any(1).mean(),
+                density=inside.sum() / (k_dc * len(sam)), coverage=inside.any(1).mean())
 
 
-def _inception_score_numpy(logits, split_size=5000):
-    """The ADM suite's IS written out: consecutive splits, per split exp(mean_i KL(p_i || mean_j p_j)), averaged."""
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    scores = []
-    for i in range(0, len(p), split_size):
-        part = p[i:i + split_size]
-        scores.append(np.exp(np.mean(np.sum(part * (np.log(part) - np.log(part.mean(0, keepdims=True))), 1))))
-    return np.mean(scores)
-
-
-def test_fid_inception_score():
-    onehot = 50 * np.eye(10)
-    assert fid.inception_score(np.tile(onehot[3], (40, 1))) == pytest.approx(1.0, abs=1e-9)
-    assert fid.inception_score(np.tile(onehot, (4, 1))) == pytest.approx(10.0, rel=1e-9)
-    # Against a direct numpy computation with ADM's split_size = 5000: splits of 5000, 5000, 2000.
-    logits = np.random.default_rng(0).standard_normal((12000, 10)) * 3
-    assert fid.inception_score(logits) == pytest.approx(_inception_score_numpy(logits), rel=1e-10)
-    assert fid.inception_score(logits[:100], 40) == pytest.approx(_inception_score_numpy(logits[:100], 40), rel=1e-10)
-    model = nn.Module()  # the IS logits: pool3 @ fc.weight.T, no bias, in float64
-    model.fc = nn.Linear(6, 4)
-    pool3 = np.random.default_rng(1).standard_normal((5, 6)).astype(np.float32)
-    expected = pool3.astype(np.float64) @ model.fc.weight.detach().double().numpy().T
-    np.testing.assert_allclose(fid.unbiased_logits(model, pool3), expected, rtol=1e-15)
-
-
-def test_fid_density_coverage_and_precision_recall_by_hand():
-    # 1-D, k = 1 (nearest neighbour). Reference 0, 1, 3, 6: squared radii 1, 1, 4, 9. Samples 1, 2, 4.5, 10: squared
-    # radii 1, 1, 6.25, 30.25. Sample 1 lies on the boundary of reference 0's ball (d^2 = 1), and of reference 3's;
-    # sample 2 on reference 1's; reference 0 on sample 1's.
+def test_fid_neighbour_metrics_by_hand_and_exact_far_from_the_mean():
+    # 1-D, k = 1. Reference 0, 1, 3, 6 (balls^2 1, 1, 4, 9), samples 1, 2, 4.5, 10 (1, 1, 6.25,
+    # 30.25). Precision (`<=`): 1, 2, 4.5; recall: all (0 on an edge). Density (`<`): 1 in ball
+    # 1, 2 in 3, 4.5 in 3 and 6: 4 / 4; coverage: not ball 0 (1 on its edge)
     ref, sam = np.array([[0.0], [1], [3], [6]]), np.array([[1.0], [2], [4.5], [10]])
-    for b in (1, 3, 10000):
-        got = fid.neighbour_metrics(ref, sam, k_pr=1, k_dc=1, chunk=b, device="cpu")
-        # precision: 1, 2, 4.5 in some reference ball (boundaries count, `<=`); recall: every reference point is in a
-        # sample ball, reference 0 only on the boundary of sample 1's.
-        assert got["precision"] == 0.75 and got["recall"] == 1.0
-        # density: strictly inside (`<`): sample 1 in ball 1 only, 2 in ball 3, 4.5 in balls 3 and 6, 10 in none:
-        # 4 / (k M) = 4 / 4; coverage: balls 1, 3, 6 hold a sample, ball 0 only on its boundary: 3 / 4.
-        assert got["density"] == 1.0 and got["coverage"] == 0.75
-    # Duplicates: the two 0s are each other's nearest neighbour, radius 0: a sample at 0 is inside for precision
-    # (0 <= 0) but not for density / coverage (0 < 0 is false). Ball radii^2: 0, 0, 1, 4; sample 2 is strictly inside
-    # only reference 3's ball (d^2 1 < 4), on reference 1's boundary.
-    ref, sam = np.array([[0.0], [0], [1], [3]]), np.array([[0.0], [2]])
-    got = fid.neighbour_metrics(ref, sam, k_pr=1, k_dc=1, device="cpu")
-    assert got == dict(precision=1.0, recall=1.0, density=0.5, coverage=0.25)
-    assert fid.neighbour_metrics(ref, sam, ("dc",), k_dc=1, device="cpu") == dict(density=0.5, coverage=0.25)
-
-
-def test_fid_neighbour_metrics_far_from_the_origin_and_in_blocks():
-    """Inception features have norms near 2e4: squared distances by expansion in float32 would lose the differences
-    between points there; centred on the reference mean, the metrics equal a float64 computation of Kynkaanniemi et
-    al.'s and Naeem et al.'s definitions (k = 3 and 5), near the origin and far from it, in blocks of any size and with
-    the reference radii kept from one call to the next."""
+    for chunk in (1, 3):
+        got = fid.neighbour_metrics(ref, sam, k_pr=1, k_dc=1, chunk=chunk, device="cpu")
+        assert got == dict(precision=0.75, recall=1, density=1, coverage=0.75)
+    # tight clusters 2e4 from their mean, neighbours 5 apart: float32 distances lose them
     rng = np.random.default_rng(0)
-    ref, sam = rng.standard_normal((80, 64)), rng.standard_normal((60, 64)) * 1.2 + 0.3
-    d2 = lambda a, b: ((a[:, None] - b[None]) ** 2).sum(-1)
-    r3, r5, s3 = (np.sort(d2(x, x), 1)[:, k] for x, k in ((ref, 3), (ref, 5), (sam, 3)))
-    d = d2(ref, sam)  # (R, S) in float64
-    expected = dict(precision=(d <= r3[:, None]).any(0).mean(), recall=(d <= s3[None]).any(1).mean(),
-                    density=(d < r5[:, None]).sum() / (5 * len(sam)), coverage=(d < r5[:, None]).any(1).mean())
-    assert 0 < min(expected.values()) and max(expected.values()) < 1
-    radii = {}
-    for shift, kw in [(0, {}), (2500, {}), (2500, dict(chunk=7)), (2500, dict(ref_radii=radii, chunk=11)),
-                      (2500, dict(ref_radii=radii))]:  # 2500 in every coordinate: norm 2e4
-        got = fid.neighbour_metrics((ref + shift).astype(np.float32), (sam + shift).astype(np.float32), device="cpu",
-                                    **kw)
-        assert got == pytest.approx(expected, abs=1e-12), (shift, kw)
-    assert set(radii) == {3, 5}
-    knn = fid.knn_radii(torch.tensor(ref, dtype=torch.float32), (3, 5), chunk=11)  # (80, 2), blocks of 11 x 11
-    np.testing.assert_allclose(knn.numpy(), np.stack([r3, r5], 1), rtol=1e-5)
-    with pytest.raises(ValueError, match="5-th nearest neighbour needs more than 5 points per set, got 5"):
-        fid.neighbour_metrics(ref[:5], sam, ("dc",), device="cpu")
-    assert fid.neighbour_metrics(ref[:6], sam[:3], ("dc",), device="cpu")  # density / coverage use no sample balls
+    centres = rng.standard_normal((4, 64)) * 2500
+    cluster = lambda n, s: centres[rng.integers(0, 4, n)] + rng.standard_normal((n, 64)) * s
+    ref, sam = cluster(200, 0.5).astype(np.float32), cluster(150, 0.6).astype(np.float32)
+    expected = _knn_numpy(ref, sam)  # density, coverage: prdc's 0.118667, 0.37
+    assert (expected["density"], expected["coverage"]) == pytest.approx((0.118667, 0.37), 1e-5)
+    for chunk in (10000, 37):
+        got = fid.neighbour_metrics(ref, sam, chunk=chunk, device="cpu")
+        assert got == pytest.approx(expected, abs=1e-12)
 
 
-def test_fid_folders_and_npz_files(tmp_path):
-    rng = np.random.default_rng(0)
-    (tmp_path / "imgs" / "sub").mkdir(parents=True)
-    for i, (h, w) in enumerate([(20, 24), (20, 24), (31, 17)]):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"img{i}.png")
-    grey, rgba = rng.integers(0, 256, (20, 24), dtype=np.uint8), rng.integers(0, 256, (20, 24, 4), dtype=np.uint8)
-    Image.fromarray(grey, "L").save(tmp_path / "imgs" / "sub" / "grey.png")
-    Image.fromarray(rgba, "RGBA").save(tmp_path / "imgs" / "sub" / "rgba.png")
-    (tmp_path / "imgs" / "sub" / "broken.png").write_bytes(b"not a png")
-    side = fid.open_side(str(tmp_path / "imgs"))
-    assert side.holds == {"images"}
-    with pytest.warns(UserWarning, match=r"skipped 1 unreadable of 6 images: .*broken.png \(cannot read image"):
-        batches = list(fid.image_batches(side.images, batch_size=2))
-    # sorted paths: img0, img1, img2 (another size: a batch of its own), then sub/grey, sub/rgba (broken skipped)
-    assert [b.shape for b in batches] == [(2, 20, 24, 3), (1, 31, 17, 3), (2, 20, 24, 3)]
-    np.testing.assert_array_equal(batches[2][0], np.repeat(grey[..., None], 3, axis=2))
-    a = rgba[..., 3:].astype(int)  # transparency composited onto the background asked for
-    black = next(fid.image_batches(str(tmp_path / "imgs" / "sub"), (0, 0, 0), batch_size=2))[1]
-    np.testing.assert_array_equal(black, (a * rgba[..., :3] + 127) // 255)
-    arr = rng.integers(0, 256, (5, 16, 12, 3), dtype=np.uint8)
-    for save in (np.savez, np.savez_compressed):
-        save(tmp_path / "batch.npz", arr_0=arr, mu=np.zeros(4, np.float32), sigma=np.eye(4))
-        side = fid.open_side(str(tmp_path / "batch.npz"))
-        assert side.holds == {"images", "mu"} and side.mu.dtype == np.float64 and side.mu_s is None
-        parts = list(fid.image_batches(side.images, batch_size=2))
-        assert [len(b) for b in parts] == [2, 2, 1] and np.array_equal(np.concatenate(parts), arr)
+def test_fid_read_image_keeps_the_scale_of_deep_greys(tmp_path):
+    dark = np.array([[0, 128, 129], [300, 1000, 5000]], np.uint16)  # 16 bits: / 257, not stretched
+    Image.fromarray(dark).save(tmp_path / "g.png")  # I;16
+    Image.frombytes("I;16B", (3, 2), dark.astype(">u2").tobytes()).save(tmp_path / "g.tif")
+    (tmp_path / "g.pgm").write_bytes(b"P5 3 2 65535\n" + dark.astype(">u2").tobytes())  # I
+    Image.fromarray(np.float32([[-3, 0.4, 100.6]])).save(tmp_path / "f.tif")  # F: 0..255
+    for name in ("g.png", "g.tif", "g.pgm"):
+        assert fid.read_image(tmp_path / name)[..., 1].tolist() == [[0, 0, 1], [1, 4, 19]]
+    assert fid.read_image(tmp_path / "f.tif")[..., 2].tolist() == [[0, 0, 101]]
 
 
-def test_fid_bad_inputs_say_what_they_are(tmp_path):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no image files"):
-        next(fid.image_batches(str(tmp_path / "empty")))
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        fid.open_side(str(tmp_path / "nowhere"))
-    np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
-    with pytest.raises(ValueError, match="arr_0 must be uint8"):
-        next(fid.image_batches(str(tmp_path / "float.npz")))
-    np.savez(tmp_path / "other.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
-    torch.save({f"w{i}": torch.zeros(8) for i in range(100)}, tmp_path / "ckpt.pt")  # a checkpoint: a zip, not an npz
-    (tmp_path / "junk.npz").write_bytes(b"not an npz")
-    for name in ("other.npz", "ckpt.pt", "junk.npz"):
-        with pytest.raises(SystemExit) as e:
-            fid.main([str(tmp_path / name), str(tmp_path / "other.npz")])
-        assert str(e.value) == (f"fid.py: error: {tmp_path / name} is neither an image folder nor an npz batch (arr_0) "
-                                f"or statistics file (mu, sigma)")
+def _err(capsys):  # fid.py's lines on stderr
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("fid.py")]
 
 
-def test_fid_cli_every_metric_and_the_statistics(tmp_path, monkeypatch, capsys, fid_weights):
-    _fake_network(monkeypatch)  # the route is under test: the same outputs in, the same numbers out
-    model, sam_images = _random_inception(), _images(9, 8, 8, seed=7)
-    (tmp_path / "samples").mkdir()
+def test_fid_folders_and_npz_files(tmp_path, monkeypatch, capsys):
+    calls = _fake_network(monkeypatch)
+    (tmp_path / "f" / "sub").mkdir(parents=True)
+    for i, (h, w) in enumerate([(20, 24), (20, 24), (31, 17), (20, 24)]):
+        Image.fromarray(_images(1, h, w, i)[0]).save(tmp_path / "f" / f"{'sub/' * (i > 2)}{i}.png")
+    (tmp_path / "f" / "sub" / "broken.png").write_bytes(b"not a png")
+    side = fid.load_side(fid.open_side(str(tmp_path / "f")), None, ["pr"], batch_size=2)
+    # sorted: 0, 1; 2 (another size); sub/3; broken named in one line
+    assert calls == [2, 1, 1] and side.count == 4
+    assert _err(capsys) == [f"fid.py: warning: {tmp_path}/f: skipped 1 unreadable of 5 images: "
+                            f"cannot read image {tmp_path}/f/sub/broken.png: cannot identify image "
+                            f"file '{tmp_path}/f/sub/broken.png'"]
+    np.savez(tmp_path / "b.npz", arr_0=_images(5, 16, 12), mu=np.zeros(4), sigma=np.eye(4))
+    side = fid.load_side(fid.open_side(str(tmp_path / "b.npz")), None, ["fid", "sfid"], "adm", 2)
+    assert calls[3:] == [2, 2, 1] and side.mu.shape == (4,) and side.mu_s.shape == (2023,)
+
+
+def test_fid_cli_every_metric_counts_and_statistics(tmp_path, monkeypatch, capsys, fid_weights):
+    _fake_network(monkeypatch)
+    model, sam_images, ref_images = _random_inception(), _images(9, 8, 8, 7), _images(8, 8, 8, 8)
+    sam, ref, stats = (str(tmp_path / n) for n in ("samples", "ref.npz", "stats.npz"))
+    os.mkdir(sam)
     for i, image in enumerate(sam_images):
-        Image.fromarray(image).save(tmp_path / "samples" / f"{i:02d}.png")
-    ref, sam = str(tmp_path / "ref.npz"), str(tmp_path / "samples")
-    ref_images = _images(8, 8, 8, seed=8)
+        Image.fromarray(image).save(f"{sam}/{i}.png")
     np.savez(ref, arr_0=ref_images)
-    cli = fid.main([sam, ref, "--weights", fid_weights, "--device", "cpu", "--batch_size", "4"])
-    assert list(cli) == ["fid", "sfid", "inception_score", "precision", "recall", "density", "coverage"]
-    out = capsys.readouterr().out
-    assert all(f"{fid.RESULTS[k]}: {v:.6g}\n" in out for k, v in cli.items())
-    # By hand from the outputs: the statistics, the logits, the nearest neighbours, then the Frechet distance.
-    (sp, ss), (rp, rs) = (fid.inception_outputs(model, x, spatial=True) for x in (sam_images, ref_images))
+    cli = fid.main([sam, ref, "--weights", fid_weights, "--batch_size", "4"])
+    out = "".join(f"{fid.RESULTS[k]}: {v:.6g}\n" for k, v in cli.items())
+    assert capsys.readouterr().out == "samples: 9 images, reference: 8 images\n" + out
+    (sp, ss), (rp, rs) = (fid.inception_outputs(model, x, "adm", True) for x in (sam_images,
+                                                                                 ref_images))
+    logits = sp.astype(float) @ model.fc.weight.double().numpy().T  # no bias
     expected = dict(fid=fid.frechet_distance(*fid.statistics(sp), *fid.statistics(rp)),
                     sfid=fid.frechet_distance(*fid.statistics(ss), *fid.statistics(rs)),
-                    inception_score=_inception_score_numpy(sp.astype(np.float64) @ model.fc.weight.double().numpy().T),
-                    **fid.neighbour_metrics(rp, sp, device="cpu"))
-    assert cli == pytest.approx(expected, rel=1e-9)
-    # --save-stats; a statistics-only reference gives the metrics it allows, the same; asked for more, an error.
-    assert fid.main([ref, "--save-stats", str(tmp_path / "ref_stats.npz"), "--weights", fid_weights]) == {}
-    with np.load(tmp_path / "ref_stats.npz") as z:
-        assert sorted(z.files) == ["mu", "mu_s", "sigma", "sigma_s"]
-        np.testing.assert_allclose(z["sigma_s"], fid.statistics(rs)[1], rtol=1e-12)
-        mu, sigma = z["mu"], z["sigma"]
-    np.savez(tmp_path / "mu_only.npz", mu=mu, sigma=sigma)
-    np.savez(tmp_path / "adm.npz", arr_0=ref_images, mu=mu + 1, sigma=sigma)  # an ADM batch: its mu / sigma used
-    stats_only = fid.main([sam, str(tmp_path / "ref_stats.npz"), "--weights", fid_weights])
-    assert stats_only == {k: pytest.approx(cli[k], rel=1e-9) for k in ("fid", "sfid", "inception_score")}
-    assert fid.main([sam, str(tmp_path / "mu_only.npz"), "--weights", fid_weights]).keys() == {"fid", "inception_score"}
-    adm = fid.main([sam, str(tmp_path / "adm.npz"), "--weights", fid_weights, "--pr"])
-    assert adm == pytest.approx(dict(fid=fid.frechet_distance(*fid.statistics(sp), mu + 1, sigma),
-                                     precision=cli["precision"], recall=cli["recall"]), rel=1e-9)
-    for flags, message in [(["--prdc"], r"mu_only.npz holds no images, nor what pr and dc need \(mu\)"),
-                           (["--sfid"], r"nor what sfid needs \(mu\)"),
-                           (["--all"], "nor what sfid and pr and dc need")]:
-        with pytest.raises(SystemExit, match=message):
-            fid.main([sam, str(tmp_path / "mu_only.npz"), "--weights", fid_weights, *flags])
-    with pytest.raises(SystemExit, match=r"--background R G B takes values in 0..255, got 0 0 256"):
-        fid.main([sam, ref, "--background", "0", "0", "256"])
-    # Tiny values print as such (e.g. the FID of a set with itself, rounding errors), not as 0.000000.
-    monkeypatch.setattr(fid, "frechet_distance", lambda *stats: 2.5e-14)
-    fid.main([sam, str(tmp_path / "mu_only.npz"), "--weights", fid_weights])
-    assert "FID: 2.5e-14\n" in capsys.readouterr().out
+                    inception_score=fid.inception_score(logits), **_knn_numpy(rp, sp))
+    assert cli == pytest.approx(expected, rel=1e-9) and list(cli) == list(expected)
+    assert fid.main([ref, "--save-stats", stats, "--weights", fid_weights]) == {}
+    assert capsys.readouterr().out == f"saved {stats}\nsamples: 8 images\n"
+    only = fid.main([sam, stats, "--weights", fid_weights])  # all that statistics allow
+    assert only == {k: pytest.approx(cli[k], rel=1e-9) for k in ("fid", "sfid", "inception_score")}
+    assert capsys.readouterr().out.startswith("samples: 9 images, reference: statistics\n")
+
+
+def test_fid_inputs_checked_first_small_sets_lose_knn_only(tmp_path, monkeypatch, capsys,
+                                                           fid_weights):
+    calls = _fake_network(monkeypatch)
+    for n in (9, 5, 3):
+        np.savez(tmp_path / f"{n}.npz", arr_0=_images(n, 8, 8))
+    os.mkdir(tmp_path / "empty")
+    os.mkdir(tmp_path / "one")
+    Image.fromarray(_images(1, 8, 8)[0]).save(tmp_path / "one" / "a.png")
+    np.savez(tmp_path / "adm.npz", arr_0=_images(9, 8, 8), mu=np.zeros(3), sigma=np.eye(3))
+    np.savez(tmp_path / "nan.npz", mu=np.full(3, np.nan), sigma=np.eye(3))
+    run = lambda s, r, *a: fid.main([str(tmp_path / s), str(tmp_path / r), "--weights",
+                                     fid_weights, *a])
+    for ref, message in [("one", "1 image files .* under .*one: need 2"), ("empty", "no image"),
+                         ("nan.npz", "statistics in .*nan.npz hold NaN"), ("none", "no such")]:
+        with pytest.raises((ValueError, OSError), match=message):
+            run("9.npz", ref)
+    with pytest.raises(ValueError, match="adm.npz holds mu, sigma and .*9.npz not: .* SAMPLES REF "
+                                         ".*; swap them"):
+        run("adm.npz", "9.npz")
+    assert calls == []  # before any Inception pass
+    for s, r, lost in [(9, 5, "dc"), (3, 9, "pr"), (3, 5, "pr and dc")]:
+        got = run(f"{s}.npz", f"{r}.npz")
+        assert ("recall" in got, "coverage" in got) == ("pr" not in lost, "dc" not in lost)
+        assert _err(capsys) == [f"fid.py: warning: left out {lost}: too few points"]
+        assert {"fid", "sfid", "inception_score"} <= set(got)
+    calls.clear()
+    monkeypatch.setattr(fid, "knn_radii", None)  # one pass a side, no k-NN distances
+    assert list(run("9.npz", "3.npz", "--metrics", "is", "fid")) == ["fid", "inception_score"]
+    assert calls == [3, 9]
+    monkeypatch.setattr(fid, "inception_outputs", lambda m, x, *a: (np.full((9, 2048), np.nan), 0))
+    with pytest.raises(ValueError, match="Inception outputs of .*9.npz hold NaN"):
+        run("9.npz", "9.npz", "--metrics", "fid")
+
+
+def test_fid_weights_and_batch_size_errors_say_what_is_wrong(tmp_path, monkeypatch, capsys):
+    sd = dict(_random_inception().state_dict())
+    del sd["fc.bias"]
+    torch.save(sd, tmp_path / "w2.pth")
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    for name in ("w2.pth", "junk.pth", "none.pth"):
+        with pytest.raises(RuntimeError, match=f"{name} is not the FID Inception weights .*"
+                                               f"the file is https") as e:
+            fid.load_inception(str(tmp_path / name))
+        assert "delete" not in str(e.value) and (name != "w2.pth" or "fc.bias" in str(e.value))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    os.mkdir(tmp_path / "checkpoints")
+    (tmp_path / "checkpoints" / fid.FID_WEIGHTS_FILE).write_bytes(b"junk")  # the cached copy
+    with pytest.raises(RuntimeError, match="delete it and download it again"):
+        fid.load_inception()
+    with pytest.raises(SystemExit):
+        fid.main(["a", "b", "--batch_size", "0"])
+    assert "--batch_size must be 1 or more, got 0" in capsys.readouterr().err
+
+
+def test_fid_full_fp32_leaves_the_legacy_tf32_getters_readable():
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 set as training scripts often do
+    try:
+        with fid.full_fp32():
+            assert torch.backends.cuda.matmul.allow_tf32 is torch.backends.cudnn.allow_tf32 is False
+        assert torch.backends.cuda.matmul.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]

@@ -489,8 +489,6 @@ def main(argv=None):
     p.add_argument("samples")
     p.add_argument("ref", nargs="?")
     p.add_argument("--metrics", nargs="+", choices=METRICS)
-    p.add_argument("--all", dest="metrics", action="store_const", const=METRICS,
-                   help=argparse.SUPPRESS)
     p.add_argument("--preprocess", choices=PREPROCESS_MODES, default="adm")
     p.add_argument("--batch_size", "--batch-size", type=int, default=50)
     p.add_argument("--weights", help=f"{FID_WEIGHTS_FILE}; default: torch hub cache's")

@@ -1437,7 +1437,7 @@ def test_evaluation_rows_online_sample_fid_py_agree(tmp_path, monkeypatch, capsy
         (2, 0.9, 2), (2, 0.9, 3), (2, 0.5, 2), (2, 0.5, 3)]
     for r, o in zip(rows[::2], online):  # the same images in the same batches: the same numbers
         res = fid.main([f"{out}/samples_0000002/samples_ema{r['ema']}_cfg2.npz", ref,
-                        "--weights", weights, "--all"])
+                        "--weights", weights])
         for k in METRIC_KEYS:
             assert r[k] == pytest.approx(o[k], rel=1e-9) and res[k] == pytest.approx(r[k], rel=1e-6)
     marked = [line for line in capsys.readouterr().out.splitlines() if "<- best FID" in line]

@@ -1027,11 +1027,11 @@ def setup_dist(cfg):
 
 def wrap_ddp(net, procs):
     """DDP: gradients live in the buckets (no second copy); no buffer broadcast (all are
-    constants, w_ad is averaged); 256 MiB buckets keep a compiled XL in about 12 graphs."""
+    constants, w_ad is averaged); 256 MiB buckets keep a compiled XL in about 12 graphs. No
+    device_ids: DDP would copy the host draws t and drop to the GPU, blocking."""
     if not procs.ddp:
         return net
-    ids = None if procs.device.type == "cpu" else [procs.device.index]
-    return nn.parallel.DistributedDataParallel(net, device_ids=ids, bucket_cap_mb=256,
+    return nn.parallel.DistributedDataParallel(net, bucket_cap_mb=256,
                                                gradient_as_bucket_view=True,
                                                broadcast_buffers=False)
 
@@ -1245,7 +1245,7 @@ class Meter:
 
     def add(self, out, skipped, gate):
         # one micro-batch's terms and unreadable images; its step's gated fraction
-        self.sums = self.sums + torch.stack([out[k].float() for k in self.TERMS])
+        self.sums = self.sums + torch.stack([out[k].detach().float() for k in self.TERMS])
         self.n += 1
         self.gate += gate
         self.skipped += skipped

@@ -998,11 +998,11 @@ def setup_dist(cfg):
 
 def wrap_ddp(net, procs):
     # gradients in the buckets (no copy); no buffer broadcast (w_ad is averaged, the rest are
-    # constants); 256 MiB buckets keep a compiled XL in about 12 graphs
+    # constants); 256 MiB buckets keep a compiled XL in about 12 graphs; no device_ids, so the
+    # host draws t and drop stay on the host
     if not procs.ddp:
         return net
-    ids = None if procs.device.type == "cpu" else [procs.device.index]
-    return nn.parallel.DistributedDataParallel(net, device_ids=ids, bucket_cap_mb=256,
+    return nn.parallel.DistributedDataParallel(net, bucket_cap_mb=256,
                                                gradient_as_bucket_view=True,
                                                broadcast_buffers=False)
 
@@ -1211,7 +1211,7 @@ class Meter:
 
     def add(self, out, skipped, gate):
         # one micro-batch's terms and unreadable images; its step's gated fraction
-        self.sums = self.sums + torch.stack([out[k].float() for k in self.TERMS])
+        self.sums = self.sums + torch.stack([out[k].detach().float() for k in self.TERMS])
         self.n += 1
         self.gate += gate
         self.skipped += skipped

@@ -11,7 +11,6 @@ import fcntl
 import functools
 import gc
 import json
-import math
 import os
 import signal
 import subprocess

@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.serialization
 from PIL import Image
 from tqdm import tqdm
 
@@ -1164,6 +1165,8 @@ def save_checkpoint(obj, path, keep=None):
     """Atomic and durable: a temp file flushed to disk, renamed, the folder flushed; a snapshot
     `keep` is a hard link. A failed write leaves the last checkpoint as it was."""
     tmp = path + ".tmp"
+    # no CRC per record: the write is one pass over the data
+    torch.utils.serialization.config.save.compute_crc32 = False
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)

@@ -1279,8 +1279,9 @@ def train(cfg):
     b = cfg.batch_size // (procs.world * cfg.grad_accum)
     log(f"config: {dataclasses.asdict(cfg)}\n{class_table(data)}")
     log(f"{cfg.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters: "
-        f"{max_steps} steps of {procs.world} processes x {cfg.grad_accum} micro-batches x {b} "
-        f"images on {procs.device}" + f", from step {step} of {cfg.out_dir}/ckpt.pt" * (step > 0))
+        f"{max_steps} steps of {cfg.batch_size} images = {procs.world} x {cfg.grad_accum} x {b} "
+        f"(processes x micro-batches x images) on {procs.device}"
+        + f", from step {step} of {cfg.out_dir}/ckpt.pt" * (step > 0))
     net = wrap_ddp(DenoiserAndLoss(model, loss_fn), procs)
     batches = loader(data, cfg, procs, step)
     meter = Meter()

@@ -1,11 +1,10 @@
-"""Offline CPU tests of pixelgen.py, dino.py and fid.py: random weights, no downloads, at most 3 minutes on 2 cores.
+"""Offline CPU tests of pixelgen.py, dino.py and fid.py: random weights, no downloads.
 
-Equality with the official code (github Zehong-Ma/PixelGen, facebookresearch/dinov2, pytorch-fid, torch-fidelity) was
-checked beside this repository (see the README); these tests pin closed forms, hand-computed values, and the facts
-that make that equality hold. They follow the order of the code: pixelgen.py's method (model, flow, objective,
-samplers), then its engineering (config and CLI, pretrained weights, data, training in one and in two processes,
-sampling and evaluation, benchmark), then dino.py and fid.py. Training runs use small random perceptual networks
-(`small_perceptual_nets`), since their size does not matter there."""
+They pin closed forms, hand-computed values, the official layouts and the facts that make the
+equality with the official code hold, in the order of the code: the method (model, flow,
+objective, samplers), the engineering (CLI, weights, data, training in one and two processes,
+sampling and evaluation), then dino.py and fid.py. Training runs use small random perceptual
+networks (`small_random_nets`): their size does not matter there."""
 import copy
 import fcntl
 import functools
@@ -31,7 +30,9 @@ import dino
 import fid
 import pixelgen as pg
 
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))  # -n 2: 2 x 1
+# -n 2: two workers of one thread
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+torch.set_num_threads(1 if WORKER else min(2, torch.get_num_threads()))
 
 
 def small_random_nets(use_dino, use_lpips):
@@ -41,8 +42,8 @@ def small_random_nets(use_dino, use_lpips):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         d = dino.DINOv2(embed_dim=32, depth=1, num_heads=2) if use_dino else None
-        lp = lpips.LPIPS(net="squeeze", pretrained=True, pnet_rand=True, verbose=False) if use_lpips else None
-    return d, lp
+        lp = lpips.LPIPS(net="squeeze", pretrained=True, pnet_rand=True, verbose=False)
+    return d, lp if use_lpips else None
 
 
 @pytest.fixture(autouse=True)
@@ -51,13 +52,13 @@ def _small_nets(monkeypatch):
 
 
 def tiny_jit(**kw):  # every code path of the real model at toy width
-    args = dict(input_size=32, patch_size=16, hidden_size=64, depth=4, num_heads=4, bottleneck_dim=16,
-                in_context_len=3, in_context_start=1, num_classes=10)
+    args = dict(input_size=32, patch_size=16, hidden_size=64, depth=4, num_heads=4,
+                bottleneck_dim=16, in_context_len=3, in_context_start=1, num_classes=10)
     args.update(kw)
     return pg.JiT(**args)
 
 
-def randomize(model, std=0.05, seed=0):  # wake up the zero-initialised layers so outputs are non-trivial
+def randomize(model, std=0.05, seed=0):  # wake the zero-initialised layers: non-trivial outputs
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -67,7 +68,7 @@ def randomize(model, std=0.05, seed=0):  # wake up the zero-initialised layers s
 
 
 @functools.lru_cache(maxsize=None)
-def frozen_nets():  # the objective's tests: DINOv2 at its real width (REPA targets are 768-d), LPIPS-VGG
+def frozen_nets():  # the objective's: DINOv2 at its real width (REPA targets 768-d), LPIPS-VGG
     import lpips
     torch.manual_seed(0)
     d = dino.DINOv2(embed_dim=768, depth=2, num_heads=12)  # 2 blocks for speed
@@ -75,7 +76,8 @@ def frozen_nets():  # the objective's tests: DINOv2 at its real width (REPA targ
         for n, p in d.named_parameters():
             if "gamma" in n:
                 p.normal_(0, 0.3)
-    return d, lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval().requires_grad_(False)
+    lp = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    return d, lp.eval().requires_grad_(False)
 
 
 class Recorder(nn.Module):  # wraps a frozen net and records the batch shapes it sees
@@ -106,10 +108,10 @@ def loss_of(loss_fn, model, x, y, t, eps, drop=None, adapt=False):  # the loss o
     return loss_fn(model, x, y, t, eps, drop, adapt)
 
 
-def small_cfg(out_dir, **kw):  # a tiny demo run: 32 px, batch 4, 4 steps, log and metrics every step
+def small_cfg(out_dir, **kw):  # a tiny demo run: 32 px, batch 4, 4 steps, a log line each
     base = {**pg.dataclasses.asdict(pg.Config()), **pg.RECIPES["demo"]}
-    base.update(out_dir=str(out_dir), image_size=32, batch_size=4, perceptual_init="random", log_every=1,
-                ckpt_every=2, sample_every=0, max_steps=4, cfg_interval=(0.1, 0.9))
+    base.update(out_dir=str(out_dir), image_size=32, batch_size=4, perceptual_init="random",
+                log_every=1, ckpt_every=2, sample_every=0, max_steps=4, cfg_interval=(0.1, 0.9))
     base.update(kw)
     return pg.Config(**base)
 
@@ -124,7 +126,8 @@ def flat(d):  # nested state dicts -> list of leaves, in a fixed order
 
 def same(a, b):
     fa, fb = flat(a), flat(b)
-    return len(fa) == len(fb) and all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(fa, fb))
+    eq = [torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(fa, fb)]
+    return len(fa) == len(fb) and all(eq)
 
 
 def ckpt(path):
@@ -133,22 +136,23 @@ def ckpt(path):
 
 @pytest.fixture
 def compiled(monkeypatch):
-    """torch.compile with the aot_eager backend (the compiler front end and autograd, no code generation: fast on a
-    CPU) wherever pixelgen compiles; yields the list of graphs it builds. Dynamo's caches are reset before and after,
-    so that no test meets the recompilation limit because of the tests before it."""
+    """torch.compile with the aot_eager backend (front end and autograd, no code generation: fast
+    on a CPU) wherever pixelgen compiles; yields the graphs it builds. Dynamo's caches are reset
+    before and after: no test meets the recompilation limit because of others."""
     from torch._dynamo.backends.registry import lookup_backend
     torch._dynamo.reset()
     graphs, compile_ = [], torch.compile
     backend = lambda gm, inputs: graphs.append(gm) or lookup_backend("aot_eager")(gm, inputs)
-    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: compile_(fn, **{**kw, "backend": backend}))
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn=None, **kw: compile_(fn, **{**kw, "backend": backend}))
     yield graphs
     torch._dynamo.reset()
 
 
 def _fake_network(monkeypatch):
-    """For tests of the plumbing around them: the Inception becomes a fixed function of the pixels, and the Frechet
-    distance of 2048-d statistics (seconds on 2 cores, more when singular) a cheap one of all their entries.
-    Returns the list of batch sizes the Inception was called with."""
+    """For tests of the plumbing: the Inception becomes a fixed function of the pixels, and the
+    Frechet distance of 2048-d statistics (seconds on 2 cores) a cheap one of all their entries.
+    Returns the batch sizes the Inception was called with."""
     calls = []
     monkeypatch.setattr(fid, "frechet_distance", lambda mu1, sigma1, mu2, sigma2: float(
         np.sum((mu1 - mu2) ** 2) + np.sum((sigma1 - sigma2) ** 2) + np.trace(sigma1) / 1000))
@@ -156,7 +160,8 @@ def _fake_network(monkeypatch):
     def outputs(model, images, preprocess="adm", spatial=False):
         calls.append(len(images))
         x = np.asarray(images, np.float64).reshape(len(images), -1) / 255  # (B, H W 3)
-        f = np.tile(x, (1, -(-2048 // x.shape[1])))[:, :2048] + (preprocess == "pytorch-fid")  # (B, 2048)
+        # (B, 2048)
+        f = np.tile(x, (1, -(-2048 // x.shape[1])))[:, :2048] + (preprocess == "pytorch-fid")
         return f.astype(np.float32), np.sqrt(f[:, :2023]).astype(np.float32) if spatial else None
 
     monkeypatch.setattr(fid, "inception_outputs", outputs)
@@ -288,7 +293,7 @@ def test_flow_math_hand_computed():
     assert 0.50 < (t >= 0.3).float().mean() < 0.54  # about 52% of samples pass the gate
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Objective (paper Eqs. 5-9)
 
 @pytest.mark.parametrize("ts", [[0.1, 0.5, 0.29, 0.9, 0.31, 0.05], [0.3, 0.5, 0.4, 0.9, 0.31, 0.6]])
@@ -457,9 +462,9 @@ def test_unknown_sampler_is_rejected_before_it_runs():
     assert m.rows == 0
 
 
-# ===============================================================================================================
+# =================================================================================================
 # Engineering
-# ---------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Config and CLI
 
 def _write_ckpt(path, emas=("0.99",), step=1, **config):
@@ -508,7 +513,7 @@ def test_cli_flags_recipes_and_errors(tmp_path, capsys, monkeypatch):
     assert "Each flag is a field of Config" in out
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Pretrained weights
 
 def test_missing_weights_stop_a_run_and_the_offline_demo_trains_fm_alone(tmp_path, monkeypatch):
@@ -558,7 +563,7 @@ def test_lpips_loads_a_torchvision_vgg16_file(tmp_path, monkeypatch):
         pg.make_lpips(str(tmp_path / "bad.pth"))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Data
 
 def folder(root, size=16, background=(255, 255, 255)):
@@ -682,7 +687,7 @@ def test_global_batches_positions():
             assert sum(parts, []) == steps[s] and {len(p) for p in parts} == {8 // (world * accum)}
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Training in one process: the step, resume, checkpoints, signals, logs, EMAs, compilation
 
 def _split_step(cfg, imgs, world, rank, K):
@@ -907,7 +912,7 @@ def test_a_failed_start_says_what_to_do_and_the_folder_is_held_first(tmp_path, m
         pg.hold_folder(str(tmp_path))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Training in two processes (gloo on CPU): one spawn runs every scenario; a test checks each
 
 def _steps_grads(mp):  # each AdamW step's [(gradient, in DDP's buckets)]
@@ -1362,7 +1367,7 @@ def test_dino_compiles_fullgraph_and_backpropagates(compiled):
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=2e-5)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # fid.py: FID Inception, preprocessing, metrics from Inception outputs, inputs, CLI
 
 

@@ -757,6 +757,7 @@ def perceptual_nets(cfg, procs, log):
     """(cfg, dino, lpips), None where unused. Offline, the demo trains L_FM alone."""
     use_dino = bool(cfg.pdino_weight or cfg.repa_weight)
     use_lpips = bool(cfg.lpips_weight)
+    nets = (None, None)
     if cfg.perceptual_init == "random":
         log("WARNING: --perceptual_init random: LPIPS and DINOv2 have RANDOM weights")
         nets = random_nets(use_dino, use_lpips)
@@ -773,8 +774,6 @@ def perceptual_nets(cfg, procs, log):
             return cfg, None, None
         nets = (dinov2.load_dinov2(files["dino"]) if use_dino else None,
                 make_lpips(files["vgg"]) if use_lpips else None)
-    else:
-        nets = (None, None)
     nets = [n.to(procs.device).eval().requires_grad_(False) if n else None for n in nets]
     return cfg, *nets
 
@@ -782,7 +781,7 @@ def perceptual_nets(cfg, procs, log):
 # Data: ImageNet-layout folders with the ADM centre crop, or drawn toy shapes for the demo.
 
 def center_crop(img, size):
-    """ADM: halve (BOX) while the short side >= 2 size, BICUBIC to size, centre crop."""
+    # ADM: halve (BOX) while the short side >= 2 size, BICUBIC to size, centre crop
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = size / min(img.size)
@@ -917,7 +916,7 @@ def global_batches(n, batch, world, rank, accum, seed, step=0):
 
 
 def loader(data, cfg, procs, step):
-    # this process's micro-batches of uint8 images, from `step` on
+    # this process's micro-batches of uint8 images, from `step` on; workers ignore stop signals
     batches = global_batches(len(data), cfg.batch_size, procs.world, procs.rank,
                              cfg.grad_accum, cfg.seed, step)
     return iter(torch.utils.data.DataLoader(
@@ -926,7 +925,6 @@ def loader(data, cfg, procs, step):
 
 
 def quiet_worker(_):
-    # data workers ignore stop signals: the main process ends them after its step
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
@@ -1003,9 +1001,8 @@ def wrap_ddp(net, procs):
     # host draws t and drop stay on the host
     if not procs.ddp:
         return net
-    return nn.parallel.DistributedDataParallel(net, bucket_cap_mb=256,
-                                               gradient_as_bucket_view=True,
-                                               broadcast_buffers=False)
+    return nn.parallel.DistributedDataParallel(net, bucket_cap_mb=256, broadcast_buffers=False,
+                                               gradient_as_bucket_view=True)
 
 
 class DenoiserAndLoss(nn.Module):
@@ -1020,16 +1017,15 @@ class DenoiserAndLoss(nn.Module):
 
 
 def hold_folder(out_dir):
-    # OUT_DIR/lock while the run lives (the OS drops it at exit); no flock (Lustre's noflock):
-    # unlocked
+    # OUT_DIR/lock while the run lives; the OS drops it at exit
     os.makedirs(out_dir, exist_ok=True)
     f = open(os.path.join(out_dir, "lock"), "w")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise SystemExit(f"error: {out_dir} is in use by another run: use another --out_dir")
-    except OSError:
-        pass
+    except OSError as e:
+        # another run holds it; another error: storage without flock (Lustre), no lock
+        if isinstance(e, BlockingIOError):
+            raise SystemExit(f"error: {out_dir} is in use by another run: use another --out_dir")
     return f
 
 

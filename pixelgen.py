@@ -376,11 +376,6 @@ def to_device(u, device):
     return u.to(device, non_blocking=True)
 
 
-def cos_distance(a, b):
-    # 1 - cos along the features, averaged over samples and tokens
-    return (1 - F.cosine_similarity(a, b, dim=-1)).mean()
-
-
 class PixelGenLoss(nn.Module):
     """The objective of a denoiser. Owns the REPA projector and w_ad; uses the frozen DINOv2 and
     LPIPS, outside its module tree (not saved, trained or seen by DDP). A term of weight 0 runs
@@ -437,7 +432,8 @@ class PixelGenLoss(nn.Module):
         if repa:
             with torch.no_grad():
                 z = self.features(x)                               # (b, N, 768)
-            L["repa"] = cos_distance(self.proj(h).float(), z)      # Eq. (9), not gated
+            # Eq. (9), not gated: 1 - cos over the features, a mean over samples and tokens
+            L["repa"] = (1 - F.cosine_similarity(self.proj(h).float(), z, dim=-1)).mean()
         # NOTE(official): the nets see only the gated samples (official: all, masked)
         if n_gated:
             x_hat_g = x_hat[gated]
@@ -449,7 +445,8 @@ class PixelGenLoss(nn.Module):
             if self.pdino_weight:
                 with torch.no_grad():
                     z_g = z[gated] if z is not None else self.features(x_g)
-                L["pdino"] = cos_distance(self.features(x_hat_g), z_g)    # Eq. (8)
+                cos = F.cosine_similarity(self.features(x_hat_g), z_g, dim=-1)
+                L["pdino"] = (1 - cos).mean()                                  # Eq. (8)
         if adapt:
             self.adapt(model, L)
         perceptual = self.lpips_weight * L["lpips"] + self.pdino_weight * L["pdino"]
@@ -552,8 +549,10 @@ def train_step(net, opt, emas, batches, step, cfg, procs, meter):
         # dropout masks: per process and micro-batch
         torch.manual_seed(seed_for(cfg.seed, step, procs.rank, k))
         sync = k == K - 1 or not procs.ddp
+        # bf16 autocast on CUDA (forward passes only), fp32 on the CPU
+        bf16 = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
         with contextlib.nullcontext() if sync else net.no_sync():
-            with autocast(device):
+            with bf16:
                 y = y.to(device, non_blocking=True)
                 out = net(x, y, t[pos], eps, drop[pos], adapt=adapt and k == 0)
             (out["loss"] / K).backward()
@@ -561,11 +560,6 @@ def train_step(net, opt, emas, batches, step, cfg, procs, meter):
     opt.step()
     opt.zero_grad(set_to_none=True)
     update_ema(emas, module.model)
-
-
-def autocast(device):
-    # bf16 on CUDA, fp32 on the CPU; around forward passes only
-    return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
 
 
 # Samplers (official HeunSamplerJiT(exact_henu=True), EulerSamplerJiT): t = 0 (noise) -> 1.
@@ -1428,7 +1422,7 @@ def sample_images(model, idx, cfg, device, cfg_scale, batch=0):
     # drawn on the CPU: the same noise on any device
     eps = noise((3, size, size), [seed_for(cfg.seed, i) for i in full], "cpu").to(device)
     y = torch.tensor(full, device=device) % model.num_classes
-    with autocast(device):
+    with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
         x = sample(model, eps, y, cfg.sample_steps, cfg.sampler, cfg_scale, cfg.cfg_interval,
                    cfg.time_shift, cfg.t_eps)[:len(idx)]
     # as official: clip((x + 1) 127.5 + 0.5, 0, 255)
@@ -1618,7 +1612,8 @@ def parse_args(argv=None):
             kind = dict(action=argparse.BooleanOptionalAction)
         if f.type is tuple:
             kind = dict(zip(("type", "nargs"), TUPLES.get(f.name, (float, "+"))))
-        p.add_argument(f"--{f.name}", choices=CHOICES.get(f.name), help=str(f.default), **kind)
+        p.add_argument(f"--{f.name}", choices=CHOICES.get(f.name), help=f"default {f.default}",
+                       **kind)
     args = vars(p.parse_args(argv))
     mode = "train" if args.pop("train", False) else "sample"
     args.pop("sample", None)

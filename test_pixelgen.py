@@ -509,7 +509,7 @@ def test_cli_flags_recipes_and_errors(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         pg.parse_args(["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--flip, --no-flip False" in out and "--gate_t GATE_T 0.3" in out
+    assert "--flip, --no-flip default False" in out and "--gate_t GATE_T default 0.3" in out
     assert "Each flag is a field of Config" in out
 
 
